@@ -1,0 +1,44 @@
+"""Factories for tests: tiny tokenizers and tiny random checkpoints, made on the spot (never downloaded)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Special tokens per FIM style, in the order (prefix, suffix, middle); see serve_app/tokenizer.py.
+FIM_STYLES = {
+    "starcoder": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"],
+    "qwen": ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"],
+    "deepseek": ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"],
+    "codellama": ["<PRE>", "<SUF>", "<MID>"],
+    "none": [],
+}
+
+_CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n",
+    "import os\nimport sys\n\nif __name__ == '__main__':\n    main()\n",
+    "héllo wörld — ünïcode ✓ 你好 🙂\n",
+]
+
+
+def build_tokenizer(out_dir: str | Path, fim_style: str = "starcoder", vocab_size: int = 320,
+                    chat_template: str | None = None) -> Path:
+    """A byte-level BPE trained on a few lines of code; writes tokenizer.json (+ tokenizer_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", *FIM_STYLES[fim_style], "<file_sep>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"eos_token": "<|endoftext|>", "bos_token": None}
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
