@@ -1,0 +1,192 @@
+"""One MoE decoder for every supported family, top-down: norm → attention → MLP/MoE → block → model.
+
+Family differences are flags on `ModelConfig` (qkv bias, q/k norm, shared expert, renormalised
+top-k, dense layers), read once at construction. Experts are not called directly: every MoE
+layer asks `self.experts` (an `ExpertBackend`) for the FFN outputs of the rows its router
+planned, so the same model runs with all experts local, a subset local, or experts remote.
+
+Legend: B=batch, S=sequence length, T=tokens in a step (flat), D=hidden, H=query heads,
+G=kv heads, Dh=head dim, E=experts, V=vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve_app.model.attention import (AttentionMetadata, PagedKVCache, apply_rotary, causal_attention,
+                                       paged_attention, rotary)
+from serve_app.model.config import ModelConfig
+from serve_app.model.moe import DispatchPlan, ExpertBackend, LocalExpertBackend, combine, route
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, exactly as the reference families do.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+@dataclass
+class StepContext:
+    """What every layer needs for one forward besides the hidden states."""
+    positions: torch.Tensor                        # [B, S] or [T] token positions
+    meta: AttentionMetadata | None = None          # None = plain causal attention, no cache
+    kv_cache: PagedKVCache | None = None
+    collect_router_logits: bool = False            # training: keep each MoE layer's [T, E] logits
+    router_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.num_heads, self.num_kv, self.head_dim = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.theta, self.scale = cfg.rope_theta, cfg.head_dim ** -0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        lead = x.shape[:-1]                                          # (B, S) or (T,)
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)  # [..., H, Dh]
+        k = self.k_proj(x).view(*lead, self.num_kv, self.head_dim)     # [..., G, Dh]
+        v = self.v_proj(x).view(*lead, self.num_kv, self.head_dim)     # [..., G, Dh]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rotary(ctx.positions, self.head_dim, self.theta, x.dtype)  # [..., Dh]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if ctx.meta is None:
+            out = causal_attention(q, k, v, self.scale)              # [B, S, H, Dh]
+        else:
+            out = paged_attention(q, k, v, ctx.kv_cache.k[self.layer], ctx.kv_cache.v[self.layer],
+                                  ctx.meta, self.scale)              # [T, H, Dh]
+        return self.o_proj(out.reshape(*lead, -1))                   # [..., D]
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: dense layers of Qwen2/3 (mlp_only_layers) and the Qwen2-MoE shared expert."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext | None = None, experts=None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoeBlock(nn.Module):
+    """Router here; expert FFNs wherever the backend keeps them; optional shared expert here."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.top_k, self.normalize = layer, cfg.top_k, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.shared_expert = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def plan(self, x: torch.Tensor) -> DispatchPlan:
+        return route(x, self.gate.weight, self.top_k, self.normalize, self.layer)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, experts: ExpertBackend) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])                            # [T, D]
+        plan = self.plan(flat)
+        if ctx.collect_router_logits:
+            ctx.router_logits.append(plan.router_logits)
+        out = combine(plan, experts.run_experts(flat, plan), like=flat)  # [T, D]
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.view_as(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoeBlock(cfg, layer) if cfg.is_moe_layer(layer) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, experts: ExpertBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx, experts)
+
+
+@dataclass
+class TrainOutput:
+    logits: torch.Tensor               # [B, S, V]
+    router_logits: list[torch.Tensor]  # per MoE layer [B*S, E], for the load-balancing loss
+
+
+class MoeForCausalLM(nn.Module):
+    """The whole decoder. `local_experts` holds the experts this process owns (all by default);
+    `experts` is the backend the MoE layers call — the local one, or one set with `set_expert_backend`."""
+
+    def __init__(self, cfg: ModelConfig, expert_keys=None):
+        super().__init__()
+        self.config = cfg
+        if expert_keys is None:
+            expert_keys = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.local_experts = LocalExpertBackend(expert_keys, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.set_expert_backend(None)
+
+    def set_expert_backend(self, backend: ExpertBackend | None) -> None:
+        """Route MoE layers to `backend` (None = the local experts). Not registered as a submodule:
+        a remote backend's weights are not ours to save or move."""
+        object.__setattr__(self, "_expert_backend", backend)
+
+    @property
+    def experts(self) -> ExpertBackend:
+        return self._expert_backend if self._expert_backend is not None else self.local_experts
+
+    def _hidden(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)                             # [..., D]
+        for layer in self.layers:
+            x = layer(x, ctx, self.experts)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain causal forward, no cache: input_ids [B, S] → logits [B, S, V]."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.lm_head(self._hidden(input_ids, StepContext(positions)))
+
+    def forward_train(self, input_ids: torch.Tensor) -> TrainOutput:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        ctx = StepContext(positions, collect_router_logits=True)
+        logits = self.lm_head(self._hidden(input_ids, ctx))
+        return TrainOutput(logits, ctx.router_logits)
+
+    def forward_paged(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache,
+                      logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """One engine step: flat input_ids [T] → logits [N, V] for the rows in logits_indices [N]
+        (usually each sequence's last new token; all T when None)."""
+        hidden = self._hidden(input_ids, StepContext(meta.positions, meta, kv_cache))  # [T, D]
+        if logits_indices is not None:
+            hidden = hidden.index_select(0, logits_indices)          # [N, D]
+        return self.lm_head(hidden)                                  # [N, V]
+
+    def new_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKVCache:
+        cfg = self.config
+        param = self.embed_tokens.weight
+        return PagedKVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                            dtype or param.dtype, param.device)
