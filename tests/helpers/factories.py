@@ -42,3 +42,41 @@ def build_tokenizer(out_dir: str | Path, fim_style: str = "starcoder", vocab_siz
         cfg["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(cfg))
     return out
+
+
+# Llama/CodeLlama-style specials: the real CodeLlama vocabulary spells its FIM tokens with a leading "▁".
+SENTENCEPIECE_SPECIALS = ["<unk>", "<s>", "</s>"]
+CODELLAMA_FIM_TOKENS = ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]
+
+
+def build_sentencepiece_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
+    """A Llama-style tokenizer (Metaspace dummy prefix, byte fallback, bos post-processor, CodeLlama FIM tokens).
+
+    Same pre-tokenizer and decoder as transformers' CodeLlamaTokenizer, so FIM and streaming see the real
+    dummy-prefix behaviour. Returns the directory; tokenizer_config.json names bos "<s>" and eos "</s>".
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    trainee = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainee.pre_tokenizer = metaspace
+    trainee.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SENTENCEPIECE_SPECIALS, show_progress=False))
+    trained = json.loads(trainee.to_str())["model"]
+    # Byte tokens right after the specials, as in Llama, so characters outside the vocabulary fall back to bytes.
+    vocab = {tok: i for i, tok in enumerate(SENTENCEPIECE_SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
+    for tok in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    tok.add_special_tokens(SENTENCEPIECE_SPECIALS + CODELLAMA_FIM_TOKENS)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return out

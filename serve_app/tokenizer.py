@@ -1,0 +1,415 @@
+"""Tokenizer for code models: loading, incremental detokenization, FIM and chat prompts, stop ids.
+
+Loading: `CodeTokenizer.from_dir(model_dir)` reads `tokenizer.json` (required, `tokenizers` format)
+and, when present, `tokenizer_config.json` (eos/bos tokens, chat template, added tokens),
+`chat_template.jinja` (wins over the config's template, as in transformers) and
+`generation_config.json` (extra eos ids). `transformers` is never imported here; tests use it as
+an oracle only.
+
+Streaming: `IncrementalDetokenizer.add(token_id)` returns the text that became final. Byte-level
+BPE can split one character (emoji, CJK) over several tokens; while the decoded window ends in
+U+FFFD the text is held back, and `flush()` releases whatever is still held when generation ends.
+Contract: the concatenation of all deltas plus `flush()` is the text the generated ids add after
+the prompt, `decode(prompt + generated)[len(decode(prompt)):]`. For byte-level tokenizers that is
+exactly `decode(generated)`; for SentencePiece-style decoders, which strip a leading space from a
+sequence, it keeps the space a first generated token "▁world" really adds after the prompt.
+ByteFallback decoders (Llama) turn a whole run of byte tokens into U+FFFD when the run is not valid
+UTF-8, so there the contract holds for output that is valid UTF-8; a stray invalid byte can make
+already-emitted text differ from a later full decode.
+
+FIM (fill-in-the-middle), PSM order: prefix-token + prefix + suffix-token + suffix + middle-token,
+with the style detected from the vocabulary (see `FIM_FORMATS`). Special tokens are inserted as
+single ids; the text parts are encoded separately, so BPE never merges across a boundary.
+CodeLlama follows Meta's reference `infilling_prompt_tokens`: "<PRE> {prefix} <SUF>{suffix} <MID>",
+i.e. a space before the prefix text, none before the suffix text; the spaces in front of <SUF> and
+<MID> belong to the real vocabulary's tokens ("▁<SUF>", "▁<MID>"), they are not extra text.
+
+Chat: the model's Jinja `chat_template`, rendered as transformers does (sandboxed environment,
+`trim_blocks`, `lstrip_blocks`, `raise_exception`, `messages`, `add_generation_prompt`,
+`bos_token`, `eos_token`). Without one, `DEFAULT_CHAT_TEMPLATE`: each message becomes
+"<|{role}|>\\n{content}\\n", and the generation prompt is "<|assistant|>\\n".
+
+Stop ids: the eos id, the ids in `generation_config.json`'s `eos_token_id`, and those of the
+end-of-turn tokens in `STOP_TOKEN_CANDIDATES` that exist in the vocabulary.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer
+
+
+class TokenizerError(ValueError):
+    """The tokenizer files are missing, unreadable or inconsistent (names the file)."""
+
+
+class PromptError(TokenizerError):
+    """A prompt cannot be built: bad chat messages, a failing chat template, FIM unsupported."""
+
+
+@dataclass(frozen=True)
+class FimFormat:
+    name: str                  # style name: starcoder | qwen | deepseek | codellama
+    prefix_token: str          # goes before the prefix text (DeepSeek calls it "begin")
+    suffix_token: str          # goes before the suffix text (DeepSeek: "hole")
+    middle_token: str          # ends the prompt; the model generates the middle after it (DeepSeek: "end")
+    space_before_prefix: bool = False  # CodeLlama was trained with " " + prefix (SentencePiece dummy prefix)
+
+    @property
+    def tokens(self) -> tuple[str, str, str]:
+        return (self.prefix_token, self.suffix_token, self.middle_token)
+
+
+# Checked in order; the first whose three tokens are all in the vocabulary wins. Real CodeLlama
+# vocabularies spell the tokens "▁<PRE>" etc.; the bare spelling is kept for byte-level ports.
+FIM_FORMATS: tuple[FimFormat, ...] = (
+    FimFormat("starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    FimFormat("qwen", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    FimFormat("deepseek", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+    FimFormat("codellama", "▁<PRE>", "▁<SUF>", "▁<MID>", space_before_prefix=True),
+    FimFormat("codellama", "<PRE>", "<SUF>", "<MID>", space_before_prefix=True),
+)
+
+# End-of-turn / end-of-document tokens that end generation when the vocabulary has them, besides
+# eos: GPT/StarCoder/Qwen base, ChatML, Llama 3, Phi, DeepSeek, DeepSeek-Coder instruct, CodeLlama infill.
+STOP_TOKEN_CANDIDATES: tuple[str, ...] = (
+    "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|eom_id|>",
+    "<｜end▁of▁sentence｜>", "<|EOT|>", "▁<EOT>", "<EOT>",
+)
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Used when the model ships no chat template; a Jinja template so both paths render the same way.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_PROBE_TEXT = "x"  # any plain text; encoding it shows what the post-processor adds around a text
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str      # one of CHAT_ROLES
+    content: str   # the message text
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask markers in some HF templates) renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _compile_chat_template(source: str, origin: Path) -> jinja2.Template:
+    # Same environment as transformers' apply_chat_template: templates come from the Hub (untrusted),
+    # hence the sandbox; tojson without HTML escaping, as templates expect.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: (
+        json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys))
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(f"chat template from {origin} does not compile: {e}") from e
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    # tokenizer_config.json spells special tokens as plain strings or as serialized AddedToken dicts.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _chat_template_source(model_dir: Path, cfg: Mapping[str, Any]) -> str | None:
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # older multi-template form: [{"name": "default", "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _apply_added_tokens(tok: Tokenizer, cfg: Mapping[str, Any], cfg_path: Path) -> None:
+    """Add tokens that tokenizer_config.json declares but tokenizer.json lacks, checking their ids."""
+    declared = cfg.get("added_tokens_decoder") or {}
+    try:
+        entries = sorted((int(k), v) for k, v in declared.items())
+    except (AttributeError, ValueError) as e:
+        raise TokenizerError(f"{cfg_path}: added_tokens_decoder must map integer ids to tokens: {e}") from e
+    for token_id, spec in entries:
+        content = _token_content(spec)
+        existing = tok.token_to_id(content) if content is not None else None
+        if content is None or existing == token_id:
+            continue
+        next_id = tok.get_vocab_size(with_added_tokens=True)
+        if existing is not None or token_id != next_id:
+            raise TokenizerError(f"{cfg_path}: added token {content!r} declared with id {token_id}, but "
+                                 f"tokenizer.json has it at {existing} (next free id {next_id})")
+        special = isinstance(spec, dict) and bool(spec.get("special", False))
+        tok.add_tokens([AddedToken(content, special=special, normalized=not special)])
+
+
+def _without_dummy_prefix(tok: Tokenizer) -> Tokenizer:
+    """A copy that never prepends "▁"/" " to its input, for FIM text fragments mid-prompt."""
+    def strip(node: Any) -> Any:
+        if isinstance(node, list):
+            return [strip(n) for n in node if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+        if isinstance(node, dict):
+            node = {k: strip(v) for k, v in node.items()}
+            if node.get("type") == "Metaspace":
+                node["prepend_scheme"] = "never"
+                node["add_prefix_space"] = False
+            elif node.get("type") == "ByteLevel":
+                node["add_prefix_space"] = False
+        return node
+
+    spec = json.loads(tok.to_str())
+    changed = dict(spec)
+    for key in ("normalizer", "pre_tokenizer"):
+        node = strip(spec.get(key))
+        changed[key] = None if isinstance(node, dict) and node.get("type") == "Prepend" else node
+    # Most code tokenizers (byte-level BPE) have no dummy prefix: share the original, no second copy.
+    return tok if changed == spec else Tokenizer.from_str(json.dumps(changed))
+
+
+class CodeTokenizer:
+    """A `tokenizers.Tokenizer` plus what serving needs from the model directory's configs."""
+
+    def __init__(self, tokenizer: Tokenizer, *, eos_token: str | None = None, bos_token: str | None = None,
+                 chat_template: str | None = None, extra_eos_ids: Sequence[int] = (),
+                 source: Path = Path("<memory>")) -> None:
+        self._tok = tokenizer
+        self.source = source  # model directory, named in error messages
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self.eos_token_id = self._special_id(eos_token, "eos_token")
+        self.bos_token_id = self._special_id(bos_token, "bos_token")
+        self._extra_eos_ids = tuple(extra_eos_ids)
+        self.chat_template = chat_template  # None: DEFAULT_CHAT_TEMPLATE is used
+        self._chat = _compile_chat_template(chat_template or DEFAULT_CHAT_TEMPLATE, source)
+        self._fragment_tok = _without_dummy_prefix(tokenizer)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> CodeTokenizer:
+        model_dir = Path(model_dir)
+        tok_path = model_dir / "tokenizer.json"
+        if not tok_path.is_file():
+            raise TokenizerError(f"tokenizer.json not found: {tok_path}")
+        try:
+            tok = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # tokenizers raises bare Exception on malformed JSON
+            raise TokenizerError(f"cannot load {tok_path}: {e}") from e
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+        _apply_added_tokens(tok, cfg, cfg_path)
+        gen_path = model_dir / "generation_config.json"
+        gen_eos = _read_json(gen_path).get("eos_token_id") if gen_path.is_file() else None
+        extra = gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else []
+        return cls(tok, eos_token=_token_content(cfg.get("eos_token")),
+                   bos_token=_token_content(cfg.get("bos_token")),
+                   chat_template=_chat_template_source(model_dir, cfg), extra_eos_ids=extra, source=model_dir)
+
+    def _special_id(self, token: str | None, field: str) -> int | None:
+        if token is None:
+            return None
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{self.source / 'tokenizer_config.json'}: {field} {token!r} is not in the vocabulary")
+        return token_id
+
+    # -- basic encode / decode ------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def leading_special_ids(self) -> tuple[int, ...]:
+        """Ids the post-processor puts before a text (usually bos), as `encode(..., add_special_tokens=True)` would."""
+        enc = self._tok.encode(_PROBE_TEXT, add_special_tokens=True)
+        lead = []
+        for token_id, is_special in zip(enc.ids, enc.special_tokens_mask):
+            if not is_special:
+                break
+            lead.append(token_id)
+        return tuple(lead)
+
+    @cached_property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """eos, generation_config eos ids, and the end-of-turn tokens of STOP_TOKEN_CANDIDATES in the vocabulary."""
+        found = [self.eos_token_id, *self._extra_eos_ids, *(self._tok.token_to_id(t) for t in STOP_TOKEN_CANDIDATES)]
+        return tuple(sorted({i for i in found if i is not None}))
+
+    # -- FIM ------------------------------------------------------------------------------------
+
+    @cached_property
+    def fim_format(self) -> FimFormat | None:
+        """The FIM style whose three tokens are all in the vocabulary; None when the model has none."""
+        for fmt in FIM_FORMATS:
+            if all(self._tok.token_to_id(t) is not None for t in fmt.tokens):
+                return fmt
+        return None
+
+    def build_fim_prompt_ids(self, prefix: str, suffix: str, add_special_tokens: bool = True) -> list[int]:
+        """PSM prompt ids; `add_special_tokens` prepends what the post-processor adds (e.g. bos)."""
+        fmt = self.fim_format
+        if fmt is None:
+            looked_for = "; ".join(f"{f.name} {' '.join(f.tokens)}" for f in FIM_FORMATS)
+            raise PromptError(f"FIM is unsupported by the tokenizer in {self.source}: none of these token sets "
+                              f"is in its vocabulary: {looked_for}")
+        if not isinstance(prefix, str) or not isinstance(suffix, str):
+            raise PromptError(f"FIM prefix and suffix must be str, got {type(prefix).__name__}, "
+                              f"{type(suffix).__name__}")
+        pre_id, suf_id, mid_id = (self._tok.token_to_id(t) for t in fmt.tokens)
+        prefix_text = " " + prefix if fmt.space_before_prefix and prefix else prefix
+        lead = list(self.leading_special_ids) if add_special_tokens else []
+        return [*lead, pre_id, *self._encode_fragment(prefix_text), suf_id, *self._encode_fragment(suffix), mid_id]
+
+    def _encode_fragment(self, text: str) -> list[int]:
+        # Mid-prompt text must not get a SentencePiece dummy-prefix space: Meta's encode_infilling
+        # strips it from the suffix, and the CodeLlama prefix space is added explicitly above.
+        return self._fragment_tok.encode(text, add_special_tokens=False).ids if text else []
+
+    # -- chat -----------------------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[ChatMessage | Mapping[str, Any]],
+                    add_generation_prompt: bool = True) -> str:
+        plain = _validate_messages(messages)
+        specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v is not None}
+        try:
+            # tools/documents are passed as None (not left undefined) because templates test `is not none`.
+            return self._chat.render(messages=plain, add_generation_prompt=add_generation_prompt,
+                                     tools=None, documents=None, **specials)
+        except (jinja2.TemplateError, TypeError) as e:  # TypeError: template arithmetic on bad values
+            raise PromptError(f"chat template of {self.source} rejected the messages: {e}") from e
+
+    def build_chat_prompt_ids(self, messages: Sequence[ChatMessage | Mapping[str, Any]],
+                              add_generation_prompt: bool = True) -> list[int]:
+        # No post-processor specials: templates write bos themselves (transformers does the same).
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _validate_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[dict[str, str]]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise PromptError(f"messages must be a non-empty list of messages, got {messages!r:.80}")
+    plain = []
+    for i, msg in enumerate(messages):
+        if isinstance(msg, ChatMessage):
+            role, content = msg.role, msg.content
+        elif isinstance(msg, Mapping):
+            role, content = msg.get("role"), msg.get("content")
+        else:
+            raise PromptError(f"messages[{i}] must be a ChatMessage or a mapping, got {type(msg).__name__}")
+        if role not in CHAT_ROLES:
+            raise PromptError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise PromptError(f"messages[{i}].content must be a str, got {type(content).__name__}")
+        plain.append({"role": role, "content": content})
+    return plain
+
+
+# How many prompt tokens give the first generated token its context: enough to start on a character
+# boundary and for SentencePiece decoders to keep a leading space; few, so each step decodes little.
+_PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns generated ids into final text deltas, never ending a delta inside a UTF-8 character.
+
+    Keeps a window ids[prefix_offset:]: the text of ids[prefix_offset:read_offset] was emitted already,
+    so each step decodes a few tokens, not the whole output (vLLM's scheme). A delta is released only
+    when the window's text does not end in U+FFFD, i.e. read_offset always sits on a character boundary.
+    """
+
+    def __init__(self, tokenizer: CodeTokenizer, prompt_ids: Sequence[int] = (),
+                 skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        context = self._prompt_context(list(prompt_ids))
+        self._ids = context
+        self._num_context = len(context)
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+
+    def _prompt_context(self, prompt_ids: list[int]) -> list[int]:
+        # Start the window on a character boundary: one starting inside a character decodes to U+FFFD,
+        # and ByteFallback decoders then blank the whole run of byte tokens, valid bytes included.
+        # A UTF-8 character is at most 4 bytes, so a few steps back always find a boundary in valid text.
+        n = len(prompt_ids)
+        for start in range(max(n - _PROMPT_CONTEXT_TOKENS, 0), max(n - _PROMPT_CONTEXT_TOKENS - 4, -1), -1):
+            context = prompt_ids[start:]
+            text = self._decode(context)
+            if not text.startswith("\ufffd"):
+                break
+        # A prompt ending inside a character has no stable text to diff against: decode without context.
+        return [] if text.endswith("\ufffd") else context
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self._ids[self._num_context:]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def add(self, token_id: int) -> str:
+        """Appends one generated id; returns the text that is now final (possibly "")."""
+        self._ids.append(token_id)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """Releases text held back at the end of generation (e.g. an unfinished character as U+FFFD)."""
+        return self._release(final=True) if self._read_offset < len(self._ids) else ""
+
+    def _release(self, final: bool) -> str:
+        new_text = self._decode(self._ids[self._prefix_offset:])
+        if new_text.endswith("\ufffd") and not final:
+            return ""  # a multi-byte character may still be completed by the next tokens
+        delta = new_text[len(self._decode(self._ids[self._prefix_offset:self._read_offset])):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return delta
