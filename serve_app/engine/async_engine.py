@@ -1,0 +1,114 @@
+"""Async front of the engine: a background thread runs `step()` while there is work; every request
+gets an async stream of its outputs.
+
+Why a thread and not an asyncio task: a step is a blocking PyTorch forward (it releases the GIL),
+so running it off the event loop keeps the HTTP side answering while the model computes. One lock
+serialises the core: add/abort take it between steps, so `abort` returns only once the request's
+blocks are free. A step that raises fails the streams of every request in flight (no client is
+left hanging) and the loop goes on with a clean engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from serve_app.engine.core import EngineCore
+from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import EngineError, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineStepError(EngineError):
+    """The engine failed while this request was in flight; the request was aborted."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue            # RequestOutput items, or an exception to raise in the consumer
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they happen. Admission errors raise before the first item;
+        leaving the iteration early (client gone, task cancelled) aborts the request."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        await asyncio.to_thread(self._add, request_id, prompt_token_ids, params, stream)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                await asyncio.shield(self.abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        await asyncio.to_thread(self._abort, request_id)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def snapshot(self, fn):
+        """Run fn(core) under the lock (for metrics and health) and return its result."""
+        with self._lock:
+            return fn(self.core)
+
+    # ---- engine thread side --------------------------------------------------------------------
+
+    def _add(self, request_id, prompt_token_ids, params, stream: _Stream) -> None:
+        with self._lock:
+            self.core.add_request(request_id, prompt_token_ids, params)
+            self._streams[request_id] = stream
+        self._wake.set()
+
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self.core.abort(request_id)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            self._streams.pop(request_id, None)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.clear()                   # clear before checking, so a concurrent add is never missed
+            if not self.core.has_unfinished():
+                self._wake.wait()
+                continue
+            with self._lock:
+                try:
+                    outputs = self.core.step()
+                except Exception as exc:         # noqa: BLE001 - fail the requests, keep serving
+                    log.exception("engine step failed; aborting %d requests", len(self.core.requests))
+                    for request_id in list(self.core.requests):
+                        self.core.abort(request_id)
+                        self._deliver(request_id, EngineStepError(f"engine step failed: {exc}"))
+                    continue
+                for out in outputs:
+                    self._deliver(out.request_id, out)

@@ -1,0 +1,229 @@
+"""Engine core: add / abort requests, and `step()` = schedule → run model → sample → update.
+
+Synchronous and single-threaded by design; `AsyncEngine` drives it from a background thread and
+guards it with one lock, so every method here sees a consistent state.
+
+n > 1 candidates: a request starts as one sequence. When its prompt is computed, the same
+last-prompt logits are sampled n times (each candidate with its own generator) and candidates
+1..n-1 are forked from it: they share its full prompt blocks and get a copy of the partially
+filled last block. If blocks are short for a fork, the candidate queues instead and gets the
+prompt from the prefix cache.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from serve_app.config import EngineConfig
+from serve_app.engine.block_manager import BlockManager, OutOfBlocksError
+from serve_app.engine.runner import ModelRunner
+from serve_app.engine.sampler import make_generator, sample
+from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.scheduler import Scheduler, SchedulerOutput
+from serve_app.engine.sequence import (CompletionOutput, EngineOverloadedError, FinishReason, Request,
+                                       RequestOutput, RequestRejectedError, Sequence)
+from serve_app.engine.stop import StopChecker
+from serve_app.model import MoeForCausalLM
+
+
+class EngineCore:
+    def __init__(self, model: MoeForCausalLM, cfg: EngineConfig = EngineConfig(), tokenizer=None):
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.max_model_len = min(cfg.max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.blocks)
+        self.runner = ModelRunner(model, cfg)
+        self.requests: dict[str, Request] = {}
+        eos = tokenizer.stop_token_ids if tokenizer is not None else model.config.eos_token_ids
+        self.eos_token_ids = frozenset(eos)
+        self.num_steps = 0
+        self.last_step: SchedulerOutput | None = None
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._validate(request_id, prompt_token_ids, params)
+        self._admit_or_raise(len(prompt_token_ids))
+        req = Request(request_id, list(prompt_token_ids), params)
+        req.sequences.append(self._new_sequence(req, 0, list(prompt_token_ids)))
+        self.requests[request_id] = req
+        self.scheduler.add(req.sequences[0])
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now: its blocks are freed before this returns. Unknown ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.sequences:
+            if not seq.finished:
+                seq.finish_reason = FinishReason.ABORT
+            self.scheduler.remove(seq)
+        req.forked = True
+        req.times.finished = time.monotonic()
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise RequestRejectedError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise RequestRejectedError("the prompt is empty: at least one token is needed")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestRejectedError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestRejectedError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
+                f"{len(prompt)} prompt + {params.max_tokens} max_tokens = {total}")
+        capacity = self.cfg.num_kv_blocks * self.cfg.block_size
+        if total > capacity:
+            raise RequestRejectedError(f"the request needs {total} tokens of KV cache; the engine has {capacity}")
+        if params.stop and self.tokenizer is None:
+            raise RequestRejectedError("stop strings need a tokenizer; this engine works on token ids only")
+
+    def _admit_or_raise(self, num_prompt_tokens: int) -> None:
+        waiting = self.scheduler.waiting
+        if len(waiting) >= self.cfg.max_waiting_requests:
+            raise EngineOverloadedError(f"{len(waiting)} requests are already waiting "
+                                        f"(limit {self.cfg.max_waiting_requests})", self.cfg.retry_after_s)
+        queued = self.scheduler.num_waiting_tokens
+        if queued + num_prompt_tokens > self.cfg.max_waiting_tokens:
+            raise EngineOverloadedError(f"{queued} prompt tokens are already waiting (limit "
+                                        f"{self.cfg.max_waiting_tokens})", self.cfg.retry_after_s)
+
+    def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        detok = None
+        if self.tokenizer is not None:
+            from serve_app.tokenizer import IncrementalDetokenizer
+            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+        return Sequence(f"{req.request_id}#{index}", req, index, token_ids,
+                        make_generator(req.params, index, self.runner.device),
+                        StopChecker(req.params.stop), detok)
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration over the running batch; returns an output for every request that progressed."""
+        batch = self.scheduler.schedule()
+        self.last_step = batch
+        if batch.empty:
+            return []
+        self.num_steps += 1
+        now = time.monotonic()
+        logits = self.runner.execute(batch, self.blocks)                  # [N, V]
+        samplers: list[Sequence] = []
+        for item in batch.scheduled:
+            seq = item.seq
+            seq.request.times.first_scheduled = seq.request.times.first_scheduled or now
+            seq.num_computed_tokens = item.start + item.num_new_tokens
+            self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if item.samples:
+                samplers.append(seq)
+        touched = self._sample_and_update(samplers, logits) if samplers else []
+        return [self._output(req) for req in touched]
+
+    def _sample_and_update(self, seqs: list[Sequence], logits) -> list[Request]:
+        # Rows to sample: one per sequence, except a request finishing its prompt with n > 1,
+        # whose row is sampled once per candidate.
+        row_of, params, generators, targets = [], [], [], []
+        for row, seq in enumerate(seqs):
+            req = seq.request
+            fan_out = req.params.n if (req.params.n > 1 and not req.forked) else 1
+            for index in range(fan_out):
+                cand = seq
+                if index > 0:       # fork before anyone appends: the parent may finish on this token
+                    cand = self._new_sequence(req, index, list(req.prompt_token_ids))
+                    self._fork(cand)
+                row_of.append(row)
+                params.append(req.params)
+                generators.append(cand.generator)
+                targets.append(cand)
+        if len(row_of) != len(seqs):
+            logits = logits[row_of]
+        result = sample(logits, params, generators)
+        touched: dict[str, Request] = {}
+        for cand, token, lp in zip(targets, result.token_ids, result.logprobs):
+            self._append_token(cand, token, lp)
+            touched[cand.request.request_id] = cand.request
+        for req in touched.values():
+            req.forked = True
+            if req.finished:
+                req.times.finished = time.monotonic()
+                self.requests.pop(req.request_id, None)
+        return list(touched.values())
+
+    def _fork(self, child: Sequence) -> None:
+        req = child.request
+        parent = req.sequences[0]
+        req.sequences.append(child)
+        try:
+            self.runner.copy_blocks(self.blocks.fork(parent.seq_id, child.seq_id))
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            self.scheduler.add_running(child)
+        except OutOfBlocksError:
+            self.scheduler.add(child)               # recomputes its prompt, mostly from the prefix cache
+
+    def _append_token(self, seq: Sequence, token: int, lp) -> None:
+        req = seq.request
+        req.times.first_token = req.times.first_token or time.monotonic()
+        seq.token_ids.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+            seq.cumulative_logprob += lp.logprob
+        params = req.params
+        stop_id = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        if stop_id:
+            self._finish(seq, FinishReason.STOP, token)
+            return
+        if seq.detokenizer is not None:
+            res = seq.stop_checker.feed(seq.detokenizer.add(token))
+            seq.text += res.text
+            if res.stopped:
+                self._finish(seq, FinishReason.STOP, res.stop_string, flush=False)
+                return
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH, None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason, flush: bool = True) -> None:
+        if flush and seq.detokenizer is not None:
+            seq.text += seq.stop_checker.feed(seq.detokenizer.flush()).text
+            if not seq.stop_checker.stopped:
+                seq.text += seq.stop_checker.flush().text
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.remove(seq)
+
+    # ---- reporting -----------------------------------------------------------------------------
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in sorted(req.sequences, key=lambda s: s.index):
+            gen = seq.output_token_ids
+            want_lp = req.params.logprobs is not None
+            outs.append(CompletionOutput(
+                seq.index, seq.text, list(gen), seq.finish_reason.value if seq.finish_reason else None,
+                seq.stop_reason, list(seq.logprobs) if want_lp else None,
+                seq.cumulative_logprob if want_lp else None,
+                delta_text=seq.text[seq.emitted_chars:], delta_token_ids=gen[seq.emitted_tokens:]))
+            seq.emitted_chars, seq.emitted_tokens = len(seq.text), len(gen)
+        cached = req.sequences[0].num_cached_tokens
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, cached, req.times)
+
+    def run_until_done(self, request_ids: Iterable[str] | None = None) -> dict[str, RequestOutput]:
+        """Step until the given requests (default: all) finish; their final outputs by id."""
+        pending = set(request_ids) if request_ids is not None else set(self.requests)
+        final: dict[str, RequestOutput] = {}
+        while pending - final.keys():
+            outputs = self.step()
+            for out in outputs:
+                if out.finished and out.request_id in pending:
+                    final[out.request_id] = out
+            if self.last_step.empty and not outputs:
+                missing = sorted(pending - final.keys())
+                raise RuntimeError(f"engine made no progress; requests {missing} cannot be scheduled")
+        return final

@@ -1,0 +1,63 @@
+"""Offline API in vLLM's shape: `LLM(model_dir).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from serve_app.config import EngineConfig
+from serve_app.engine.core import EngineCore
+from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import EngineOverloadedError, RequestOutput
+from serve_app.model import MoeForCausalLM, load_model
+
+PromptLike = str | Sequence[int]
+
+
+class LLM:
+    """One engine in this process. `model` is a checkpoint directory (model + tokenizer) or an
+    already loaded model (then pass `tokenizer` if text prompts are wanted)."""
+
+    def __init__(self, model: str | Path | MoeForCausalLM, tokenizer=None,
+                 dtype: torch.dtype | str = torch.float32, **engine_options):
+        if isinstance(model, (str, Path)):
+            model_dir = Path(model)
+            model = load_model(model_dir, dtype=dtype)
+            if tokenizer is None and (model_dir / "tokenizer.json").is_file():
+                from serve_app.tokenizer import CodeTokenizer
+                tokenizer = CodeTokenizer.from_dir(model_dir)
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = EngineCore(model, EngineConfig(**engine_options), tokenizer)
+        self._ids = itertools.count()
+
+    def _prompt_ids(self, prompt: PromptLike) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token id lists instead")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return [int(t) for t in prompt]
+
+    def generate(self, prompts: PromptLike | Sequence[PromptLike],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; one RequestOutput per prompt, in order."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        params = sampling_params or SamplingParams()
+        per_prompt = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"{len(per_prompt)} sampling params for {len(batch)} prompts")
+        ids = []
+        for prompt, p in zip(batch, per_prompt):
+            request_id = f"llm-{next(self._ids)}"
+            token_ids = self._prompt_ids(prompt)
+            while True:
+                try:
+                    self.engine.add_request(request_id, token_ids, p)
+                    break
+                except EngineOverloadedError:
+                    self.engine.step()          # offline: make room instead of failing
+            ids.append(request_id)
+        final = self.engine.run_until_done(ids)
+        return [final[i] for i in ids]

@@ -1,0 +1,46 @@
+"""Model runner: turns a scheduler output into one paged forward and returns the logits to sample.
+
+It owns the KV tensors (the block manager only does the bookkeeping) and applies the block
+copies a fork asks for before the forward that needs them.
+
+Legend: T=tokens in the step, N=rows that sample this step, V=vocab.
+"""
+from __future__ import annotations
+
+import torch
+
+from serve_app.config import EngineConfig
+from serve_app.engine.block_manager import BlockCopy, BlockManager
+from serve_app.engine.scheduler import SchedulerOutput
+from serve_app.model import AttentionMetadata, MoeForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: MoeForCausalLM, cfg: EngineConfig):
+        self.model = model
+        self.block_size = cfg.block_size
+        self.kv = model.new_kv_cache(cfg.num_kv_blocks, cfg.block_size)
+        self.device = model.embed_tokens.weight.device
+
+    def copy_blocks(self, copies: list[BlockCopy]) -> None:
+        self.kv.copy_blocks([c.src for c in copies], [c.dst for c in copies])
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput, blocks: BlockManager) -> torch.Tensor:
+        """Run the step; logits [N, V] for the scheduled sequences whose chunk reaches their end,
+        in batch order."""
+        tokens: list[int] = []
+        positions: list[list[int]] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        for item in batch.scheduled:
+            end = item.start + item.num_new_tokens
+            tokens.extend(item.seq.token_ids[item.start:end])
+            positions.append(list(range(item.start, end)))
+            tables.append(blocks.block_table(item.seq.seq_id))
+            if item.samples:
+                sample_rows.append(len(tokens) - 1)
+        meta = AttentionMetadata.build(positions, tables, self.block_size, self.device)
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)               # [T]
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)                # [N]
+        return self.model.forward_paged(input_ids, meta, self.kv, rows).float()             # [N, V]

@@ -1,0 +1,34 @@
+"""Factories for engine tests: a tiny model dir (weights + tokenizer) and engines over it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from serve_app.config import EngineConfig
+from serve_app.engine import EngineCore, SamplingParams
+from serve_app.model import load_model
+from serve_app.tokenizer import CodeTokenizer
+from tests.helpers.checkpoints import build_checkpoint
+from tests.helpers.factories import build_tokenizer
+
+
+def build_model_dir(out_dir: str | Path, family: str = "mixtral", **overrides) -> Path:
+    ckpt = build_checkpoint(out_dir, family, **overrides)
+    build_tokenizer(out_dir)
+    return ckpt.path
+
+
+def create_engine(model_dir: Path, **options) -> EngineCore:
+    defaults = dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=64, long_prefill_chunk=16)
+    cfg = EngineConfig(**{**defaults, **options})
+    return EngineCore(load_model(model_dir), cfg, CodeTokenizer.from_dir(model_dir))
+
+
+def greedy(max_tokens: int = 8, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def run(engine: EngineCore, prompts: dict[str, list[int]], params: SamplingParams) -> dict[str, list[int]]:
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, params)
+    final = engine.run_until_done(prompts)
+    return {rid: out.outputs[0].token_ids for rid, out in final.items()}

@@ -1,0 +1,192 @@
+"""Engine core: continuous batching, chunked prefill, prefix caching, n candidates, stops, backpressure."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from serve_app.engine import EngineOverloadedError, RequestRejectedError, SamplingParams
+from tests.helpers.engines import build_model_dir, create_engine, greedy, run
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("engine"), "mixtral")
+
+
+def _prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(5, 320) for _ in range(length)]
+
+
+def test_greedy_tokens_match_transformers_generate(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None
+    prompt = _prompt(random.Random(0), 21)
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+                                do_sample=False, pad_token_id=0)[0, 21:].tolist()
+    got = run(create_engine(model_dir), {"a": prompt}, greedy(32))["a"]
+    assert got == expected
+
+
+def test_request_alone_equals_request_in_a_batch_of_17_with_chunked_prefill(model_dir):
+    rng = random.Random(1)
+    target = _prompt(rng, 37)
+    alone = run(create_engine(model_dir), {"t": target}, greedy(12))["t"]
+    others = {f"o{i}": _prompt(rng, rng.randrange(3, 60)) for i in range(16)}
+    engine = create_engine(model_dir, max_num_batched_tokens=24, long_prefill_chunk=8)
+    together = run(engine, {**others, "t": target}, greedy(12))
+    assert together["t"] == alone
+    assert engine.num_steps > 12                       # prefill really was chunked across steps
+
+
+def test_prefix_cache_hit_gives_same_tokens_and_prefills_only_the_rest(model_dir):
+    engine = create_engine(model_dir)
+    prompt = _prompt(random.Random(2), 30)
+    first = run(engine, {"miss": prompt}, greedy(6))["miss"]
+    engine.add_request("hit", prompt, greedy(6))
+    engine.step()
+    # 30 tokens, blocks of 4: 7 full blocks = 28 tokens cached; only 2 prompt tokens recomputed.
+    assert engine.last_step.num_batched_tokens == 2
+    final = engine.run_until_done(["hit"])["hit"]
+    assert final.num_cached_tokens == 28
+    assert final.outputs[0].token_ids == first
+
+
+def test_prefix_cache_off_recomputes_everything(model_dir):
+    engine = create_engine(model_dir, enable_prefix_caching=False)
+    prompt = _prompt(random.Random(2), 30)
+    run(engine, {"a": prompt}, greedy(2))
+    engine.add_request("b", prompt, greedy(2))
+    engine.step()
+    assert engine.last_step.num_batched_tokens == 16   # long_prefill_chunk: the whole prompt again
+
+
+def test_seeded_sampling_reproduces_regardless_of_batch(model_dir):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    prompt = _prompt(random.Random(3), 9)
+    a = run(create_engine(model_dir), {"x": prompt}, params)["x"]
+    others = {f"o{i}": _prompt(random.Random(i), 5 + i) for i in range(4)}
+    engine = create_engine(model_dir)
+    for rid, p in others.items():
+        engine.add_request(rid, p, SamplingParams(max_tokens=4, temperature=1.0))
+    b = run(engine, {"x": prompt}, params)["x"]
+    c = run(create_engine(model_dir), {"x": prompt}, SamplingParams(max_tokens=10, temperature=1.0, seed=8,
+                                                                  ignore_eos=True))["x"]
+    assert a == b
+    assert a != c
+
+
+def test_n_candidates_are_distinct_and_share_prompt_blocks(model_dir):
+    engine = create_engine(model_dir)
+    prompt = _prompt(random.Random(4), 18)             # 4 full blocks + a partial one
+    engine.add_request("r", prompt, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=1, ignore_eos=True))
+    while not engine.requests["r"].forked:
+        engine.step()
+    tables = [engine.blocks.block_table(s.seq_id) for s in engine.requests["r"].sequences]
+    assert len(tables) == 3
+    assert tables[0][:4] == tables[1][:4] == tables[2][:4]           # full prompt blocks shared
+    assert len({t[4] for t in tables}) == 3                           # partial block copied per candidate
+    final = engine.run_until_done(["r"])["r"]
+    outs = [o.token_ids for o in final.outputs]
+    assert [o.index for o in final.outputs] == [0, 1, 2]
+    assert len({tuple(o) for o in outs}) == 3
+    assert engine.blocks.num_used_blocks == 0
+
+
+def test_stop_string_cuts_text_exactly(model_dir):
+    engine = create_engine(model_dir)
+    prompt = engine.tokenizer.encode("def add(a, b):\n")
+    engine.add_request("free", prompt, greedy(24))
+    text = engine.run_until_done(["free"])["free"].outputs[0].text
+    clean = [i for i in range(3, len(text) - 2) if "\ufffd" not in text[i:i + 2]]
+    cut = clean[len(clean) // 2]
+    stop = text[cut:cut + 2]                         # two characters, usually spanning tokens
+    engine.add_request("stopped", prompt, greedy(24, stop=[stop]))
+    out = engine.run_until_done(["stopped"])["stopped"].outputs[0]
+    assert out.text == text[:text.find(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_stop_token_id_ends_generation(model_dir):
+    engine = create_engine(model_dir)
+    prompt = _prompt(random.Random(5), 7)
+    tokens = run(engine, {"a": prompt}, greedy(10))["a"]
+    engine.add_request("b", prompt, greedy(10, stop_token_ids=[tokens[3]]))
+    out = engine.run_until_done(["b"])["b"].outputs[0]
+    first = tokens.index(tokens[3])
+    assert out.token_ids == tokens[:first + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_backpressure_rejects_beyond_limits_and_accepts_again(model_dir):
+    engine = create_engine(model_dir, max_waiting_requests=2, max_num_seqs=2)
+    rng = random.Random(6)
+    engine.add_request("a", _prompt(rng, 5), greedy(3))
+    engine.add_request("b", _prompt(rng, 5), greedy(3))
+    with pytest.raises(EngineOverloadedError) as exc:
+        engine.add_request("c", _prompt(rng, 5), greedy(3))
+    assert exc.value.retry_after_s > 0
+    engine.step()                                    # a and b leave the queue for the running batch
+    engine.add_request("c", _prompt(rng, 5), greedy(3))
+    engine.add_request("d", _prompt(rng, 5), greedy(3))
+    with pytest.raises(EngineOverloadedError, match="2 requests are already waiting"):
+        engine.add_request("e", _prompt(rng, 5), greedy(3))
+    engine.run_until_done(["a", "b"])
+    engine.step()                                    # c and d take the freed running slots
+    engine.add_request("e", _prompt(rng, 5), greedy(3))
+    engine.run_until_done()
+    assert engine.blocks.num_used_blocks == 0
+
+
+def test_waiting_token_limit_rejects(model_dir):
+    engine = create_engine(model_dir, max_waiting_tokens=20)
+    engine.add_request("a", _prompt(random.Random(7), 15), greedy(2))
+    with pytest.raises(EngineOverloadedError, match="prompt tokens"):
+        engine.add_request("b", _prompt(random.Random(8), 10), greedy(2))
+
+
+def test_invalid_requests_are_rejected_with_reasons(model_dir):
+    engine = create_engine(model_dir)
+    with pytest.raises(RequestRejectedError, match="empty"):
+        engine.add_request("a", [], greedy())
+    with pytest.raises(RequestRejectedError, match="maximum context length is 512"):
+        engine.add_request("b", [5] * 500, greedy(20))
+    with pytest.raises(RequestRejectedError, match="outside the vocabulary"):
+        engine.add_request("c", [5, 999], greedy())
+    engine.add_request("d", [5, 6], greedy())
+    with pytest.raises(RequestRejectedError, match="already in use"):
+        engine.add_request("d", [5, 6], greedy())
+
+
+def test_abort_frees_blocks_at_once(model_dir):
+    engine = create_engine(model_dir)
+    engine.add_request("a", _prompt(random.Random(9), 20), greedy(50))
+    engine.step()
+    assert engine.blocks.num_used_blocks > 0
+    out = engine.abort("a")
+    assert out.outputs[0].finish_reason == "abort" and out.finished
+    assert engine.blocks.num_used_blocks == 0
+    assert not engine.has_unfinished()
+
+
+def test_preemption_under_kv_pressure_keeps_outputs_identical(model_dir):
+    rng = random.Random(10)
+    prompts = {f"r{i}": _prompt(rng, 10 + 3 * i) for i in range(6)}
+    roomy = run(create_engine(model_dir), prompts, greedy(16))
+    tight = create_engine(model_dir, num_kv_blocks=24, enable_prefix_caching=False)
+    preempted = []
+    for rid, p in prompts.items():
+        tight.add_request(rid, p, greedy(16))
+    final = {}
+    while len(final) < len(prompts):
+        for out in tight.step():
+            if out.finished:
+                final[out.request_id] = out.outputs[0].token_ids
+        preempted += tight.last_step.preempted
+    assert preempted, "the KV cache was meant to be too small for all six at once"
+    assert final == roomy
+    assert tight.blocks.num_used_blocks == 0
