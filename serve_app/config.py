@@ -6,6 +6,9 @@ environment or invents its own defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 @dataclass(frozen=True)
@@ -38,3 +41,41 @@ class EngineConfig:
                      "long_prefill_chunk", "max_waiting_requests", "max_waiting_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def default_model_dir() -> str:
+    """The bundled default model, shipped inside the package."""
+    from pathlib import Path
+    return str(Path(__file__).resolve().parent / "default_model")
+
+
+class AppConfig(BaseModel):
+    """Everything `build_app` / `moe-serve` / a Serve config YAML can set (validated at the edge)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(default_factory=default_model_dir, description="checkpoint directory (HF format)")
+    served_model_name: str | None = Field(None, description="name clients use; default: the directory name")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    expert_shards: int = Field(2, ge=0, le=64, description="ExpertShard deployments; 0 keeps all experts local")
+    placement: dict[str, list[int | tuple[int, int]]] | None = Field(
+        None, description="explicit layout {'0': [experts], ..., 'local': [...]}; default round-robin")
+    shard_num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs per shard replica; 'auto' = 1 when the cluster has GPUs, else 0")
+    dispatch_timeout_s: float = Field(10.0, gt=0, description="a shard call slower than this fails the step (503)")
+    engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
+    api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is aborted")
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port clients reach")
+
+    def engine_config(self) -> EngineConfig:
+        try:
+            return EngineConfig(**self.engine)
+        except TypeError as exc:
+            raise ValueError(f"engine: {exc}") from exc
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+        return self.served_model_name or Path(self.model).name

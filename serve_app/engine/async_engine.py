@@ -69,6 +69,10 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
     def snapshot(self, fn):
         """Run fn(core) under the lock (for metrics and health) and return its result."""
         with self._lock:

@@ -1,0 +1,46 @@
+"""`build_app(config)`: the Serve application graph — Ingress → Router → ExpertShard0..N-1.
+
+Usable from Python (`serve.run(build_app({...}))`), from `serve run serve_app:build_app key=value`
+and from a Serve config YAML (`import_path: serve_app.deployments.app:build_app`, `args: {...}`).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import ray
+from ray.serve import Application
+
+from serve_app.config import AppConfig
+from serve_app.deployments.expert_shard import ExpertShard
+from serve_app.deployments.ingress import Ingress
+from serve_app.deployments.router import Router
+from serve_app.model import ModelConfig
+from serve_app.parallel.placement import PlacementPlan
+
+
+def placement_for(config: AppConfig) -> PlacementPlan:
+    cfg = ModelConfig.from_dir(config.model)
+    if config.placement is not None:
+        return PlacementPlan.from_layout(cfg, config.placement)
+    return PlacementPlan.round_robin(cfg, config.expert_shards)
+
+
+def _shard_gpus(config: AppConfig) -> float:
+    if config.shard_num_gpus != "auto":
+        return float(config.shard_num_gpus)
+    # Each shard asks for its own GPU when the cluster has any, so shards land on different GPUs.
+    has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return 1.0 if has_gpus else 0.0
+
+
+def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Application:
+    config = config if isinstance(config, AppConfig) else AppConfig(**(config or {}))
+    plan = placement_for(config)
+    gpus = _shard_gpus(config)
+    # CPU shards ask for a fraction of a CPU: on a laptop the whole graph must fit on 2 cores.
+    shard_resources = {"num_gpus": gpus} if gpus else {"num_cpus": 0.1}
+    shards = [ExpertShard.options(name=f"ExpertShard{spec.index}", ray_actor_options=shard_resources)
+              .bind(config.model, spec, config.dtype) for spec in plan.shards]
+    router = Router.options(ray_actor_options={"num_cpus": 0.1}).bind(
+        config.model, plan, config.engine_config(), shards, config.dtype, config.dispatch_timeout_s)
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(router, config)

@@ -1,0 +1,36 @@
+"""ExpertShard deployment: holds one slice of the experts (only their tensors are read from disk)
+and computes their FFNs on the rows the router sends, one request per MoE layer per step."""
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+from ray import serve
+
+from serve_app.model import load_expert_weights
+from serve_app.parallel.placement import ShardSpec
+from serve_app.parallel.transport import ShardRequest, run_shard_request
+
+
+@serve.deployment(name="ExpertShard", max_ongoing_requests=64, health_check_period_s=2,
+                  health_check_timeout_s=10)
+class ExpertShard:
+    def __init__(self, model_dir: str, shard: ShardSpec, dtype: str = "float32"):
+        # A shard given a GPU by Ray uses it; otherwise CPU.
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.shard = shard
+        self.backend = load_expert_weights(model_dir, shard.experts, dtype=dtype, device=device)
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, req: ShardRequest) -> torch.Tensor:
+        return run_shard_request(self.backend, ShardRequest(req.layer, req.experts, req.counts,
+                                                            req.x.to(self.device))).cpu()
+
+    def info(self) -> dict:
+        """Where this shard runs and what it loaded (placement checks, /health)."""
+        report = self.backend.load_report
+        return {"shard": self.shard.index, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(), "device": self.device, "experts": sorted(self.backend.holds()),
+                "keys_read": len(report.keys_read), "bytes_read": report.bytes_read}

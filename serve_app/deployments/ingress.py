@@ -1,0 +1,79 @@
+"""Ingress deployment: the FastAPI app of `serve_app.api`, talking to the Router over a handle.
+
+`RouterClient` is the api layer's EngineClient for Serve: it streams a request's outputs from the
+Router and turns Ray's wrapped errors back into the engine's typed ones (so the HTTP layer can map
+them to 400/429) or into `BackendUnavailableError` (503) when the router or a shard is gone.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from ray import serve
+from ray.exceptions import RayError
+
+from serve_app.api.app import ApiSettings, create_app
+from serve_app.api.errors import BackendUnavailableError
+from serve_app.config import AppConfig
+from serve_app.engine import EngineError, EngineStepError, RequestOutput, SamplingParams
+from serve_app.engine.sampling_params import SamplingParamsError
+from serve_app.tokenizer import CodeTokenizer
+
+# Errors the engine raises about the request itself or about load; passed through unchanged.
+_CLIENT_ERRORS = (SamplingParamsError, EngineError, ValueError)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+class RouterClient:
+    def __init__(self, router, health_timeout_s: float = 5.0):
+        self.router = router
+        self.stream = router.options(stream=True)
+        self.health_timeout_s = health_timeout_s
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        responses = self.stream.generate.remote(request_id, prompt_token_ids, params)
+        finished = False
+        try:
+            async for out in responses:
+                finished = out.finished
+                yield out
+        except RayError as exc:
+            cause = _unwrap(exc)
+            if isinstance(cause, EngineStepError) or not isinstance(cause, _CLIENT_ERRORS):
+                raise BackendUnavailableError(f"the model backend failed: {type(cause).__name__}") from exc
+            raise cause from None
+        finally:
+            if not finished:                    # client went away or we failed: free the KV now
+                responses.cancel()
+                await asyncio.shield(self.abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        try:
+            await self.router.abort.remote(request_id)
+        except RayError:
+            pass                                # the router is gone; so is the request
+
+    async def check_health(self) -> None:
+        try:
+            await asyncio.wait_for(self.router.health.remote(), timeout=self.health_timeout_s)
+        except (RayError, asyncio.TimeoutError) as exc:
+            raise BackendUnavailableError(f"unhealthy: {type(_unwrap(exc)).__name__}") from exc
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=1024)
+@serve.ingress()
+class Ingress:
+    def __init__(self, router, config: AppConfig):
+        self.client = RouterClient(router)
+        self.settings = ApiSettings(
+            model_name=config.model_name, tokenizer=CodeTokenizer.from_dir(config.model),
+            api_keys=config.api_keys, max_body_bytes=config.max_body_bytes,
+            request_timeout_s=config.request_timeout_s)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.client, self.settings)

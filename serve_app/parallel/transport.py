@@ -1,0 +1,109 @@
+"""Expert transports: how a MoE layer's rows reach the shards that own the experts, and come back.
+
+Every transport is an `ExpertBackend` (serve_app.model.moe): it returns unweighted FFN outputs
+per expert and the model's `combine` sums them in one fixed order, so all transports give
+bit-identical results in float32. Per layer, a transport sends each shard ONE request holding
+the rows of all its experts (rows grouped by expert, ascending), all shards concurrently, then
+waits for all of them — the hop cost is per shard per layer, never per expert or per token.
+
+- `local`: the router's own `LocalExpertBackend` (no transport at all).
+- `serve`: Ray Serve DeploymentHandles to ExpertShard deployments. Simple, elastic and restartable;
+  ~4 ms per layer from inside a replica on the 2-core machine (DESIGN.md §3).
+
+Legend: T=tokens in the step, D=hidden, R=rows sent to one shard.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from serve_app.model.moe import DispatchPlan, ExpertAssignment, ExpertKey, LocalExpertBackend
+from serve_app.parallel.placement import PlacementPlan
+
+
+class ShardUnavailableError(RuntimeError):
+    """A shard did not answer (dead, restarting, or past the dispatch timeout)."""
+
+    def __init__(self, shard: int, cause: BaseException):
+        super().__init__(f"expert shard {shard} is unavailable: {type(cause).__name__}: {cause}")
+        self.shard = shard
+
+
+@dataclass
+class ShardRequest:
+    """One layer's work for one shard."""
+    layer: int
+    experts: list[int]           # ascending expert ids
+    counts: list[int]            # rows per expert, same order
+    x: torch.Tensor              # [R, D] the rows, grouped by expert in `experts` order
+
+
+@dataclass
+class DispatchRecord:
+    """One shard call, for metrics: which shard, how many rows, how long the round trip took."""
+    shard: int
+    layer: int
+    rows: int
+    seconds: float
+
+
+def run_shard_request(backend: LocalExpertBackend, req: ShardRequest) -> torch.Tensor:
+    """Shard side: the FFN of each expert on its rows, concatenated in request order → [R, D]."""
+    outputs, start = [], 0
+    for expert, count in zip(req.experts, req.counts):
+        outputs.append(backend.ffn[f"{req.layer}_{expert}"](req.x[start:start + count]))
+        start += count
+    return torch.cat(outputs) if outputs else req.x.new_zeros(req.x.shape)
+
+
+def build_requests(x: torch.Tensor, plan: DispatchPlan, owner: dict[ExpertKey, int]
+                   ) -> dict[int, tuple[ShardRequest, list[ExpertAssignment]]]:
+    """Group a layer's assignments by owning shard: shard → (request, its assignments)."""
+    by_shard: dict[int, list[ExpertAssignment]] = {}
+    for a in plan.assignments:
+        by_shard.setdefault(owner[(plan.layer, a.expert)], []).append(a)
+    requests = {}
+    for shard, assigns in by_shard.items():
+        rows = torch.cat([a.rows for a in assigns])                   # [R]
+        requests[shard] = (ShardRequest(plan.layer, [a.expert for a in assigns],
+                                        [len(a.rows) for a in assigns], x.index_select(0, rows)), assigns)
+    return requests
+
+
+def split_response(y: torch.Tensor, assigns: list[ExpertAssignment]) -> dict[int, torch.Tensor]:
+    return dict(zip((a.expert for a in assigns), y.split([len(a.rows) for a in assigns])))
+
+
+@dataclass
+class ServeTransport:
+    """ExpertBackend over Serve handles (`handles[i]` = ExpertShard<i>); called from the engine thread."""
+    handles: Sequence                       # DeploymentHandle per shard index
+    placement: PlacementPlan
+    timeout_s: float = 10.0
+    on_dispatch: Callable[[DispatchRecord], None] | None = None
+    owner: dict[ExpertKey, int] = field(init=False)
+
+    def __post_init__(self):
+        self.owner = self.placement.owner()
+
+    def holds(self) -> frozenset[ExpertKey]:
+        return frozenset(self.owner)
+
+    def run_experts(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
+        started = time.perf_counter()
+        calls = []
+        for shard, (req, assigns) in build_requests(x, plan, self.owner).items():
+            calls.append((shard, req, assigns, self.handles[shard].run.remote(req)))   # all in flight
+        out: dict[int, torch.Tensor] = {}
+        for shard, req, assigns, response in calls:
+            try:
+                y = response.result(timeout_s=self.timeout_s)
+            except Exception as exc:       # noqa: BLE001 - actor death, timeout, cancellation alike
+                raise ShardUnavailableError(shard, exc) from exc
+            if self.on_dispatch is not None:
+                self.on_dispatch(DispatchRecord(shard, plan.layer, req.x.shape[0], time.perf_counter() - started))
+            out.update(split_response(y.to(x.device), assigns))
+        return out
