@@ -35,12 +35,17 @@ class EngineConfig:
     max_waiting_tokens: int = 65536
     # What a rejected client is told to wait before retrying.
     retry_after_s: float = 1.0
+    # "continuous" admits work every step; "static" only when the running batch has drained
+    # (the classic batching server, kept as the peer our benchmarks measure against).
+    scheduling: str = "continuous"
 
     def __post_init__(self):
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
                      "long_prefill_chunk", "max_waiting_requests", "max_waiting_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.scheduling not in ("continuous", "static"):
+            raise ValueError(f"EngineConfig.scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
 
 
 def default_model_dir() -> str:

@@ -82,10 +82,17 @@ class Scheduler:
             budget -= n
             i += 1
         # Admitting new work while preempting would just thrash the KV cache.
-        if not out.preempted:
+        if not out.preempted and self._batch_open():
             budget = self._admit_waiting(out, budget)
         out.num_batched_tokens = self.cfg.max_num_batched_tokens - budget
         return out
+
+    def _batch_open(self) -> bool:
+        """Continuous batching: always. Static batching (a benchmark peer, not a serving mode): a
+        batch forms while none of its sequences has produced a token, then runs until it drains."""
+        if self.cfg.scheduling == "continuous":
+            return True
+        return all(not s.output_token_ids for s in self.running)
 
     def _allocate_or_preempt(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         while self.blocks.allocate(seq.seq_id, seq.token_ids, seq.num_computed_tokens + n) is None:

@@ -190,3 +190,16 @@ def test_preemption_under_kv_pressure_keeps_outputs_identical(model_dir):
     assert preempted, "the KV cache was meant to be too small for all six at once"
     assert final == roomy
     assert tight.blocks.num_used_blocks == 0
+
+
+def test_static_batching_admits_nothing_until_the_batch_drains(model_dir):
+    engine = create_engine(model_dir, scheduling="static", max_num_seqs=2)
+    rng = random.Random(11)
+    for rid in ("a", "b", "c"):
+        engine.add_request(rid, _prompt(rng, 5), greedy(4 if rid == "a" else 2))
+    engine.step()
+    engine.step()
+    assert {s.request.request_id for s in engine.scheduler.running} == {"a"}   # b finished, c still waits
+    assert [s.request.request_id for s in engine.scheduler.waiting] == ["c"]
+    engine.run_until_done()
+    assert engine.blocks.num_used_blocks == 0
