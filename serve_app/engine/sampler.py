@@ -1,0 +1,167 @@
+"""Batched token sampling: one call per engine step over the logits of every running sequence.
+
+Design:
+- Rows are grouped by what they need, so the common cases cost one kernel each: an all-greedy batch
+  is a single `argmax`; random rows share one temperature divide, one (optional) sort for
+  top-k/top-p, one softmax and one argmax. Only seeded rows add a per-row RNG fill.
+- Sampling uses the exponential-race trick (as vLLM does): `argmax(probs / q)` with
+  `q ~ Exp(1)` i.i.d. draws token v with probability probs[v]. Unlike `torch.multinomial` it needs
+  no per-row call, and a row's draw depends only on its own generator and the vocab size, so a
+  seeded request reproduces exactly whatever else is in the batch.
+- Generators: a request with `seed` gets its own `torch.Generator`; candidate i of an n>1 request
+  is seeded with `seed + i` (`make_generator`), so candidates differ but each is reproducible.
+  Unseeded rows pass `None` and share the device's default RNG (one batched fill).
+  The caller keeps a row's generator across steps; its state advances by one fill per step.
+- Order of transforms (vLLM's): temperature, then top-k, then top-p on the tempered, top-k masked
+  distribution. Top-k keeps every token tied with the k-th value (it may keep more than k).
+  Top-p keeps the smallest prefix of the sorted distribution whose mass reaches top_p, and always
+  at least the most likely token.
+- Logprobs come from `log_softmax` of the raw (un-tempered, unfiltered) logits, like vLLM's default
+  and OpenAI: they describe the model, not the sampling transform.
+
+Dimension legend: B = batch rows, V = vocab, S = rows that sample randomly, L = rows that want
+logprobs, K = most alternatives any row asked for.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from serve_app.engine.sampling_params import SamplingParams
+
+
+class SamplerError(ValueError):
+    """Inputs to `sample` that do not fit together (shapes, list lengths)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int                       # the sampled token
+    logprob: float                      # its log-probability under the raw model distribution
+    rank: int                           # 1 = most likely token; ties share the better rank
+    top_token_ids: tuple[int, ...]      # the `logprobs` most likely tokens, best first (may include token_id)
+    top_logprobs: tuple[float, ...]     # their log-probabilities, same order
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]                    # one sampled token per row, in row order
+    logprobs: list[TokenLogprobs | None]    # per row; None where the row's params.logprobs is None
+
+
+def make_generator(params: SamplingParams, candidate_index: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The RNG for candidate `candidate_index` of a request: seeded with `seed + candidate_index`,
+    or None (the device's shared RNG) when the request has no seed."""
+    if params.seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed + candidate_index)
+    return gen
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None]) -> SamplerOutput:
+    """Pick one token per row of `logits` [B, V] with that row's params and generator."""
+    _check_inputs(logits, params, generators)
+    B, V = logits.shape
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+
+    if len(random_rows) < B:
+        token_ids = logits.argmax(dim=-1)  # [B] greedy rows are final; random rows overwritten below
+    if random_rows:
+        if len(random_rows) == B:
+            sub_logits = logits  # [S=B, V] no gather for the all-random batch
+        else:
+            idx = torch.tensor(random_rows, device=logits.device)  # [S]
+            sub_logits = logits.index_select(0, idx)  # [S, V]
+        sampled = _sample_random(sub_logits, [params[i] for i in random_rows],
+                                 [generators[i] for i in random_rows])  # [S]
+        if len(random_rows) == B:
+            token_ids = sampled  # [B]
+        else:
+            token_ids[idx] = sampled  # [B]
+
+    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=_logprobs(logits, token_ids, params))
+
+
+def _check_inputs(logits: torch.Tensor, params: Sequence[SamplingParams],
+                  generators: Sequence[torch.Generator | None]) -> None:
+    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise SamplerError(f"logits must be a non-empty [batch, vocab] tensor, got shape {tuple(logits.shape)}")
+    if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
+        raise SamplerError(f"need one SamplingParams and one generator per row: {logits.shape[0]} rows, "
+                           f"{len(params)} params, {len(generators)} generators")
+
+
+def _sample_random(logits: torch.Tensor, params: Sequence[SamplingParams],
+                   generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Temperature, top-k, top-p, then an exponential race per row. logits [S, V] -> tokens [S]."""
+    S, V = logits.shape
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)  # [S]
+    scaled = logits.float() / temps.unsqueeze(1)  # [S, V] a new tensor: raw logits stay intact
+
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+    ps = [p.top_p for p in params]
+    top_k = torch.tensor(ks, device=dev) if min(ks) < V else None  # [S]
+    top_p = torch.tensor(ps, dtype=torch.float32, device=dev) if min(ps) < 1.0 else None  # [S]
+    if top_k is not None or top_p is not None:
+        scaled = _apply_top_k_top_p(scaled, top_k, top_p)  # [S, V] dropped tokens at -inf
+
+    probs = scaled.softmax(dim=-1)  # [S, V]
+    q = torch.empty_like(probs)  # [S, V] Exp(1) draws
+    if any(g is None for g in generators):
+        q.exponential_()  # shared RNG for unseeded rows (seeded rows are overwritten next)
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            q[row].exponential_(generator=gen)  # [V] depends only on this row's generator
+    # A zero draw would turn a masked token's 0/0 into NaN, which argmax treats as the maximum.
+    q.clamp_(min=torch.finfo(q.dtype).tiny)
+    return probs.div_(q).argmax(dim=-1)  # [S]
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
+                       top_p: torch.Tensor | None) -> torch.Tensor:
+    """Set logits outside each row's top-k / nucleus to -inf. logits [S, V]; top_k, top_p [S]."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V], [S, V]
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))  # [S, 1] k-th largest value
+        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))  # ties with kth survive
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)  # [S, V]
+        mass_before = probs.cumsum(dim=-1) - probs  # [S, V] mass strictly ahead of each token
+        # The top token's mass_before is exactly 0 < top_p, so at least one token always stays.
+        drop = mass_before >= top_p.unsqueeze(1)  # [S, V]
+        # Rows with top_p == 1 are off: rounding in cumsum must not trim their tail.
+        drop &= (top_p < 1.0).unsqueeze(1)  # [S, V]
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)  # [S, V] back in vocab order
+
+
+def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+              params: Sequence[SamplingParams]) -> list[TokenLogprobs | None]:
+    """Logprobs of the chosen tokens (+ alternatives) from the raw logits [B, V]; tokens [B]."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    if not rows:
+        return out
+    V = logits.shape[1]
+    idx = torch.tensor(rows, device=logits.device)  # [L]
+    logp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)  # [L, V]
+    chosen = token_ids.index_select(0, idx)  # [L]
+    chosen_logp = logp.gather(1, chosen.unsqueeze(1))  # [L, 1]
+    ranks = (logp > chosen_logp).sum(dim=-1) + 1  # [L]
+    K = min(max(params[i].logprobs for i in rows), V)
+    top_logp, top_ids = logp.topk(K, dim=-1)  # [L, K], [L, K]
+
+    chosen_l, chosen_lp_l, ranks_l = chosen.tolist(), chosen_logp.squeeze(1).tolist(), ranks.tolist()
+    top_logp_l, top_ids_l = top_logp.tolist(), top_ids.tolist()
+    for j, row in enumerate(rows):
+        k = min(params[row].logprobs, V)
+        out[row] = TokenLogprobs(token_id=chosen_l[j], logprob=chosen_lp_l[j], rank=ranks_l[j],
+                                 top_token_ids=tuple(top_ids_l[j][:k]),
+                                 top_logprobs=tuple(top_logp_l[j][:k]))
+    return out
