@@ -192,9 +192,13 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason, flush: bool = True) -> None:
         if flush and seq.detokenizer is not None:
-            seq.text += seq.stop_checker.feed(seq.detokenizer.flush()).text
+            results = [seq.stop_checker.feed(seq.detokenizer.flush())]
             if not seq.stop_checker.stopped:
-                seq.text += seq.stop_checker.flush().text
+                results.append(seq.stop_checker.flush())
+            seq.text += "".join(r.text for r in results)
+            hit = next((r.stop_string for r in results if r.stopped), None)
+            if hit is not None:            # a stop string completed by the held tail still counts
+                reason, stop_reason = FinishReason.STOP, hit
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.remove(seq)
 

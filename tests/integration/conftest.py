@@ -1,0 +1,41 @@
+"""One local Ray cluster per test session (Ray takes seconds to start on 2 cores); Serve apps are
+deployed per module by the tests that need them."""
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray import serve
+
+    # Fractional CPU asks let router, ingress and several shards share 2 real cores.
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": int(os.environ["MOE_SERVE_TEST_PORT"])})
+    yield ray
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def base_url() -> str:
+    return f"http://127.0.0.1:{os.environ['MOE_SERVE_TEST_PORT']}"
+
+
+def wait_for_health(url: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.25)
+    raise TimeoutError(f"{url}/health not healthy after {timeout_s}s: {last}")
