@@ -1,0 +1,426 @@
+"""Train the bundled default model (a small Mixtral-layout MoE) on the stdlib corpus.
+
+    python -m serve_app.train.train --run-dir /tmp/moe-run --export serve_app/default_model \
+        --time-budget-min 60
+    python -m serve_app.train.train --run-dir /tmp/moe-run --resume   # continue after a crash
+
+The run dir (never the repo) holds the pre-tokenized samples (``samples.pt``: tokenized once,
+keyed by tokenizer + data config), ``checkpoint.pt`` (model, optimizer, step, data cursor, RNG;
+written atomically every ``--checkpoint-every`` steps) and ``log.jsonl`` (one line per log step).
+
+Recipe: next-token cross-entropy on real tokens only (positions >= ``num_tokens`` are padding)
+plus the Switch/Mixtral load-balancing loss ``E * sum_i f_i * P_i`` over real tokens, AdamW,
+linear warmup then cosine decay to ``min_lr_ratio * lr``, global-norm gradient clipping. Sample
+order is a seeded permutation per epoch, so (epoch, cursor) is the whole data position.
+
+``--time-budget-min`` fixes the step count after a few probe steps (mean step time → steps that
+fit); the count is stored in the checkpoint, so the schedule, and a resumed run, stay
+deterministic afterwards. Probe steps sit inside the warmup, which does not depend on it.
+
+Legend: B=batch, S=sequence length (max_len), V=vocab, E=experts, K=top-k, N=samples.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from serve_app.model.config import ModelConfig
+from serve_app.model.saver import save_model
+from serve_app.model.transformer import MoeForCausalLM, RMSNorm
+from serve_app.train.data import DataConfig, TrainingSample, iter_training_samples
+from serve_app.train.tokenizer_rules import EOS
+
+DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "default_model"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model shape and optimisation recipe; stored in every checkpoint."""
+
+    # Model: ~6M active parameters per token keeps CPU decode fast (issue 8); see MODEL_CARD.md.
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8                # Dh = 32
+    num_kv_heads: int = 4             # GQA halves the KV cache; quality cost is small at this size
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 512
+    max_len: int = 1024               # training context = max_position_embeddings of the export
+    fim_rate: float = 0.5
+    # Optimisation
+    batch_size: int = 8
+    lr: float = 2e-3                  # small models tolerate (and need, in few steps) a high lr
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    max_steps: int = 1000             # replaced by the time budget when one is given
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01       # Switch/Mixtral load balancing
+    seed: int = 0
+
+    def model_config(self, eos_id: int) -> ModelConfig:
+        return ModelConfig(
+            family="mixtral", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.hidden_size // self.num_heads, num_experts=self.num_experts, top_k=self.top_k,
+            moe_intermediate_size=self.moe_intermediate_size, intermediate_size=self.moe_intermediate_size,
+            norm_topk_prob=True, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            max_position_embeddings=self.max_len, eos_token_ids=(eos_id,))
+
+
+@dataclass
+class SampleTensors:
+    """Pre-tokenized samples: what ``samples.pt`` holds."""
+
+    input_ids: torch.Tensor   # [N, S] int64
+    num_tokens: torch.Tensor  # [N] real tokens per row; positions >= num_tokens are padding
+    is_fim: torch.Tensor      # [N] bool
+
+    @classmethod
+    def from_samples(cls, samples: list[TrainingSample]) -> "SampleTensors":
+        return cls(torch.tensor([s.input_ids for s in samples], dtype=torch.long),
+                   torch.tensor([s.num_tokens for s in samples], dtype=torch.long),
+                   torch.tensor([s.is_fim for s in samples], dtype=torch.bool))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class TrainState:
+    """Everything besides model and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0            # optimizer steps taken
+    epoch: int = 0           # permutation in use
+    cursor: int = 0          # next row of that permutation
+    total_steps: int = 0     # schedule length; fixed at start or after the time-budget probe
+    tokens_seen: int = 0     # real (non-pad) tokens trained on
+    train_seconds: float = 0.0
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def init_weights(model: MoeForCausalLM, std: float = 0.02) -> None:
+    """Every matrix normal(std), residual output projections std/sqrt(2L) (GPT-2), norms 1.
+
+    Needed: ``MoeForCausalLM`` creates the expert weights with ``torch.empty``."""
+    out_std = std / math.sqrt(2 * model.config.num_layers)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() < 2:
+                param.fill_(1.0)  # RMSNorm weights: the only vectors in a Mixtral layout
+            elif name.endswith(("o_proj.weight", ".down")):
+                param.normal_(0.0, out_std)
+            else:
+                param.normal_(0.0, std)
+
+
+def build_model(cfg: TrainConfig, eos_id: int) -> MoeForCausalLM:
+    torch.manual_seed(cfg.seed)
+    model = MoeForCausalLM(cfg.model_config(eos_id))
+    init_weights(model)
+    return model
+
+
+def count_params(model: MoeForCausalLM) -> dict[str, int]:
+    """Total and per-token active parameters (top-k of E experts; the tied embedding counted once)."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for p in model.local_experts.parameters())
+    active = total - experts + experts * cfg.top_k // cfg.num_experts
+    return {"total": total, "active": active, "embedding": model.embed_tokens.weight.numel()}
+
+
+# --- loss ------------------------------------------------------------------------------------
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets that are real tokens (pad targets ignored)."""
+    targets = input_ids[:, 1:].clone()                                   # [B, S-1]
+    positions = torch.arange(1, input_ids.shape[1], device=input_ids.device)
+    targets[positions[None, :] >= num_tokens[:, None]] = -100
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def load_balance_loss(router_logits: list[torch.Tensor], real: torch.Tensor, top_k: int) -> torch.Tensor:
+    """E * sum_i f_i * P_i averaged over layers; f_i = share of the T*K slots routed to expert i,
+    P_i = mean router probability of i, both over real tokens only. 1.0 when perfectly balanced."""
+    losses = []
+    for logits in router_logits:                                         # [B*S, E]
+        probs = torch.softmax(logits[real].float(), dim=-1)              # [T, E]
+        num_experts = probs.shape[-1]
+        chosen = torch.topk(probs, top_k, dim=-1).indices                # [T, K]
+        f = torch.bincount(chosen.flatten(), minlength=num_experts).float() / chosen.numel()  # [E]
+        losses.append(num_experts * (f * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+@dataclass
+class StepLosses:
+    total: torch.Tensor   # what backward runs on
+    lm: float             # next-token cross-entropy (nats/token)
+    aux: float            # load-balancing loss (1.0 = balanced)
+
+
+def compute_loss(model: MoeForCausalLM, input_ids: torch.Tensor, num_tokens: torch.Tensor,
+                 aux_coef: float) -> StepLosses:
+    out = model.forward_train(input_ids)                                 # logits [B, S, V]
+    lm = lm_loss(out.logits, input_ids, num_tokens)
+    real = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            < num_tokens[:, None]).flatten()                             # [B*S]
+    aux = load_balance_loss(out.router_logits, real, model.config.top_k)
+    return StepLosses(lm + aux_coef * aux, lm.item(), aux.item())
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to cfg.lr, then cosine to cfg.min_lr_ratio * cfg.lr at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: MoeForCausalLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices only (not norms); the tied embedding is one parameter."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def prepare_samples(cache: Path, files, tokenizer_path: Path, data_cfg: DataConfig,
+                    max_samples: int | None = None) -> SampleTensors:
+    """Tokenize once; reuse ``cache`` while the tokenizer, data config and file set are unchanged."""
+    digest = hashlib.sha256(tokenizer_path.read_bytes())
+    digest.update(json.dumps([asdict(data_cfg), max_samples, sorted(f.rel_name for f in files)]).encode())
+    key = digest.hexdigest()
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] == key:
+            return SampleTensors(saved["input_ids"].long(), saved["num_tokens"].long(), saved["is_fim"])
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    samples = []
+    for sample in iter_training_samples(files, tokenizer, data_cfg):
+        samples.append(sample)
+        if max_samples is not None and len(samples) >= max_samples:
+            break
+    data = SampleTensors.from_samples(samples)
+    _atomic_save({"key": key, "input_ids": data.input_ids.int(), "num_tokens": data.num_tokens.int(),
+                  "is_fim": data.is_fim}, cache)
+    return data
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The row order of one epoch: a permutation seeded by (seed, epoch), independent of history."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_rows, generator=gen)
+
+
+def next_batch(data: SampleTensors, state: TrainState, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows at the data cursor (advancing it, across epochs); trailing all-pad columns dropped."""
+    rows: list[torch.Tensor] = []
+    need = cfg.batch_size
+    while need:
+        take = epoch_order(len(data), cfg.seed, state.epoch)[state.cursor:state.cursor + need]
+        rows.append(take)
+        need -= len(take)
+        state.cursor += len(take)
+        if state.cursor >= len(data):
+            state.epoch, state.cursor = state.epoch + 1, 0
+    idx = torch.cat(rows)
+    num_tokens = data.num_tokens[idx]                                   # [B]
+    return data.input_ids[idx, :int(num_tokens.max())], num_tokens     # [B, S'], [B]
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    """Write to a temporary file in the same directory, then rename: a crash leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer, state: TrainState,
+                    cfg: TrainConfig) -> None:
+    _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": asdict(state),
+                  "config": asdict(cfg), "torch_rng": torch.get_rng_state(),
+                  "python_rng": random.getstate()}, path)
+
+
+def load_checkpoint(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer) -> TrainState:
+    ckpt = torch.load(path, weights_only=False)  # our own file: holds Python RNG state
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    random.setstate(ckpt["python_rng"])
+    return TrainState(**ckpt["state"])
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How one invocation runs (not part of the recipe; may differ between resumes)."""
+
+    run_dir: Path
+    resume: bool = False
+    time_budget_s: float | None = None   # fix total_steps from probe steps so the run fits this
+    probe_steps: int = 5
+    checkpoint_every: int = 50
+    log_every: int = 10
+    eval_rows: int = 32                  # held-out rows scored at each log step (0 = none)
+    stop_after: int | None = None        # stop (checkpointed) at this step: tests interrupt runs here
+
+
+@torch.no_grad()
+def heldout_loss(model: MoeForCausalLM, data: SampleTensors, rows: int, batch: int = 8) -> float:
+    """Token-weighted mean next-token loss over the first ``rows`` held-out samples."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, min(rows, len(data)), batch):
+        ids, n = data.input_ids[start:start + batch], data.num_tokens[start:start + batch]
+        ids = ids[:, :int(n.max())].to(model.embed_tokens.weight.device)
+        tokens = int((n - 1).clamp(min=0).sum())
+        total += lm_loss(model(ids), ids, n.to(ids.device)).item() * tokens
+        count += tokens
+    model.train()
+    return total / max(count, 1)
+
+
+def train(cfg: TrainConfig, opts: RunOptions, data: SampleTensors, eos_id: int,
+          heldout: SampleTensors | None = None) -> tuple[MoeForCausalLM, TrainState, list[float]]:
+    """Train (or resume) in ``opts.run_dir``; returns the model, final state and each step's lm loss."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg, eos_id).to(device)
+    opt = make_optimizer(model, cfg)
+    ckpt_path = opts.run_dir / "checkpoint.pt"
+    state = TrainState(total_steps=cfg.max_steps)
+    if opts.resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, model, opt)
+    model.train()
+    losses: list[float] = []
+    started, probe_t0 = time.perf_counter(), None
+    log = (opts.run_dir / "log.jsonl").open("a")
+    while state.step < state.total_steps and state.step != opts.stop_after:
+        t0 = time.perf_counter()
+        ids, num_tokens = next_batch(data, state, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(state.step, cfg, state.total_steps)
+        step_losses = compute_loss(model, ids.to(device), num_tokens.to(device), cfg.aux_loss_coef)
+        opt.zero_grad(set_to_none=True)
+        step_losses.total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        state.step += 1
+        state.tokens_seen += int((num_tokens - 1).clamp(min=0).sum())
+        state.train_seconds += time.perf_counter() - t0
+        losses.append(step_losses.lm)
+        if opts.time_budget_s and state.step == 1:
+            probe_t0 = state.train_seconds  # the first step pays one-off costs: not probed
+        if opts.time_budget_s and state.step == opts.probe_steps + 1 and probe_t0 is not None:
+            per_step = (state.train_seconds - probe_t0) / opts.probe_steps
+            state.total_steps = state.step + int((opts.time_budget_s - state.train_seconds) / per_step)
+        if state.step % opts.log_every == 0 or state.step == state.total_steps:
+            record = {"step": state.step, "total_steps": state.total_steps, "lm": round(step_losses.lm, 4),
+                      "aux": round(step_losses.aux, 4), "grad_norm": round(grad_norm, 3),
+                      "lr": opt.param_groups[0]["lr"], "tokens": state.tokens_seen,
+                      "train_s": round(state.train_seconds, 1), "wall_s": round(time.perf_counter() - started, 1)}
+            if heldout is not None and opts.eval_rows:
+                record["heldout_lm"] = round(heldout_loss(model, heldout, opts.eval_rows), 4)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if state.step % opts.checkpoint_every == 0:
+            save_checkpoint(ckpt_path, model, opt, state, cfg)
+    save_checkpoint(ckpt_path, model, opt, state, cfg)
+    log.close()
+    return model, state, losses
+
+
+def export(model: MoeForCausalLM, out_dir: Path, tokenizer_dir: Path) -> Path:
+    """bf16 HF checkpoint (config.json + model.safetensors) with the tokenizer files beside it."""
+    save_model(model.cpu(), out_dir, dtype="bfloat16")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        src, dst = tokenizer_dir / name, out_dir / name
+        if src.is_file() and not dst.exists():
+            shutil.copyfile(src, dst)
+    return out_dir
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="checkpoint, log, sample cache")
+    parser.add_argument("--data-dir", type=Path, help="where the tokenized sample cache lives (default: run dir)")
+    parser.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR)
+    parser.add_argument("--export", type=Path, help="write the bf16 HF checkpoint here when done")
+    parser.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
+    parser.add_argument("--time-budget-min", type=float, help="fit the step count to this training time")
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    for field, default in asdict(TrainConfig()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=None,
+                            help=f"TrainConfig.{field} (default {default})")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from serve_app.train.corpus import load_split
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = args.run_dir / "checkpoint.pt"
+    overrides = {k: getattr(args, k) for k in asdict(TrainConfig()) if getattr(args, k) is not None}
+    if args.resume and ckpt.is_file():  # the recipe of a resumed run is the checkpoint's
+        cfg = TrainConfig(**torch.load(ckpt, weights_only=False)["config"])
+    else:
+        cfg = replace(TrainConfig(), **overrides)
+    tok_path = args.tokenizer_dir / "tokenizer.json"
+    eos_id = Tokenizer.from_file(str(tok_path)).token_to_id(EOS)
+    data_cfg = DataConfig(max_len=cfg.max_len, fim_rate=cfg.fim_rate, seed=cfg.seed)
+    split = load_split()
+    data_dir = args.data_dir or args.run_dir
+    t0 = time.perf_counter()
+    data = prepare_samples(data_dir / "train_samples.pt", split.train, tok_path, data_cfg)
+    heldout = prepare_samples(data_dir / "heldout_samples.pt", split.heldout, tok_path, data_cfg, max_samples=256)
+    print(f"samples: train {len(data)} heldout {len(heldout)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    opts = RunOptions(args.run_dir, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                      log_every=args.log_every,
+                      time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
+    model, state, _ = train(cfg, opts, data, eos_id, heldout)
+    summary = {"config": asdict(cfg), "params": count_params(model), "state": asdict(state),
+               "train_samples": len(data), "train_tokens_available": int(data.num_tokens.sum()),
+               "heldout_lm": heldout_loss(model, heldout, len(heldout))}
+    (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary), flush=True)
+    if args.export:
+        export(model, args.export, args.tokenizer_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The training loop of the default model: loss goes down, resume is exact, padding is ignored,
+the export loads with the serving loader and gives the same logits."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from serve_app.model import load_model
+from serve_app.train.train import (RunOptions, SampleTensors, TrainConfig, build_model, compute_loss, export,
+                                   lm_loss, load_balance_loss, lr_at, next_batch, TrainState, train)
+
+EOS = 1
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    cfg = TrainConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+                      top_k=2, moe_intermediate_size=32, max_len=16, batch_size=4, lr=1e-2, warmup_steps=3,
+                      max_steps=30, seed=0)
+    return replace(cfg, **overrides)
+
+
+def synthetic_samples(num_rows: int = 6, max_len: int = 16, vocab: int = 64) -> SampleTensors:
+    """Counting sequences (easy to learn); every other row is half padding, like a FIM sample."""
+    ids, lengths = [], []
+    for row in range(num_rows):
+        start = 2 + 7 * row
+        ids.append([2 + (start + i) % (vocab - 2) for i in range(max_len)])
+        lengths.append(max_len if row % 2 == 0 else max_len // 2)
+    input_ids = torch.tensor(ids)
+    num_tokens = torch.tensor(lengths)
+    pad = torch.arange(max_len)[None, :] >= num_tokens[:, None]
+    input_ids[pad] = EOS
+    return SampleTensors(input_ids, num_tokens, num_tokens < max_len)
+
+
+def run(cfg: TrainConfig, tmp_path, name: str, **opts):
+    options = RunOptions(tmp_path / name, checkpoint_every=opts.pop("checkpoint_every", 4), log_every=1,
+                         eval_rows=0, **opts)
+    options.run_dir.mkdir(exist_ok=True)
+    return train(cfg, options, synthetic_samples(), EOS)
+
+
+def test_loss_goes_down_on_a_few_synthetic_samples(tmp_path):
+    _, state, losses = run(tiny_config(max_steps=20), tmp_path, "a")
+    assert state.step == 20 and len(losses) == 20
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    assert losses[0] == pytest.approx(math.log(64), rel=0.1)  # initialisation predicts ~uniformly
+
+
+def test_resume_from_checkpoint_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    cfg = tiny_config(max_steps=8)
+    straight, straight_state, straight_losses = run(cfg, tmp_path, "straight")
+    _, half_state, first_half = run(cfg, tmp_path, "resumed", stop_after=5, checkpoint_every=100)
+    assert half_state.step == 5
+    resumed, resumed_state, second_half = run(cfg, tmp_path, "resumed", resume=True)
+    assert first_half + second_half == straight_losses  # the same loss at every step k
+    assert resumed_state == straight_state or (
+        resumed_state.step, resumed_state.epoch, resumed_state.cursor, resumed_state.tokens_seen
+    ) == (straight_state.step, straight_state.epoch, straight_state.cursor, straight_state.tokens_seen)
+    assert straight_state.epoch >= 1  # 8 steps of 4 rows over 6 rows: the cursor crossed epochs
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_pad_positions_do_not_contribute_to_the_loss():
+    cfg = tiny_config()
+    model = build_model(cfg, EOS)
+    data = synthetic_samples()
+    ids, num_tokens = data.input_ids[1:3], data.num_tokens[1:3]     # row 1 is half padding
+    scrambled = ids.clone()
+    pad = torch.arange(ids.shape[1])[None, :] >= num_tokens[:, None]
+    scrambled[pad] = torch.randint(2, 64, (int(pad.sum()),))
+    a = compute_loss(model, ids, num_tokens, cfg.aux_loss_coef)
+    b = compute_loss(model, scrambled, num_tokens, cfg.aux_loss_coef)
+    assert a.lm == pytest.approx(b.lm, abs=1e-6) and a.aux == pytest.approx(b.aux, abs=1e-6)
+    # and the lm loss is exactly the mean over real targets
+    logits = model(ids)
+    manual = torch.cat([torch.nn.functional.cross_entropy(logits[r, :n - 1], ids[r, 1:n], reduction="none")
+                        for r, n in enumerate(num_tokens.tolist())]).mean()
+    assert lm_loss(logits, ids, num_tokens).item() == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_load_balance_loss_is_one_when_balanced_and_larger_when_collapsed():
+    real = torch.ones(8, dtype=torch.bool)
+    balanced = torch.eye(4).repeat(2, 1) * 5.0                      # each expert top-1 for 2 tokens
+    collapsed = torch.tensor([[9.0, 8.0, 0.0, 0.0]]).repeat(8, 1)
+    assert load_balance_loss([balanced], real, top_k=1).item() == pytest.approx(1.0, rel=0.05)
+    assert load_balance_loss([collapsed], real, top_k=2).item() > 1.8
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = tiny_config(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_at(s, cfg, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(20, cfg, 20) == pytest.approx(0.1)
+    assert lr_at(12, cfg, 20) == pytest.approx(0.55)
+
+
+def test_data_cursor_wraps_into_a_new_epoch_with_a_new_order():
+    cfg = tiny_config(batch_size=4)
+    data, state = synthetic_samples(), TrainState()
+    next_batch(data, state, cfg)
+    ids, _ = next_batch(data, state, cfg)                           # 2 rows of epoch 0, 2 of epoch 1
+    assert (state.epoch, state.cursor) == (1, 2) and ids.shape[0] == 4
+
+
+def test_export_loads_with_load_model_and_gives_the_same_logits(tmp_path):
+    cfg = tiny_config()
+    model = build_model(cfg, EOS)
+    ids = synthetic_samples().input_ids[:2]
+    with torch.no_grad():
+        expected = model(ids)                                       # [B, S, V]
+        export(model, tmp_path / "out", tmp_path / "no_tokenizer")
+        loaded = load_model(tmp_path / "out", dtype=torch.float32)
+        got = loaded(ids)
+        for p in model.parameters():                                # the same model, weights rounded as exported
+            p.copy_(p.to(torch.bfloat16).float())
+        rounded = model(ids)
+    assert got.shape == (2, 16, 64)
+    assert loaded.config.eos_token_ids == (EOS,) and loaded.config.tie_word_embeddings
+    torch.testing.assert_close(got, rounded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
