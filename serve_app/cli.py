@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -24,6 +25,21 @@ def direct_ingress_env(port: int) -> dict[str, str]:
         # No external load balancer locally: nothing to wait for when draining on shutdown.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
     }
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_serve(host: str) -> None:
+    """Start Serve for direct ingress. With direct ingress on, Ray still runs a fallback HTTP proxy
+    on the head node at http_options.port; it gets a free port of its own so that the public port
+    (the direct-ingress range, see direct_ingress_env) stays the Ingress replica's."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": free_port(host)})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        start_serve(config.host)
         serve.run(build_app(config), name="moe-serve", route_prefix="/", blocking=False)
         url = f"http://{config.host}:{config.port}"
         wait_healthy(url)

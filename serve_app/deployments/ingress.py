@@ -12,11 +12,13 @@ from typing import AsyncIterator
 from ray import serve
 from ray.exceptions import RayError
 
-from serve_app.api.app import ApiSettings, create_app
+from serve_app.api.app import create_app
 from serve_app.api.errors import BackendUnavailableError
+from serve_app.api.settings import ApiSettings
 from serve_app.config import AppConfig
 from serve_app.engine import EngineError, EngineStepError, RequestOutput, SamplingParams
 from serve_app.engine.sampling_params import SamplingParamsError
+from serve_app.model import ModelConfig
 from serve_app.tokenizer import CodeTokenizer
 
 # Errors the engine raises about the request itself or about load; passed through unchanged.
@@ -70,8 +72,10 @@ class RouterClient:
 class Ingress:
     def __init__(self, router, config: AppConfig):
         self.client = RouterClient(router)
+        positions = ModelConfig.from_dir(config.model).max_position_embeddings
         self.settings = ApiSettings(
-            model_name=config.model_name, tokenizer=CodeTokenizer.from_dir(config.model),
+            served_model_name=config.model_name, tokenizer=CodeTokenizer.from_dir(config.model),
+            max_model_len=min(config.engine_config().max_model_len or positions, positions),
             api_keys=config.api_keys, max_body_bytes=config.max_body_bytes,
             request_timeout_s=config.request_timeout_s)
 

@@ -14,9 +14,11 @@ def ray_cluster():
     import ray
     from ray import serve
 
+    from serve_app.cli import start_serve
+
     # Fractional CPU asks let router, ingress and several shards share 2 real cores.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": int(os.environ["MOE_SERVE_TEST_PORT"])})
+    start_serve("127.0.0.1")
     yield ray
     serve.shutdown()
     ray.shutdown()
