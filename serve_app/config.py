@@ -66,6 +66,9 @@ class AppConfig(BaseModel):
         None, description="explicit layout {'0': [experts], ..., 'local': [...]}; default round-robin")
     shard_num_gpus: float | Literal["auto"] = Field(
         "auto", description="GPUs per shard replica; 'auto' = 1 when the cluster has GPUs, else 0")
+    shard_resources: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources per shard replica (e.g. {'expert_slot': 1} "
+        "with one slot per worker node spreads shards one per node)")
     dispatch_timeout_s: float = Field(10.0, gt=0, description="a shard call slower than this fails the step (503)")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")

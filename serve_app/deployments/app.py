@@ -39,6 +39,8 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
     gpus = _shard_gpus(config)
     # CPU shards ask for a fraction of a CPU: on a laptop the whole graph must fit on 2 cores.
     shard_resources = {"num_gpus": gpus} if gpus else {"num_cpus": 0.1}
+    if config.shard_resources:
+        shard_resources["resources"] = dict(config.shard_resources)
     shards = [ExpertShard.options(name=f"ExpertShard{spec.index}", ray_actor_options=shard_resources)
               .bind(config.model, spec, config.dtype) for spec in plan.shards]
     router = Router.options(ray_actor_options={"num_cpus": 0.1}).bind(
