@@ -1,0 +1,71 @@
+"""Reading a request body safely: size limit first, then UTF-8, then JSON, then a JSON object.
+
+Why not FastAPI's body parameters: they read the whole body before any limit applies and answer
+422 in their own shape. Here a `Content-Length` over the limit is refused before a byte is read,
+and a body that lies about its length (or is chunked) is cut off as soon as it passes the limit,
+so a client cannot make a replica buffer gigabytes. Parsing errors are 400 in OpenAI's shape.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+
+from serve_app.api.errors import ApiError, bad_request
+
+# What we accept as JSON. No Content-Type at all is accepted too: curl users forget it, and the
+# body is still parsed as JSON; an explicit other type is almost always a client bug (form posts).
+_JSON_TYPES = ("application/json",)
+
+
+async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    _check_content_type(request.headers.get("content-type"))
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad_request(f"invalid Content-Length header {declared[:40]!r}", code="invalid_header")
+        if int(declared) > max_bytes:
+            raise _too_large(int(declared), max_bytes)
+    raw = await _read_limited(request, max_bytes)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding") from exc
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                          code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got a JSON {type(body).__name__}",
+                          code="invalid_json")
+    return body
+
+
+def _check_content_type(content_type: str | None) -> None:
+    if content_type is None:
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type not in _JSON_TYPES and not media_type.endswith("+json"):
+        raise ApiError(415, f"Content-Type must be application/json, got {content_type[:60]!r}",
+                       code="unsupported_media_type")
+
+
+async def _read_limited(request: Request, max_bytes: int) -> bytes:
+    buf = bytearray()
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise _too_large(len(buf), max_bytes, at_least=True)
+    except ClientDisconnect as exc:
+        # Nobody will read this answer; it only ends the request cleanly.
+        raise bad_request("the client disconnected while sending the body", code="client_disconnected") from exc
+    return bytes(buf)
+
+
+def _too_large(size: int, limit: int, at_least: bool = False) -> ApiError:
+    size_text = f"at least {size}" if at_least else str(size)
+    return ApiError(413, f"the request body is {size_text} bytes; the limit is {limit} bytes",
+                    code="request_too_large")

@@ -1,0 +1,163 @@
+"""Request body → what the engine runs: prompt token ids and `SamplingParams` (DESIGN §2.1).
+
+Everything that can be refused without the engine is refused here, with the field the client sent
+named in `param`: unknown model, empty prompt, unsupported combinations, and a prompt or
+max_tokens that does not fit the context. The engine checks context length too, but its error
+cannot say which field was at fault; here we know the token count and say it.
+
+Tokenizing a long prompt takes milliseconds of CPU; above `_OFFLOAD_CHARS` it runs in a worker
+thread so other requests' streams keep flowing meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from serve_app.api.errors import ApiError, bad_request
+from serve_app.api.protocol import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest,
+                                    CompletionRequest, FimRequest, Precision)
+from serve_app.api.settings import ApiSettings
+from serve_app.engine import SamplingParams, SamplingParamsError
+from serve_app.tokenizer import ChatMessage, PromptError
+
+_OFFLOAD_CHARS = 16_384
+
+Kind = Literal["completion", "chat", "fim"]
+_ID_PREFIX = {"completion": "cmpl-", "chat": "chatcmpl-", "fim": "fim-"}
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    kind: Kind                          # which response shape to render
+    request_id: str                     # the response id, also the engine's request id
+    created: int                        # unix seconds, echoed in every chunk
+    model: str                          # served model name, echoed
+    precision: Precision                # echoed; tiers will act on it later
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool                 # streaming: send a final usage chunk
+    # Engine field → the field this client sent, so errors raised later name the client's field
+    # (chat's max_completion_tokens / top_logprobs).
+    param_aliases: dict[str, str] = field(default_factory=dict)
+
+
+def check_model(model: str | None, settings: ApiSettings) -> str:
+    if model is not None and model != settings.served_model_name:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                            f"{settings.served_model_name!r}", param="model", code="model_not_found")
+    return settings.served_model_name
+
+
+async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> PreparedRequest:
+    model = check_model(req.model, settings)
+    _check_stream_options(req.stream, req.stream_options is not None)
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request(f"best_of={req.best_of} is not supported; only best_of == n ({req.n})", "best_of")
+    prompt_param = "prompt"
+    tok = settings.tokenizer
+    if req.suffix is not None:
+        if not isinstance(req.prompt, str):
+            raise bad_request("suffix (fill-in-the-middle) needs a text prompt, not token ids", "suffix")
+        prompt_ids = await _tokenize(lambda: tok.build_fim_prompt_ids(req.prompt, req.suffix), "suffix",
+                                     len(req.prompt) + len(req.suffix))
+    elif isinstance(req.prompt, str):
+        if not req.prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        prompt_ids = await _tokenize(lambda: tok.encode(req.prompt, add_special_tokens=True), "prompt",
+                                     len(req.prompt))
+    else:
+        if not req.prompt:
+            raise bad_request("prompt must not be an empty list of token ids", "prompt")
+        prompt_ids = list(req.prompt)
+    max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    params = _sampling_params({}, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, n=req.n, stop=req.stop, seed=req.seed, logprobs=req.logprobs)
+    _check_context(len(prompt_ids), params.max_tokens, settings, prompt_param, "max_tokens")
+    return PreparedRequest("completion", _new_id("completion"), int(time.time()), model, req.precision,
+                           prompt_ids, params, req.stream, _include_usage(req))
+
+
+async def prepare_chat(req: ChatCompletionRequest, settings: ApiSettings) -> PreparedRequest:
+    model = check_model(req.model, settings)
+    _check_stream_options(req.stream, req.stream_options is not None)
+    aliases: dict[str, str] = {}
+    max_tokens = req.max_tokens
+    if req.max_completion_tokens is not None:
+        if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
+            raise bad_request(f"max_tokens ({req.max_tokens}) and max_completion_tokens "
+                              f"({req.max_completion_tokens}) disagree; send one", "max_completion_tokens")
+        max_tokens, aliases["max_tokens"] = req.max_completion_tokens, "max_completion_tokens"
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if req.top_logprobs is not None:
+        aliases["logprobs"] = "top_logprobs"
+    # "developer" is OpenAI's newer name for the system role; chat templates know only "system".
+    messages = [ChatMessage("system" if m.role == "developer" else m.role, m.content) for m in req.messages]
+    tok = settings.tokenizer
+    prompt_ids = await _tokenize(lambda: tok.build_chat_prompt_ids(messages), "messages",
+                                 sum(len(m.content) for m in messages))
+    if max_tokens is None:              # what the context leaves, capped (see DEFAULT_CHAT_MAX_TOKENS)
+        max_tokens = max(1, min(DEFAULT_CHAT_MAX_TOKENS, settings.max_model_len - len(prompt_ids)))
+    params = _sampling_params(aliases, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, n=req.n, stop=req.stop, seed=req.seed, logprobs=logprobs)
+    _check_context(len(prompt_ids), params.max_tokens, settings, "messages", aliases.get("max_tokens", "max_tokens"))
+    return PreparedRequest("chat", _new_id("chat"), int(time.time()), model, req.precision, prompt_ids, params,
+                           req.stream, _include_usage(req), aliases)
+
+
+async def prepare_fim(req: FimRequest, settings: ApiSettings) -> PreparedRequest:
+    model = check_model(req.model, settings)
+    tok = settings.tokenizer
+    prompt_ids = await _tokenize(lambda: tok.build_fim_prompt_ids(req.prefix, req.suffix), "prefix",
+                                 len(req.prefix) + len(req.suffix))
+    max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    params = _sampling_params({}, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, n=1, stop=req.stop, seed=req.seed, logprobs=None)
+    _check_context(len(prompt_ids), params.max_tokens, settings, "prefix", "max_tokens")
+    return PreparedRequest("fim", _new_id("fim"), int(time.time()), model, req.precision, prompt_ids, params,
+                           req.stream, include_usage=False)   # its last chunk carries usage instead
+
+
+def _new_id(kind: Kind) -> str:
+    return _ID_PREFIX[kind] + uuid.uuid4().hex
+
+
+def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
+    return req.stream_options is not None and req.stream_options.include_usage
+
+
+def _check_stream_options(stream: bool, has_options: bool) -> None:
+    if has_options and not stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+
+async def _tokenize(build: Callable[[], list[int]], param: str, num_chars: int) -> list[int]:
+    try:
+        return await asyncio.to_thread(build) if num_chars > _OFFLOAD_CHARS else build()
+    except PromptError as exc:
+        raise bad_request(str(exc), param, "invalid_prompt") from exc
+
+
+def _sampling_params(aliases: dict[str, str], **values) -> SamplingParams:
+    try:
+        return SamplingParams(**values)
+    except SamplingParamsError as exc:
+        raise bad_request(str(exc), aliases.get(exc.param, exc.param), "invalid_value") from exc
+
+
+def _check_context(num_prompt: int, max_tokens: int, settings: ApiSettings, prompt_param: str,
+                   max_tokens_param: str) -> None:
+    limit = settings.max_model_len
+    if num_prompt >= limit:
+        raise bad_request(f"this model's maximum context length is {limit} tokens and the prompt has "
+                          f"{num_prompt}, leaving no room to generate", prompt_param, "context_length_exceeded")
+    if num_prompt + max_tokens > limit:
+        raise bad_request(f"this model's maximum context length is {limit} tokens; the request needs "
+                          f"{num_prompt} prompt + {max_tokens_param}={max_tokens} = {num_prompt + max_tokens}; "
+                          f"lower {max_tokens_param} to at most {limit - num_prompt}",
+                          max_tokens_param, "context_length_exceeded")

@@ -1,0 +1,34 @@
+"""What the HTTP layer is configured with; built once by whoever creates the app (tests, deployments)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve_app.tokenizer import CodeTokenizer
+
+# 1 MiB of JSON is ~250k tokens of code, far beyond any context we serve; larger bodies are refused
+# before they are read into memory or parsed.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+# A completion that has not finished in 5 minutes is stuck or abusive; it is aborted so its KV
+# blocks go back to the pool. Inline completions finish in well under a second.
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    served_model_name: str              # the only `model` value requests may name
+    tokenizer: CodeTokenizer            # prompts are tokenized here, at the ingress (DESIGN §2.1)
+    max_model_len: int                  # prompt + max_tokens must fit; checked before the engine sees it
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    api_keys: tuple[str, ...] = ()      # empty: no authentication (local use)
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            raise ValueError("ApiSettings.served_model_name must be non-empty")
+        for name in ("max_model_len", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ApiSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"ApiSettings.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if isinstance(self.api_keys, str) or any(not isinstance(k, str) or not k for k in self.api_keys):
+            raise ValueError("ApiSettings.api_keys must be a tuple of non-empty strings")
