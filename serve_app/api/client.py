@@ -57,8 +57,5 @@ class LocalEngineClient:
         self._raise_if_down()
 
     def _raise_if_down(self) -> None:
-        # AsyncEngine has no public liveness flag yet; its loop thread is the ground truth.
-        thread = getattr(self.engine, "_thread", None)
-        stopped = getattr(self.engine, "_stop", False)
-        if stopped or thread is None or not thread.is_alive():
+        if not self.engine.alive:
             raise BackendUnavailableError("the engine loop is not running", self.retry_after_s)

@@ -21,7 +21,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from serve_app.engine import EngineOverloadedError, RequestRejectedError, SamplingParamsError
+from serve_app.engine import (EngineOverloadedError, EngineStepError, EngineStoppedError, RequestRejectedError,
+                              SamplingParamsError)
 from serve_app.tokenizer import PromptError
 
 log = logging.getLogger(__name__)
@@ -112,28 +113,18 @@ def from_exception(exc: BaseException, aliases: dict[str, str] | None = None) ->
     if isinstance(exc, SamplingParamsError):
         return bad_request(str(exc), aliases.get(exc.param, exc.param), "invalid_value")
     if isinstance(exc, RequestRejectedError):
-        return bad_request(str(exc), _rejected_param(str(exc)), "request_rejected")
+        return bad_request(str(exc), exc.param, "request_rejected")
     if isinstance(exc, PromptError):
         return bad_request(str(exc), None, "invalid_prompt")
     if isinstance(exc, EngineOverloadedError):
         return ApiError(429, f"the server is overloaded, retry later: {exc}", type="rate_limit_error",
                         code="engine_overloaded", headers=retry_after_header(exc.retry_after_s))
+    if isinstance(exc, (EngineStepError, EngineStoppedError)):
+        exc = BackendUnavailableError(str(exc))
     if isinstance(exc, BackendUnavailableError):
         return ApiError(503, f"the model backend is unavailable, retry later: {exc}", type="server_error",
                         code="backend_unavailable", headers=retry_after_header(exc.retry_after_s))
     return internal_error(exc)
-
-
-def _rejected_param(message: str) -> str | None:
-    """The field a RequestRejectedError is about. The engine error carries no field name, so this
-    reads its message; the API pre-checks context length itself, so the usual case is exact anyway."""
-    if message.startswith(("prompt token id", "the prompt is empty")):
-        return "prompt"
-    if "max_tokens" in message:
-        return "max_tokens"
-    if message.startswith("stop strings"):
-        return "stop"
-    return None
 
 
 def internal_error(exc: BaseException) -> ApiError:

@@ -26,6 +26,10 @@ class EngineStepError(EngineError):
     """The engine failed while this request was in flight; the request was aborted."""
 
 
+class EngineStoppedError(EngineError):
+    """The engine loop is not running (shut down or crashed); nothing would ever step a new request."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -43,11 +47,11 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, tag: str = "") -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they happen. Admission errors raise before the first item;
         leaving the iteration early (client gone, task cancelled) aborts the request."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        await asyncio.to_thread(self._add, request_id, prompt_token_ids, params, stream)
+        await asyncio.to_thread(self._add, request_id, prompt_token_ids, params, tag, stream)
         finished = False
         try:
             while not finished:
@@ -80,16 +84,20 @@ class AsyncEngine:
 
     # ---- engine thread side --------------------------------------------------------------------
 
-    def _add(self, request_id, prompt_token_ids, params, stream: _Stream) -> None:
+    def _add(self, request_id, prompt_token_ids, params, tag: str, stream: _Stream) -> None:
+        if not self.alive:
+            raise EngineStoppedError("the engine loop is not running")
         with self._lock:
-            self.core.add_request(request_id, prompt_token_ids, params)
+            self.core.add_request(request_id, prompt_token_ids, params, tag)
             self._streams[request_id] = stream
         self._wake.set()
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
+            final = self.core.abort(request_id)
+            if final is not None:               # a reader still waiting gets the aborted output, not silence
+                self._deliver(request_id, final)
             self._streams.pop(request_id, None)
-            self.core.abort(request_id)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)

@@ -22,13 +22,19 @@ from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler, SchedulerOutput
 from serve_app.engine.sequence import (CompletionOutput, EngineOverloadedError, FinishReason, Request,
                                        RequestOutput, RequestRejectedError, Sequence)
+from serve_app.engine.stats import EngineObserver, StepStats, TokenTiming
 from serve_app.engine.stop import StopChecker
 from serve_app.model import MoeForCausalLM
 
 
 class EngineCore:
-    def __init__(self, model: MoeForCausalLM, cfg: EngineConfig = EngineConfig(), tokenizer=None):
-        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+    def __init__(self, model: MoeForCausalLM, cfg: EngineConfig = EngineConfig(), tokenizer=None,
+                 observer: EngineObserver | None = None):
+        self.model, self.cfg, self.tokenizer, self.observer = model, cfg, tokenizer, observer
+        self._timings: list[TokenTiming] = []
+        self._prefix_seen = (0, 0)          # (queries, hits) already reported
+        if observer is not None:
+            model.track_expert_load(True)
         self.max_model_len = min(cfg.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -42,10 +48,12 @@ class EngineCore:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    tag: str = "") -> None:
+        """Queue a request; `tag` is opaque to the engine and only labels its timings for observers."""
         self._validate(request_id, prompt_token_ids, params)
         self._admit_or_raise(len(prompt_token_ids))
-        req = Request(request_id, list(prompt_token_ids), params)
+        req = Request(request_id, list(prompt_token_ids), params, tag=tag)
         req.sequences.append(self._new_sequence(req, 0, list(prompt_token_ids)))
         self.requests[request_id] = req
         self.scheduler.add(req.sequences[0])
@@ -70,21 +78,22 @@ class EngineCore:
         if request_id in self.requests:
             raise RequestRejectedError(f"request id {request_id!r} is already in use")
         if not prompt:
-            raise RequestRejectedError("the prompt is empty: at least one token is needed")
+            raise RequestRejectedError("the prompt is empty: at least one token is needed", "prompt")
         vocab = self.model.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise RequestRejectedError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            raise RequestRejectedError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise RequestRejectedError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
-                f"{len(prompt)} prompt + {params.max_tokens} max_tokens = {total}")
+                f"{len(prompt)} prompt + {params.max_tokens} max_tokens = {total}", "max_tokens")
         capacity = self.cfg.num_kv_blocks * self.cfg.block_size
         if total > capacity:
-            raise RequestRejectedError(f"the request needs {total} tokens of KV cache; the engine has {capacity}")
+            raise RequestRejectedError(f"the request needs {total} tokens of KV cache; the engine has {capacity}",
+                                       "max_tokens")
         if params.stop and self.tokenizer is None:
-            raise RequestRejectedError("stop strings need a tokenizer; this engine works on token ids only")
+            raise RequestRejectedError("stop strings need a tokenizer; this engine works on token ids only", "stop")
 
     def _admit_or_raise(self, num_prompt_tokens: int) -> None:
         waiting = self.scheduler.waiting
@@ -114,6 +123,7 @@ class EngineCore:
         if batch.empty:
             return []
         self.num_steps += 1
+        started = time.perf_counter()
         now = time.monotonic()
         logits = self.runner.execute(batch, self.blocks)                  # [N, V]
         samplers: list[Sequence] = []
@@ -125,7 +135,23 @@ class EngineCore:
             if item.samples:
                 samplers.append(seq)
         touched = self._sample_and_update(samplers, logits) if samplers else []
-        return [self._output(req) for req in touched]
+        outputs = [self._output(req) for req in touched]
+        if self.observer is not None:
+            self.observer.on_step(self._step_stats(batch, time.perf_counter() - started, outputs))
+        return outputs
+
+    def _step_stats(self, batch: SchedulerOutput, duration_s: float, outputs: list[RequestOutput]) -> StepStats:
+        prefix = self.blocks.prefix_cache_stats
+        queries, hits = prefix.queries - self._prefix_seen[0], prefix.hits - self._prefix_seen[1]
+        self._prefix_seen = (prefix.queries, prefix.hits)
+        load = self.model.expert_load
+        expert_tokens = load.clone().cpu() if load is not None else None
+        if load is not None:
+            load.zero_()
+        timings, self._timings = self._timings, []
+        return StepStats(duration_s, len(batch.scheduled), batch.num_batched_tokens, len(self.scheduler.running),
+                         len(self.scheduler.waiting), self.blocks.num_used_blocks, self.cfg.num_kv_blocks,
+                         queries, hits, timings, [o for o in outputs if o.finished], expert_tokens)
 
     def _sample_and_update(self, seqs: list[Sequence], logits) -> list[Request]:
         # Rows to sample: one per sequence, except a request finishing its prompt with n > 1,
@@ -171,7 +197,13 @@ class EngineCore:
 
     def _append_token(self, seq: Sequence, token: int, lp) -> None:
         req = seq.request
-        req.times.first_token = req.times.first_token or time.monotonic()
+        now = time.monotonic()
+        if self.observer is not None:
+            first = req.times.first_token is None
+            since = req.times.arrival if first else (seq.last_token_time or req.times.first_token)
+            self._timings.append(TokenTiming(req.tag, first, now - since))
+        req.times.first_token = req.times.first_token or now
+        seq.last_token_time = now
         seq.token_ids.append(token)
         if lp is not None:
             seq.logprobs.append(lp)
@@ -216,7 +248,7 @@ class EngineCore:
                 delta_text=seq.text[seq.emitted_chars:], delta_token_ids=gen[seq.emitted_tokens:]))
             seq.emitted_chars, seq.emitted_tokens = len(seq.text), len(gen)
         cached = req.sequences[0].num_cached_tokens
-        return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, cached, req.times)
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, cached, req.times, req.tag)
 
     def run_until_done(self, request_ids: Iterable[str] | None = None) -> dict[str, RequestOutput]:
         """Step until the given requests (default: all) finish; their final outputs by id."""

@@ -22,7 +22,12 @@ class EngineError(Exception):
 
 
 class RequestRejectedError(EngineError, ValueError):
-    """The request itself cannot be served (too long, empty, duplicate id): a client error."""
+    """The request itself cannot be served (too long, empty, duplicate id): a client error.
+    `param` names the request field at fault, when there is one."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class EngineOverloadedError(EngineError):
@@ -58,6 +63,7 @@ class Sequence:
     stop_reason: str | int | None = None         # the stop string or token id that ended it
     emitted_tokens: int = 0                      # output tokens already reported (for deltas)
     emitted_chars: int = 0                       # text chars already reported (for deltas)
+    last_token_time: float | None = None         # monotonic time of this sequence's latest token
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +94,7 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
     forked: bool = False                         # n>1: candidates 1..n-1 exist
+    tag: str = ""                                # opaque label for observers (e.g. the request's tier)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -120,3 +127,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int                       # prompt tokens served from the prefix cache
     times: RequestTimes
+    tag: str = ""                                # the request's tag (see Request.tag)

@@ -43,6 +43,7 @@ class StepContext:
     kv_cache: PagedKVCache | None = None
     collect_router_logits: bool = False            # training: keep each MoE layer's [T, E] logits
     router_logits: list[torch.Tensor] = field(default_factory=list)
+    expert_load: torch.Tensor | None = None        # [layers, E] running count of routed tokens (metrics)
 
 
 class Attention(nn.Module):
@@ -107,6 +108,8 @@ class MoeBlock(nn.Module):
         plan = self.plan(flat)
         if ctx.collect_router_logits:
             ctx.router_logits.append(plan.router_logits)
+        if ctx.expert_load is not None:
+            ctx.expert_load[self.layer] += torch.bincount(plan.topk_ids.flatten(), minlength=ctx.expert_load.shape[1])
         out = combine(plan, experts.run_experts(flat, plan), like=flat)  # [T, D]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
@@ -149,6 +152,13 @@ class MoeForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.local_experts = LocalExpertBackend(expert_keys, cfg.hidden_size, cfg.moe_intermediate_size)
         self.set_expert_backend(None)
+        # Tokens routed per (layer, expert) by forward_paged, for load metrics; None = not counted.
+        self.expert_load: torch.Tensor | None = None
+
+    def track_expert_load(self, enabled: bool = True) -> None:
+        device = self.embed_tokens.weight.device
+        self.expert_load = torch.zeros(self.config.num_layers, self.config.num_experts, dtype=torch.long,
+                                       device=device) if enabled else None
 
     def set_expert_backend(self, backend: ExpertBackend | None) -> None:
         """Route MoE layers to `backend` (None = the local experts). Not registered as a submodule:
@@ -180,7 +190,8 @@ class MoeForCausalLM(nn.Module):
                       logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """One engine step: flat input_ids [T] → logits [N, V] for the rows in logits_indices [N]
         (usually each sequence's last new token; all T when None)."""
-        hidden = self._hidden(input_ids, StepContext(meta.positions, meta, kv_cache))  # [T, D]
+        ctx = StepContext(meta.positions, meta, kv_cache, expert_load=self.expert_load)
+        hidden = self._hidden(input_ids, ctx)                        # [T, D]
         if logits_indices is not None:
             hidden = hidden.index_select(0, logits_indices)          # [N, D]
         return self.lm_head(hidden)                                  # [N, V]

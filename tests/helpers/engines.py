@@ -12,7 +12,8 @@ from tests.helpers.factories import build_tokenizer
 
 
 def build_model_dir(out_dir: str | Path, family: str = "mixtral", **overrides) -> Path:
-    ckpt = build_checkpoint(out_dir, family, **overrides)
+    # The test tokenizer's <|endoftext|> is id 0; transformers' default eos (2) would be <fim_suffix>.
+    ckpt = build_checkpoint(out_dir, family, **{"eos_token_id": 0, **overrides})
     build_tokenizer(out_dir)
     return ckpt.path
 

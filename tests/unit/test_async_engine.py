@@ -1,0 +1,81 @@
+"""The async front: streams, aborts from anywhere, a stopped engine, a failing step."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.engine import AsyncEngine, EngineStepError, EngineStoppedError
+from tests.helpers.engines import build_model_dir, create_engine, greedy
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("async"), "mixtral")
+
+
+def test_stream_deltas_add_up_to_the_final_output(model_dir):
+    engine = AsyncEngine(create_engine(model_dir))
+
+    async def run():
+        outs = [o async for o in engine.generate("a", [5, 6, 7, 8], greedy(10))]
+        return outs
+
+    outs = asyncio.run(run())
+    engine.shutdown()
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert sum((o.outputs[0].delta_token_ids for o in outs), []) == outs[-1].outputs[0].token_ids
+    assert "".join(o.outputs[0].delta_text for o in outs) == outs[-1].outputs[0].text
+
+
+def test_abort_from_elsewhere_ends_the_stream_with_finish_reason_abort(model_dir):
+    engine = AsyncEngine(create_engine(model_dir))
+
+    async def run():
+        stream = engine.generate("a", [5, 6, 7, 8], greedy(400))
+        first = await stream.__anext__()
+        await engine.abort("a")
+        rest = [o async for o in stream]
+        return first, rest
+
+    first, rest = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert not first.finished
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+    assert engine.snapshot(lambda core: core.blocks.num_used_blocks) == 0
+    engine.shutdown()
+
+
+def test_generate_on_a_stopped_engine_raises_instead_of_hanging(model_dir):
+    engine = AsyncEngine(create_engine(model_dir))
+    engine.shutdown()
+    assert not engine.alive
+
+    async def run():
+        return [o async for o in engine.generate("a", [5, 6], greedy(2))]
+
+    with pytest.raises(EngineStoppedError):
+        asyncio.run(asyncio.wait_for(run(), timeout=30))
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_goes_on(model_dir):
+    core = create_engine(model_dir)
+    engine = AsyncEngine(core)
+    real = core.runner.execute
+    calls = {"n": 0}
+
+    def flaky(batch, blocks):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("shard went away")
+        return real(batch, blocks)
+
+    core.runner.execute = flaky
+
+    async def run(rid):
+        return [o async for o in engine.generate(rid, [5, 6, 7], greedy(3))]
+
+    with pytest.raises(EngineStepError, match="shard went away"):
+        asyncio.run(asyncio.wait_for(run("a"), timeout=30))
+    assert asyncio.run(asyncio.wait_for(run("b"), timeout=30))[-1].finished
+    assert core.blocks.num_used_blocks == 0
+    engine.shutdown()
