@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "also MOE_SERVE_API_KEYS (comma-separated) and --api-key-file")
     p.add_argument("--api-key-file", help="file with one key per line")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--embedded", action="store_true",
+                   help="no Ray: engine and HTTP in this process, all experts local (serve_app/embedded.py)")
     return p.parse_args(argv)
 
 
@@ -85,8 +87,13 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.update(direct_ingress_env(args.port))
     config = app_config_from_args(args)
+    if args.embedded:
+        from serve_app.embedded import serve_embedded
+
+        serve_embedded(config)
+        return 0
+    os.environ.update(direct_ingress_env(args.port))
 
     import ray
     from ray import serve

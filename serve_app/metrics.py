@@ -61,7 +61,7 @@ DEFINITIONS = [
     MetricDef("moe_batch_tokens", "histogram", "Tokens per engine step", (), BATCH_BUCKETS),
     MetricDef("moe_expert_tokens_total", "counter", "Tokens routed to each (layer, expert)",
               ("layer", "expert")),
-    MetricDef("moe_dispatch_latency_seconds", "histogram", "Router → shard → router round trip per MoE layer",
+    MetricDef("moe_dispatch_latency_seconds", "histogram", "Router to shard and back, per shard per MoE layer",
               ("shard",), LATENCY_BUCKETS),
 ]
 BY_NAME = {d.name: d for d in DEFINITIONS}

@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
+import httpx
+import ray
 from ray import serve
 from ray.exceptions import RayError
 
 from serve_app.api.app import create_app
 from serve_app.api.errors import BackendUnavailableError
+from serve_app.api.observability import MetricsMiddleware, metrics_router
 from serve_app.api.settings import ApiSettings
 from serve_app.config import AppConfig
 from serve_app.engine import EngineError, EngineStepError, RequestOutput, SamplingParams
 from serve_app.engine.sampling_params import SamplingParamsError
+from serve_app.metrics import Metrics
 from serve_app.model import ModelConfig
 from serve_app.tokenizer import CodeTokenizer
 
@@ -80,4 +84,14 @@ class Ingress:
             request_timeout_s=config.request_timeout_s)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.client, self.settings)
+        app = create_app(self.client, self.settings, extra_routers=[metrics_router(self.node_metrics)])
+        app.add_middleware(MetricsMiddleware, metrics=Metrics("ray"))
+        return app
+
+    async def node_metrics(self) -> bytes:
+        """/metrics: this node's Ray metrics export (every replica's series on the node, `ray_` prefixed)."""
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        async with httpx.AsyncClient(timeout=5) as client:
+            resp = await client.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics")
+        return resp.content

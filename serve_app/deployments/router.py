@@ -10,6 +10,7 @@ from ray import serve
 
 from serve_app.config import EngineConfig
 from serve_app.engine import AsyncEngine, EngineCore, RequestOutput, SamplingParams
+from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import PartitionedBackend, load_model
 from serve_app.parallel.placement import PlacementPlan
 from serve_app.parallel.transport import ServeTransport
@@ -22,15 +23,18 @@ class Router:
     def __init__(self, model_dir: str, placement: PlacementPlan, engine_config: EngineConfig,
                  shards: list, dtype: str = "float32", dispatch_timeout_s: float = 10.0):
         model = load_model(model_dir, dtype=dtype, expert_ids=placement.local)
+        observer = EngineMetricsObserver(Metrics("ray"))
         if placement.num_shards:
-            transport = ServeTransport(shards, placement, timeout_s=dispatch_timeout_s)
+            transport = ServeTransport(shards, placement, timeout_s=dispatch_timeout_s,
+                                       on_dispatch=observer.on_dispatch)
             model.set_expert_backend(PartitionedBackend([model.local_experts, transport]))
         self.shards = shards
-        self.engine = AsyncEngine(EngineCore(model, engine_config, CodeTokenizer.from_dir(model_dir)))
+        core = EngineCore(model, engine_config, CodeTokenizer.from_dir(model_dir), observer=observer)
+        self.engine = AsyncEngine(core)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        async for out in self.engine.generate(request_id, prompt_token_ids, params):
+                       params: SamplingParams, tag: str = "") -> AsyncIterator[RequestOutput]:
+        async for out in self.engine.generate(request_id, prompt_token_ids, params, tag):
             yield out
 
     async def abort(self, request_id: str) -> None:

@@ -1,0 +1,52 @@
+"""Embedded mode: the same HTTP app over an in-process engine, no Ray (`moe-serve --embedded`).
+
+For one laptop and for measuring what Ray itself costs: everything runs in this process, all
+experts are local, and /metrics serves a `prometheus_client` registry with the same metric names
+as the Ray deployment (there they are scraped with Ray's `ray_` prefix).
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from serve_app.api.app import create_app
+from serve_app.api.client import LocalEngineClient
+from serve_app.api.observability import MetricsMiddleware, metrics_router
+from serve_app.api.settings import ApiSettings
+from serve_app.config import AppConfig
+from serve_app.engine import AsyncEngine, EngineCore
+from serve_app.metrics import EngineMetricsObserver, Metrics
+from serve_app.model import load_model
+from serve_app.tokenizer import CodeTokenizer
+
+
+def build_embedded_app(config: AppConfig) -> FastAPI:
+    metrics = Metrics("prometheus")
+    model = load_model(config.model, dtype=config.dtype)
+    tokenizer = CodeTokenizer.from_dir(config.model)
+    engine_config = config.engine_config()
+    core = EngineCore(model, engine_config, tokenizer, observer=EngineMetricsObserver(metrics))
+    engine = AsyncEngine(core)
+    settings = ApiSettings(served_model_name=config.model_name, tokenizer=tokenizer, max_model_len=core.max_model_len,
+                           max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
+                           request_timeout_s=config.request_timeout_s)
+
+    async def exposition() -> bytes:
+        return metrics.exposition()
+
+    app = create_app(LocalEngineClient(engine, engine_config.retry_after_s), settings,
+                     extra_routers=[metrics_router(exposition)])
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    return app
+
+
+def serve_embedded(config: AppConfig) -> None:
+    import uvicorn
+
+    app = build_embedded_app(config)
+    print(f"moe-serve (embedded): serving {config.model_name} at http://{config.host}:{config.port}/v1", flush=True)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    finally:
+        app.state.engine.shutdown()
