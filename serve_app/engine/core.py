@@ -33,13 +33,13 @@ class EngineCore:
         self.model, self.cfg, self.tokenizer, self.observer = model, cfg, tokenizer, observer
         self._timings: list[TokenTiming] = []
         self._prefix_seen = (0, 0)          # (queries, hits) already reported
-        if observer is not None:
-            model.track_expert_load(True)
         self.max_model_len = min(cfg.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks)
         self.runner = ModelRunner(model, cfg)
+        if observer is not None:
+            self.runner.track_expert_load()
         self.requests: dict[str, Request] = {}
         eos = tokenizer.stop_token_ids if tokenizer is not None else model.config.eos_token_ids
         self.eos_token_ids = frozenset(eos)
@@ -49,11 +49,15 @@ class EngineCore:
     # ---- requests ------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    tag: str = "") -> None:
-        """Queue a request; `tag` is opaque to the engine and only labels its timings for observers."""
+                    tag: str = "", precision: str = "full") -> None:
+        """Queue a request. `tag` is opaque to the engine and only labels its timings for observers;
+        `precision` picks the experts its rows use ("full", or a quantized copy the model holds)."""
         self._validate(request_id, prompt_token_ids, params)
+        if precision not in self.model.precisions:
+            raise RequestRejectedError(f"precision {precision!r} is not served here; available: "
+                                       f"{', '.join(self.model.precisions)}", "precision")
         self._admit_or_raise(len(prompt_token_ids))
-        req = Request(request_id, list(prompt_token_ids), params, tag=tag)
+        req = Request(request_id, list(prompt_token_ids), params, tag=tag, precision=precision)
         req.sequences.append(self._new_sequence(req, 0, list(prompt_token_ids)))
         self.requests[request_id] = req
         self.scheduler.add(req.sequences[0])
@@ -144,10 +148,7 @@ class EngineCore:
         prefix = self.blocks.prefix_cache_stats
         queries, hits = prefix.queries - self._prefix_seen[0], prefix.hits - self._prefix_seen[1]
         self._prefix_seen = (prefix.queries, prefix.hits)
-        load = self.model.expert_load
-        expert_tokens = load.clone().cpu() if load is not None else None
-        if load is not None:
-            load.zero_()
+        expert_tokens = self.runner.take_expert_load()
         timings, self._timings = self._timings, []
         return StepStats(duration_s, len(batch.scheduled), batch.num_batched_tokens, len(self.scheduler.running),
                          len(self.scheduler.waiting), self.blocks.num_used_blocks, self.cfg.num_kv_blocks,

@@ -21,6 +21,19 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.kv = model.new_kv_cache(cfg.num_kv_blocks, cfg.block_size)
         self.device = model.embed_tokens.weight.device
+        # Tokens routed per (layer, expert) since the last `take_expert_load`; None = not tracked.
+        self.expert_load: torch.Tensor | None = None
+
+    def track_expert_load(self) -> None:
+        cfg = self.model.config
+        self.expert_load = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long, device=self.device)
+
+    def take_expert_load(self) -> torch.Tensor | None:
+        if self.expert_load is None:
+            return None
+        load = self.expert_load.cpu().clone()      # .cpu() is a no-op on CPU: copy before zeroing
+        self.expert_load.zero_()
+        return load
 
     def copy_blocks(self, copies: list[BlockCopy]) -> None:
         self.kv.copy_blocks([c.src for c in copies], [c.dst for c in copies])
@@ -33,9 +46,11 @@ class ModelRunner:
         positions: list[list[int]] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
+        precisions: list[str] = []
         for item in batch.scheduled:
             end = item.start + item.num_new_tokens
             tokens.extend(item.seq.token_ids[item.start:end])
+            precisions += [item.seq.request.precision] * item.num_new_tokens
             positions.append(list(range(item.start, end)))
             tables.append(blocks.block_table(item.seq.seq_id))
             if item.samples:
@@ -43,4 +58,13 @@ class ModelRunner:
         meta = AttentionMetadata.build(positions, tables, self.block_size, self.device)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)               # [T]
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)                # [N]
-        return self.model.forward_paged(input_ids, meta, self.kv, rows).float()             # [N, V]
+        return self.model.forward_paged(input_ids, meta, self.kv, rows, self.expert_load,
+                                        self._row_precision(precisions)).float()             # [N, V]
+
+    def _row_precision(self, precisions: list[str]) -> list[tuple[str, torch.Tensor]] | None:
+        """Group the step's rows by precision; None when every row is full precision (the common case)."""
+        if all(p == "full" for p in precisions):
+            return None
+        codes = sorted(set(precisions))
+        per_row = torch.tensor([codes.index(p) for p in precisions], device=self.device)   # [T]
+        return [(p, per_row == i) for i, p in enumerate(codes)]

@@ -111,9 +111,10 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.blocks.cached_prefix_len(seq.token_ids)
+            salt = seq.request.cache_salt
+            cached = self.blocks.cached_prefix_len(seq.token_ids, salt)
             want = min(seq.num_tokens - cached, budget, self.cfg.long_prefill_chunk)
-            got = self.blocks.allocate(seq.seq_id, seq.token_ids, cached + want)
+            got = self.blocks.allocate(seq.seq_id, seq.token_ids, cached + want, cache_salt=salt)
             if got is None:
                 break                               # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()

@@ -95,6 +95,13 @@ class Request:
     times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
     forked: bool = False                         # n>1: candidates 1..n-1 exist
     tag: str = ""                                # opaque label for observers (e.g. the request's tier)
+    precision: str = "full"                      # which experts its rows use (see MoeForCausalLM.precisions)
+
+    @property
+    def cache_salt(self) -> str | None:
+        """KV computed with quantized experts differs from full-precision KV for the same tokens:
+        the prefix cache must never hand one to the other."""
+        return None if self.precision == "full" else self.precision
 
     @property
     def num_prompt_tokens(self) -> int:

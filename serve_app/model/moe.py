@@ -65,6 +65,17 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: boo
     return DispatchPlan(layer, x.shape[0], ids, weights, logits, assignments)
 
 
+def restrict_plan(plan: DispatchPlan, mask: torch.Tensor) -> DispatchPlan:
+    """The part of `plan` for the token rows where mask [T] is True (experts left with no rows drop out)."""
+    assignments = []
+    for a in plan.assignments:
+        keep = mask[a.rows]                                         # [R]
+        if bool(keep.any()):
+            assignments.append(ExpertAssignment(a.expert, a.rows[keep], a.weights[keep]))
+    return DispatchPlan(plan.layer, plan.num_tokens, plan.topk_ids, plan.topk_weights, plan.router_logits,
+                        assignments)
+
+
 def combine(plan: DispatchPlan, outputs: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Weighted sum of expert outputs back in token order; ascending expert order fixes the float sum."""
     out = torch.zeros_like(like)                                   # [T, D]
@@ -119,6 +130,24 @@ class LocalExpertBackend(nn.Module):
                 raise MissingExpertError(f"expert {a.expert} of layer {plan.layer} is not held by this backend")
             out[a.expert] = self.ffn[name](x.index_select(0, a.rows))
         return out
+
+
+class ExpertsByPrecision:
+    """The backends MoE layers use: `full` for full-precision rows (local experts, or shards), and
+    `reduced` quantized copies by name ("int8", "int4") held by the router for the fast path."""
+
+    def __init__(self, full: ExpertBackend):
+        self.full = full
+        self.reduced: dict[str, ExpertBackend] = {}
+
+    def get(self, precision: str) -> ExpertBackend:
+        if precision == "full":
+            return self.full
+        try:
+            return self.reduced[precision]
+        except KeyError:
+            raise MissingExpertError(f"no {precision!r} experts are loaded; have: full, "
+                                     f"{', '.join(sorted(self.reduced)) or 'nothing else'}") from None
 
 
 class PartitionedBackend:

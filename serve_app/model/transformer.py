@@ -19,7 +19,8 @@ from torch import nn
 from serve_app.model.attention import (AttentionMetadata, PagedKVCache, apply_rotary, causal_attention,
                                        paged_attention, rotary)
 from serve_app.model.config import ModelConfig
-from serve_app.model.moe import DispatchPlan, ExpertBackend, LocalExpertBackend, combine, route
+from serve_app.model.moe import (DispatchPlan, ExpertBackend, ExpertsByPrecision, LocalExpertBackend, combine,
+                                 restrict_plan, route)
 
 
 class RMSNorm(nn.Module):
@@ -44,6 +45,8 @@ class StepContext:
     collect_router_logits: bool = False            # training: keep each MoE layer's [T, E] logits
     router_logits: list[torch.Tensor] = field(default_factory=list)
     expert_load: torch.Tensor | None = None        # [layers, E] running count of routed tokens (metrics)
+    # Adaptive precision: (precision, token mask [T]) groups; None = every row at full precision.
+    row_precision: list[tuple[str, torch.Tensor]] | None = None
 
 
 class Attention(nn.Module):
@@ -103,14 +106,22 @@ class MoeBlock(nn.Module):
     def plan(self, x: torch.Tensor) -> DispatchPlan:
         return route(x, self.gate.weight, self.top_k, self.normalize, self.layer)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, experts: ExpertBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, experts: "ExpertsByPrecision") -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])                            # [T, D]
         plan = self.plan(flat)
         if ctx.collect_router_logits:
             ctx.router_logits.append(plan.router_logits)
         if ctx.expert_load is not None:
             ctx.expert_load[self.layer] += torch.bincount(plan.topk_ids.flatten(), minlength=ctx.expert_load.shape[1])
-        out = combine(plan, experts.run_experts(flat, plan), like=flat)  # [T, D]
+        if ctx.row_precision is None:
+            out = combine(plan, experts.full.run_experts(flat, plan), like=flat)   # [T, D]
+        else:
+            # Rows of different precisions are disjoint, so summing the per-group combines adds
+            # exact zeros: a row's result is the same as if its group ran alone.
+            out = torch.zeros_like(flat)
+            for precision, mask in ctx.row_precision:
+                sub = restrict_plan(plan, mask)
+                out += combine(sub, experts.get(precision).run_experts(flat, sub), like=flat)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view_as(x)
@@ -124,7 +135,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoeBlock(cfg, layer) if cfg.is_moe_layer(layer) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, experts: ExpertBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, experts: ExpertsByPrecision) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx, experts)
 
@@ -151,28 +162,31 @@ class MoeForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.local_experts = LocalExpertBackend(expert_keys, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.set_expert_backend(None)
-        # Tokens routed per (layer, expert) by forward_paged, for load metrics; None = not counted.
-        self.expert_load: torch.Tensor | None = None
+        # Not submodules: a remote backend's weights are not ours to save or move, and quantized
+        # copies are derived data.
+        object.__setattr__(self, "_backends", ExpertsByPrecision(self.local_experts))
 
-    def track_expert_load(self, enabled: bool = True) -> None:
-        device = self.embed_tokens.weight.device
-        self.expert_load = torch.zeros(self.config.num_layers, self.config.num_experts, dtype=torch.long,
-                                       device=device) if enabled else None
-
-    def set_expert_backend(self, backend: ExpertBackend | None) -> None:
-        """Route MoE layers to `backend` (None = the local experts). Not registered as a submodule:
-        a remote backend's weights are not ours to save or move."""
-        object.__setattr__(self, "_expert_backend", backend)
+    def set_expert_backend(self, backend: ExpertBackend | None, precision: str = "full") -> None:
+        """Where MoE layers send rows of `precision` (full: None = the local experts)."""
+        if precision == "full":
+            self._backends.full = backend if backend is not None else self.local_experts
+        elif backend is None:
+            self._backends.reduced.pop(precision, None)
+        else:
+            self._backends.reduced[precision] = backend
 
     @property
     def experts(self) -> ExpertBackend:
-        return self._expert_backend if self._expert_backend is not None else self.local_experts
+        return self._backends.full
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return ("full", *sorted(self._backends.reduced))
 
     def _hidden(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                             # [..., D]
         for layer in self.layers:
-            x = layer(x, ctx, self.experts)
+            x = layer(x, ctx, self._backends)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -187,10 +201,12 @@ class MoeForCausalLM(nn.Module):
         return TrainOutput(logits, ctx.router_logits)
 
     def forward_paged(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache,
-                      logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+                      logits_indices: torch.Tensor | None = None, expert_load: torch.Tensor | None = None,
+                      row_precision: list[tuple[str, torch.Tensor]] | None = None) -> torch.Tensor:
         """One engine step: flat input_ids [T] → logits [N, V] for the rows in logits_indices [N]
-        (usually each sequence's last new token; all T when None)."""
-        ctx = StepContext(meta.positions, meta, kv_cache, expert_load=self.expert_load)
+        (usually each sequence's last new token; all T when None). `expert_load` [layers, E] is
+        incremented with the tokens routed per expert; `row_precision` groups rows by precision."""
+        ctx = StepContext(meta.positions, meta, kv_cache, expert_load=expert_load, row_precision=row_precision)
         hidden = self._hidden(input_ids, ctx)                        # [T, D]
         if logits_indices is not None:
             hidden = hidden.index_select(0, logits_indices)          # [N, D]
