@@ -71,6 +71,12 @@ class AppConfig(BaseModel):
         "with one slot per worker node spreads shards one per node)")
     dispatch_timeout_s: float = Field(10.0, gt=0, description="a shard call slower than this fails the step (503)")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
+    quantized_precisions: tuple[Literal["int8", "int4"], ...] = Field(
+        ("int8", "int4"), description="quantized copies of all experts the router holds (the fast path); "
+        "empty = every request at full precision")
+    int4_group_size: Literal[32, 64, 128] = Field(64, description="INT4 quantization group along the input dim")
+    fast_lane_kv_fraction: float = Field(
+        0.5, gt=0, lt=1, description="share of the KV blocks for the fast (quantized) lane's engine")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is aborted")

@@ -144,16 +144,23 @@ class EngineMetricsObserver:
 
     def __init__(self, metrics: Metrics):
         self.m = metrics
+        self._gauges: dict[str, tuple[int, int, int, int]] = {}   # lane → running, waiting, kv used, kv total
 
-    def on_step(self, stats) -> None:
+    def lane(self, name: str) -> "_LaneObserver":
+        """An observer for one of several engines in a process (precision lanes): gauges are the
+        sum over lanes, everything else is recorded as is."""
+        return _LaneObserver(self, name)
+
+    def on_step(self, stats, lane: str = "") -> None:
         m = self.m
         m.observe("moe_step_seconds", stats.duration_s)
         m.observe("moe_batch_size", stats.num_seqs)
         m.observe("moe_batch_tokens", stats.num_tokens)
-        m.set("moe_requests_running", stats.num_running)
-        m.set("moe_requests_waiting", stats.num_waiting)
-        m.set("moe_kv_blocks_used", stats.kv_blocks_used)
-        m.set("moe_kv_blocks_total", stats.kv_blocks_total)
+        self._gauges[lane] = (stats.num_running, stats.num_waiting, stats.kv_blocks_used, stats.kv_blocks_total)
+        totals = [sum(g[i] for g in self._gauges.values()) for i in range(4)]
+        for name, value in zip(("moe_requests_running", "moe_requests_waiting", "moe_kv_blocks_used",
+                                "moe_kv_blocks_total"), totals):
+            m.set(name, value)
         m.inc("moe_prefix_cache_queries_total", stats.prefix_queries)
         m.inc("moe_prefix_cache_hits_total", stats.prefix_hits)
         for t in stats.token_timings:
@@ -175,3 +182,11 @@ class EngineMetricsObserver:
     def on_dispatch(self, record) -> None:
         """ServeTransport callback: one shard round trip (serve_app.parallel.transport.DispatchRecord)."""
         self.m.observe("moe_dispatch_latency_seconds", record.seconds, shard=record.shard)
+
+
+class _LaneObserver:
+    def __init__(self, parent: EngineMetricsObserver, lane: str):
+        self.parent, self.name = parent, lane
+
+    def on_step(self, stats) -> None:
+        self.parent.on_step(stats, lane=self.name)

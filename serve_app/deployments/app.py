@@ -44,5 +44,6 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
     shards = [ExpertShard.options(name=f"ExpertShard{spec.index}", ray_actor_options=shard_resources)
               .bind(config.model, spec, config.dtype) for spec in plan.shards]
     router = Router.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        config.model, plan, config.engine_config(), shards, config.dtype, config.dispatch_timeout_s)
+        config.model, plan, config.engine_config(), shards, config.dtype, config.dispatch_timeout_s,
+        tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction)
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(router, config)

@@ -1,9 +1,20 @@
-"""Router deployment: one replica = one engine (continuous batching, KV cache, dense layers and
-every MoE gate). Experts the placement keeps local run in-process; the rest are reached through
-the `serve` transport, one concurrent call per shard per MoE layer."""
+"""Router deployment: one replica = the engines (continuous batching, KV cache, dense layers and
+every MoE gate) and the routing of each token's rows to the experts the gate picked.
+
+Tiered placement (adaptive precision meets expert parallelism, DESIGN.md §3): the router holds
+quantized copies (INT8/INT4) of all experts, so simple and medium requests never leave this
+process; full-precision experts live on the ExpertShard deployments (and any the placement keeps
+local), so complex requests use expert parallelism.
+
+Two lanes, two engines over one model: the "fast" lane serves quantized requests, the "full" lane
+full-precision ones. A full-precision step waits on shard round trips in every MoE layer; in a
+shared batch every simple request would wait with it. Separate engine loops keep inline
+completions' latency independent of expert-parallel traffic (they only share the CPU/GPU).
+"""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import AsyncIterator
 
 from ray import serve
@@ -11,48 +22,74 @@ from ray import serve
 from serve_app.config import EngineConfig
 from serve_app.engine import AsyncEngine, EngineCore, RequestOutput, SamplingParams
 from serve_app.metrics import EngineMetricsObserver, Metrics
-from serve_app.model import PartitionedBackend, load_model
+from serve_app.model import PartitionedBackend, load_expert_weights, load_model
+from serve_app.model.quant import QuantizedExpertBackend
 from serve_app.parallel.placement import PlacementPlan
 from serve_app.parallel.transport import ServeTransport
 from serve_app.tokenizer import CodeTokenizer
+
+
+def lane_configs(cfg: EngineConfig, fast_fraction: float, with_fast_lane: bool) -> dict[str, EngineConfig]:
+    """Split the KV blocks between the lanes (exactly: the totals add up to cfg.num_kv_blocks)."""
+    if not with_fast_lane:
+        return {"full": cfg}
+    fast = max(1, int(cfg.num_kv_blocks * fast_fraction))
+    return {"fast": replace(cfg, num_kv_blocks=fast), "full": replace(cfg, num_kv_blocks=cfg.num_kv_blocks - fast)}
 
 
 @serve.deployment(name="Router", max_ongoing_requests=1024, health_check_period_s=2,
                   health_check_timeout_s=10)
 class Router:
     def __init__(self, model_dir: str, placement: PlacementPlan, engine_config: EngineConfig,
-                 shards: list, dtype: str = "float32", dispatch_timeout_s: float = 10.0):
+                 shards: list, dtype: str = "float32", dispatch_timeout_s: float = 10.0,
+                 quantized_precisions: tuple[str, ...] = (), int4_group_size: int = 64,
+                 fast_lane_kv_fraction: float = 0.5):
         model = load_model(model_dir, dtype=dtype, expert_ids=placement.local)
         observer = EngineMetricsObserver(Metrics("ray"))
         if placement.num_shards:
             transport = ServeTransport(shards, placement, timeout_s=dispatch_timeout_s,
                                        on_dispatch=observer.on_dispatch)
             model.set_expert_backend(PartitionedBackend([model.local_experts, transport]))
+        if quantized_precisions:
+            # Quantized at load time from the checkpoint's float experts, which are then dropped.
+            every_expert = load_expert_weights(model_dir, None, dtype=dtype)
+            for mode in quantized_precisions:
+                model.set_expert_backend(QuantizedExpertBackend.from_backend(every_expert, mode, int4_group_size), mode)
+            del every_expert
+        tokenizer = CodeTokenizer.from_dir(model_dir)
+        self.lanes = {name: AsyncEngine(EngineCore(model, cfg, tokenizer, observer=observer.lane(name)))
+                      for name, cfg in lane_configs(engine_config, fast_lane_kv_fraction,
+                                                    bool(quantized_precisions)).items()}
         self.shards = shards
-        core = EngineCore(model, engine_config, CodeTokenizer.from_dir(model_dir), observer=observer)
-        self.engine = AsyncEngine(core)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, tag: str = "") -> AsyncIterator[RequestOutput]:
-        async for out in self.engine.generate(request_id, prompt_token_ids, params, tag):
+    def _lane(self, precision: str) -> AsyncEngine:
+        # Without a fast lane a quantized request goes to the full lane, whose engine rejects it (400).
+        return self.lanes.get("full" if precision == "full" else "fast", self.lanes["full"])
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
+        async for out in self._lane(precision).generate(request_id, prompt_token_ids, params, tag, precision):
             yield out
 
     async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
+        await asyncio.gather(*(lane.abort(request_id) for lane in self.lanes.values()))
 
     def check_health(self) -> None:
-        """Serve's own health check: only this replica's engine. A dead shard is Serve's job to
+        """Serve's own health check: only this replica's engines. A dead shard is Serve's job to
         restart; restarting the router for it would kill every request in flight."""
-        if not self.engine.alive:
-            raise RuntimeError("engine loop is not running")
+        dead = [name for name, lane in self.lanes.items() if not lane.alive]
+        if dead:
+            raise RuntimeError(f"engine loop not running in lanes {dead}")
 
     async def health(self, timeout_s: float = 5.0) -> list[dict]:
-        """For /health: the engine runs and every shard answers within timeout_s."""
+        """For /health: the engines run and every shard answers within timeout_s."""
         self.check_health()
         return list(await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in self.shards)),
                                            timeout=timeout_s))
 
     def kv_usage(self) -> dict:
-        return self.engine.snapshot(lambda core: {"used_blocks": core.blocks.num_used_blocks,
-                                                  "free_blocks": core.blocks.num_free_blocks,
-                                                  "requests": len(core.requests)})
+        """KV blocks and live requests, summed over the lanes."""
+        per_lane = [lane.snapshot(lambda core: (core.blocks.num_used_blocks, core.blocks.num_free_blocks,
+                                                len(core.requests))) for lane in self.lanes.values()]
+        return {"used_blocks": sum(p[0] for p in per_lane), "free_blocks": sum(p[1] for p in per_lane),
+                "requests": sum(p[2] for p in per_lane)}

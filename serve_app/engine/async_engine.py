@@ -46,12 +46,12 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, tag: str = "") -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they happen. Admission errors raise before the first item;
         leaving the iteration early (client gone, task cancelled) aborts the request."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        await asyncio.to_thread(self._add, request_id, prompt_token_ids, params, tag, stream)
+        await asyncio.to_thread(self._add, request_id, prompt_token_ids, params, tag, precision, stream)
         finished = False
         try:
             while not finished:
@@ -84,11 +84,11 @@ class AsyncEngine:
 
     # ---- engine thread side --------------------------------------------------------------------
 
-    def _add(self, request_id, prompt_token_ids, params, tag: str, stream: _Stream) -> None:
+    def _add(self, request_id, prompt_token_ids, params, tag: str, precision: str, stream: _Stream) -> None:
         if not self.alive:
             raise EngineStoppedError("the engine loop is not running")
         with self._lock:
-            self.core.add_request(request_id, prompt_token_ids, params, tag)
+            self.core.add_request(request_id, prompt_token_ids, params, tag, precision)
             self._streams[request_id] = stream
         self._wake.set()
 
