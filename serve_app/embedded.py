@@ -16,19 +16,23 @@ from serve_app.config import AppConfig
 from serve_app.engine import AsyncEngine, EngineCore
 from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import load_model
+from serve_app.model.quant import QuantizedExpertBackend
 from serve_app.tokenizer import CodeTokenizer
 
 
 def build_embedded_app(config: AppConfig) -> FastAPI:
     metrics = Metrics("prometheus")
     model = load_model(config.model, dtype=config.dtype)
+    for mode in config.quantized_precisions:          # all experts are local: quantize them in place
+        model.set_expert_backend(QuantizedExpertBackend.from_backend(model.local_experts, mode,
+                                                                     config.int4_group_size), mode)
     tokenizer = CodeTokenizer.from_dir(config.model)
     engine_config = config.engine_config()
     core = EngineCore(model, engine_config, tokenizer, observer=EngineMetricsObserver(metrics))
     engine = AsyncEngine(core)
     settings = ApiSettings(served_model_name=config.model_name, tokenizer=tokenizer, max_model_len=core.max_model_len,
                            max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
-                           request_timeout_s=config.request_timeout_s)
+                           request_timeout_s=config.request_timeout_s, precisions=model.precisions)
 
     async def exposition() -> bytes:
         return metrics.exposition()

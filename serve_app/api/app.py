@@ -131,8 +131,10 @@ class OpenAIServer:
     async def _serve(self, request: Request, prepared: PreparedRequest) -> Response:
         timeout_s = self.settings.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
-        outputs = self.client.generate(prepared.request_id, prepared.prompt_token_ids, prepared.params)
-        headers = {"X-Request-Id": prepared.request_id}
+        outputs = self.client.generate(prepared.request_id, prepared.prompt_token_ids, prepared.params,
+                                       tag=prepared.tier.tier.value, precision=prepared.precision)
+        headers = {"X-Request-Id": prepared.request_id, "x-moe-tier": prepared.tier.tier.value,
+                   "x-moe-precision": prepared.precision}
         renderer = Renderer(prepared, self.settings.tokenizer)
         try:
             if prepared.stream:

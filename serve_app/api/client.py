@@ -23,9 +23,10 @@ from serve_app.engine import AsyncEngine, RequestOutput, SamplingParams
 
 @runtime_checkable
 class EngineClient(Protocol):
-    def generate(self, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request (cumulative text plus deltas), the last with `finished=True`."""
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
+        """Outputs of one request (cumulative text plus deltas), the last with `finished=True`.
+        `tag` labels the request's metrics (its tier); `precision` picks its experts."""
         ...
 
     async def abort(self, request_id: str) -> None:
@@ -42,11 +43,11 @@ class LocalEngineClient:
         self.engine = engine
         self.retry_after_s = retry_after_s      # told to clients while the engine loop is down
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
         # Without this check a request added to a stopped engine would wait forever: nobody steps it.
         self._raise_if_down()
-        async with aclosing(self.engine.generate(request_id, prompt_token_ids, params)) as outputs:
+        async with aclosing(self.engine.generate(request_id, prompt_token_ids, params, tag, precision)) as outputs:
             async for out in outputs:
                 yield out
 

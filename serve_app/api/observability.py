@@ -33,7 +33,7 @@ class MetricsMiddleware:
         path = scope.get("path", "")
         endpoint = path if path in KNOWN_ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
         started = time.perf_counter()
-        state = {"status": 500, "tier": "none", "done": False}
+        state = {"status": 500, "tier": "none", "precision": None, "done": False}
 
         async def observing_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -41,6 +41,8 @@ class MetricsMiddleware:
                 for key, value in message.get("headers", []):
                     if key.lower() == b"x-moe-tier":
                         state["tier"] = value.decode("latin-1")
+                    elif key.lower() == b"x-moe-precision":
+                        state["precision"] = value.decode("latin-1")
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 self._record(endpoint, state, started)
@@ -56,6 +58,8 @@ class MetricsMiddleware:
         state["done"] = True
         tier = state["tier"]
         self.metrics.inc("moe_requests_total", endpoint=endpoint, status=state["status"], tier=tier)
+        if state["precision"] is not None:
+            self.metrics.inc("moe_tier_requests_total", tier=tier, precision=state["precision"])
         if endpoint != "/metrics":
             self.metrics.observe("moe_request_latency_seconds", time.perf_counter() - started,
                                  endpoint=endpoint, tier=tier)

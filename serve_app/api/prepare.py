@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 from serve_app.api.errors import ApiError, bad_request
-from serve_app.api.protocol import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest,
-                                    CompletionRequest, FimRequest, Precision)
+from serve_app.api.protocol import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, FimRequest
 from serve_app.api.settings import ApiSettings
+from serve_app.api.tiers import CompletionContext, ResolvedTier, TierError, classify_request
+from serve_app.api.tiers import Precision as TierPrecision
 from serve_app.engine import SamplingParams, SamplingParamsError
 from serve_app.tokenizer import ChatMessage, PromptError
 
@@ -35,7 +36,7 @@ class PreparedRequest:
     request_id: str                     # the response id, also the engine's request id
     created: int                        # unix seconds, echoed in every chunk
     model: str                          # served model name, echoed
-    precision: Precision                # echoed; tiers will act on it later
+    tier: ResolvedTier                  # tier, precision and candidate ranking (api/tiers.py)
     prompt_token_ids: list[int]
     params: SamplingParams
     stream: bool
@@ -43,6 +44,11 @@ class PreparedRequest:
     # Engine field → the field this client sent, so errors raised later name the client's field
     # (chat's max_completion_tokens / top_logprobs).
     param_aliases: dict[str, str] = field(default_factory=dict)
+    client_logprobs: bool = True        # False: logprobs were requested only to rank candidates
+
+    @property
+    def precision(self) -> str:
+        return self.tier.precision.value
 
 
 def check_model(model: str | None, settings: ApiSettings) -> str:
@@ -73,12 +79,16 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> P
         if not req.prompt:
             raise bad_request("prompt must not be an empty list of token ids", "prompt")
         prompt_ids = list(req.prompt)
-    max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-    params = _sampling_params({}, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, n=req.n, stop=req.stop, seed=req.seed, logprobs=req.logprobs)
+    tier = _resolve_tier(req, settings, prefix=req.prompt if isinstance(req.prompt, str) else "",
+                         suffix=req.suffix or "", max_tokens=_max_tokens_sent(req),
+                         kind="fim" if req.suffix is not None else "completion", stop=_stops(req.stop))
+    logprobs = req.logprobs if req.logprobs is not None else (0 if tier.rank_by_mean_logprob else None)
+    params = _sampling_params({}, max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
+                              top_p=req.top_p, top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed,
+                              logprobs=logprobs)
     _check_context(len(prompt_ids), params.max_tokens, settings, prompt_param, "max_tokens")
-    return PreparedRequest("completion", _new_id("completion"), int(time.time()), model, req.precision,
-                           prompt_ids, params, req.stream, _include_usage(req))
+    return PreparedRequest("completion", _new_id("completion"), int(time.time()), model, tier,
+                           prompt_ids, params, req.stream, _include_usage(req), client_logprobs=req.logprobs is not None)
 
 
 async def prepare_chat(req: ChatCompletionRequest, settings: ApiSettings) -> PreparedRequest:
@@ -101,13 +111,17 @@ async def prepare_chat(req: ChatCompletionRequest, settings: ApiSettings) -> Pre
     tok = settings.tokenizer
     prompt_ids = await _tokenize(lambda: tok.build_chat_prompt_ids(messages), "messages",
                                  sum(len(m.content) for m in messages))
-    if max_tokens is None:              # what the context leaves, capped (see DEFAULT_CHAT_MAX_TOKENS)
-        max_tokens = max(1, min(DEFAULT_CHAT_MAX_TOKENS, settings.max_model_len - len(prompt_ids)))
-    params = _sampling_params(aliases, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, n=req.n, stop=req.stop, seed=req.seed, logprobs=logprobs)
+    tier = _resolve_tier(req, settings, prefix="", max_tokens=max_tokens, kind="chat", stop=_stops(req.stop))
+    if max_tokens is None:   # the tier's budget, within what the context leaves (see DEFAULT_CHAT_MAX_TOKENS)
+        max_tokens = max(1, min(tier.max_tokens, DEFAULT_CHAT_MAX_TOKENS, settings.max_model_len - len(prompt_ids)))
+    client_logprobs = logprobs is not None
+    if logprobs is None and tier.rank_by_mean_logprob:
+        logprobs = 0
+    params = _sampling_params(aliases, max_tokens=max_tokens, temperature=tier.temperature, top_p=req.top_p,
+                              top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed, logprobs=logprobs)
     _check_context(len(prompt_ids), params.max_tokens, settings, "messages", aliases.get("max_tokens", "max_tokens"))
-    return PreparedRequest("chat", _new_id("chat"), int(time.time()), model, req.precision, prompt_ids, params,
-                           req.stream, _include_usage(req), aliases)
+    return PreparedRequest("chat", _new_id("chat"), int(time.time()), model, tier, prompt_ids, params,
+                           req.stream, _include_usage(req), aliases, client_logprobs)
 
 
 async def prepare_fim(req: FimRequest, settings: ApiSettings) -> PreparedRequest:
@@ -115,16 +129,53 @@ async def prepare_fim(req: FimRequest, settings: ApiSettings) -> PreparedRequest
     tok = settings.tokenizer
     prompt_ids = await _tokenize(lambda: tok.build_fim_prompt_ids(req.prefix, req.suffix), "prefix",
                                  len(req.prefix) + len(req.suffix))
-    max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-    params = _sampling_params({}, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, n=1, stop=req.stop, seed=req.seed, logprobs=None)
+    tier = _resolve_tier(req, settings, prefix=req.prefix, suffix=req.suffix, max_tokens=_max_tokens_sent(req),
+                         kind="fim", stop=_stops(req.stop))
+    params = _sampling_params({}, max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
+                              top_p=req.top_p, top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed,
+                              logprobs=0 if tier.rank_by_mean_logprob else None)
     _check_context(len(prompt_ids), params.max_tokens, settings, "prefix", "max_tokens")
-    return PreparedRequest("fim", _new_id("fim"), int(time.time()), model, req.precision, prompt_ids, params,
-                           req.stream, include_usage=False)   # its last chunk carries usage instead
+    # The FIM endpoint returns one completion: the best candidate when the tier ranks several.
+    return PreparedRequest("fim", _new_id("fim"), int(time.time()), model, tier, prompt_ids, params,
+                           req.stream, include_usage=False, client_logprobs=False)   # last chunk carries usage
+
+
+def _resolve_tier(req, settings: ApiSettings, **context) -> ResolvedTier:
+    """Classify, let explicit fields win, and fall back to full precision when an auto-chosen
+    precision is not served here. Fields the client did not send are None (pydantic fills defaults)."""
+    sent = req.model_fields_set
+    try:
+        ctx = CompletionContext(**context)
+        tier = classify_request(ctx, req.precision, req.temperature if "temperature" in sent else None,
+                                getattr(req, "n", None) if "n" in sent else None, stream=req.stream)
+    except TierError as exc:
+        raise bad_request(str(exc), exc.param, "invalid_value") from exc
+    if tier.precision.value not in settings.precisions:
+        if req.precision != "auto":
+            raise bad_request(f"precision {req.precision!r} is not served here; available: "
+                              f"{', '.join(settings.precisions)}", "precision", "invalid_value")
+        tier = replace(tier, precision=TierPrecision.FULL, reasons=(*tier.reasons, "precision_unavailable"))
+    return tier
+
+
+def _budget(req, tier: ResolvedTier, prompt_ids: list[int], settings: ApiSettings) -> int:
+    """max_tokens: what the client sent (checked against the context later, so too much is a 400),
+    else the tier's budget within what the context leaves."""
+    if "max_tokens" in req.model_fields_set and req.max_tokens is not None:
+        return tier.max_tokens
+    return max(1, min(tier.max_tokens, settings.max_model_len - len(prompt_ids)))
+
+
+def _max_tokens_sent(req) -> int | None:
+    return req.max_tokens if "max_tokens" in req.model_fields_set else None
 
 
 def _new_id(kind: Kind) -> str:
     return _ID_PREFIX[kind] + uuid.uuid4().hex
+
+
+def _stops(stop) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(stop or ())
 
 
 def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:

@@ -11,8 +11,9 @@ Value ranges (temperature, top_p, n, stop, logprobs, seed) are not repeated here
 owns them and its error names the field. Context length is checked against the tokenized prompt
 in api/prepare.py, where the token count is known.
 
-`precision` is accepted and echoed, so clients can start sending it before adaptive-precision
-tiers exist (DESIGN §3); today every request runs at the engine's one precision.
+`precision` picks the experts' precision: "auto" (default) lets the complexity classifier decide
+(api/tiers.py); responses say the tier and precision used (`tier`, `precision`, and the
+`x-moe-tier` / `x-moe-precision` headers).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict(), AllowInfNan(False)]
 Bool = Annotated[bool, Strict()]
 Precision = Literal["auto", "int4", "int8", "full"]
+UsedPrecision = Literal["int4", "int8", "full"]
 # A before-validator, so a wrong type is one error at "stop", not one per union member.
 Stop = Annotated[str | list[str] | None, BeforeValidator(_check_stop)]
 
@@ -69,7 +71,7 @@ class _SamplingFields(_Request):
     stream: Bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None         # accepted and ignored (OpenAI abuse tracking)
-    precision: Precision = "auto"   # reserved for adaptive-precision tiers; echoed, not acted on
+    precision: Precision = "auto"   # "auto": the tier classifier decides; otherwise this precision
     frequency_penalty: Float = 0.0  # accepted only at 0: penalties are not implemented
     presence_penalty: Float = 0.0
     logit_bias: dict[str, float] | None = None   # accepted only when empty
@@ -191,7 +193,8 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    precision: Precision = "auto"
+    precision: UsedPrecision = "full"      # what ran
+    tier: str = "none"                      # the complexity tier (api/tiers.py)
     choices: list[CompletionChoice]
     usage: Usage | None = None      # None only on stream chunks
 
@@ -227,7 +230,8 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
-    precision: Precision = "auto"
+    precision: UsedPrecision = "full"      # what ran
+    tier: str = "none"                      # the complexity tier (api/tiers.py)
     choices: list[ChatChoice]
     usage: Usage
 
@@ -249,7 +253,8 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    precision: Precision = "auto"
+    precision: UsedPrecision = "full"      # what ran
+    tier: str = "none"                      # the complexity tier (api/tiers.py)
     choices: list[ChatChunkChoice]
     usage: Usage | None = None      # set only on the include_usage chunk
 
@@ -259,6 +264,8 @@ class FimResponse(BaseModel):
     completion: str                 # the middle: text to insert between prefix and suffix
     finish_reason: str | None
     usage: Usage | None = None      # streaming: set on the last chunk only
+    precision: UsedPrecision = "full"   # what ran
+    tier: str = "none"                  # the complexity tier (api/tiers.py)
 
 
 class ModelCard(BaseModel):

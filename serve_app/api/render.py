@@ -11,7 +11,7 @@ as U+FFFD (its `bytes` are those of the replacement character, not the raw bytes
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel
 
@@ -50,20 +50,35 @@ class Renderer:
     # ---- whole responses -------------------------------------------------------------------------
 
     def response(self, final: RequestOutput) -> BaseModel:
-        p, usage = self.p, usage_of(final)
+        p, usage = self.p, usage_of(final)      # usage counts every candidate generated, ranked or not
+        tags = dict(precision=p.precision, tier=p.tier.tier.value)
+        outputs = self.returned(final.outputs)
         if p.kind == "fim":
-            only = final.outputs[0]
-            return FimResponse(id=p.request_id, completion=only.text, finish_reason=only.finish_reason, usage=usage)
+            only = outputs[0]
+            return FimResponse(id=p.request_id, completion=only.text, finish_reason=only.finish_reason, usage=usage,
+                               **tags)
         if p.kind == "chat":
             choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
                                   logprobs=self._chat_logprobs(c.logprobs), finish_reason=c.finish_reason)
-                       for c in final.outputs]
-            return ChatCompletionResponse(id=p.request_id, created=p.created, model=p.model, precision=p.precision,
-                                          choices=choices, usage=usage)
+                       for c in outputs]
+            return ChatCompletionResponse(id=p.request_id, created=p.created, model=p.model, choices=choices,
+                                          usage=usage, **tags)
         choices = [CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                                    logprobs=self._completion_logprobs(c.logprobs, 0)) for c in final.outputs]
-        return CompletionResponse(id=p.request_id, created=p.created, model=p.model, precision=p.precision,
-                                  choices=choices, usage=usage)
+                                    logprobs=self._completion_logprobs(c.logprobs, 0)) for c in outputs]
+        return CompletionResponse(id=p.request_id, created=p.created, model=p.model, choices=choices, usage=usage,
+                                  **tags)
+
+    def returned(self, outputs: list[CompletionOutput]) -> list[CompletionOutput]:
+        """The candidates the client gets: when the tier ranks, the n best by mean token logprob
+        (length-fair, unlike the sum), re-indexed; logprobs only if the client asked for them."""
+        p = self.p
+        if p.tier.rank_by_mean_logprob:
+            ranked = sorted(outputs, key=lambda c: (c.cumulative_logprob or 0.0) / max(1, len(c.token_ids)),
+                            reverse=True)
+            outputs = [replace(c, index=i) for i, c in enumerate(ranked[:p.tier.n])]
+        if not p.client_logprobs:
+            outputs = [replace(c, logprobs=None) for c in outputs]
+        return outputs
 
     # ---- streams -------------------------------------------------------------------------------
 
@@ -89,9 +104,9 @@ class Renderer:
         p = self.p
         if p.kind == "chat":
             return ChatCompletionChunk(id=p.request_id, created=p.created, model=p.model, precision=p.precision,
-                                       choices=[], usage=usage_of(final))
+                                       tier=p.tier.tier.value, choices=[], usage=usage_of(final))
         return CompletionResponse(id=p.request_id, created=p.created, model=p.model, precision=p.precision,
-                                  choices=[], usage=usage_of(final))
+                                  tier=p.tier.tier.value, choices=[], usage=usage_of(final))
 
     def _chunk(self, out: RequestOutput, c: CompletionOutput, new_lps: list[TokenLogprobs] | None,
                first: bool, state: StreamState) -> BaseModel:
@@ -99,20 +114,21 @@ class Renderer:
         finish = c.finish_reason if c.index in state.finished else None
         if p.kind == "fim":
             usage = usage_of(out) if finish else None      # FIM streams carry usage on their last chunk
-            return FimResponse(id=p.request_id, completion=c.delta_text, finish_reason=finish, usage=usage)
+            return FimResponse(id=p.request_id, completion=c.delta_text, finish_reason=finish, usage=usage,
+                               precision=p.precision, tier=p.tier.tier.value)
         if p.kind == "chat":
             delta = ChatDelta(role="assistant" if first else None, content=c.delta_text)
             choice = ChatChunkChoice(index=c.index, delta=delta, logprobs=self._chat_logprobs(new_lps),
                                      finish_reason=finish)
             return ChatCompletionChunk(id=p.request_id, created=p.created, model=p.model, precision=p.precision,
-                                       choices=[choice])
+                                       tier=p.tier.tier.value, choices=[choice])
         offset = state.text_offset.get(c.index, 0)
         logprobs = self._completion_logprobs(new_lps, offset)
         if logprobs is not None:
             state.text_offset[c.index] = offset + sum(len(t) for t in logprobs.tokens)
         choice = CompletionChoice(index=c.index, text=c.delta_text, logprobs=logprobs, finish_reason=finish)
         return CompletionResponse(id=p.request_id, created=p.created, model=p.model, precision=p.precision,
-                                  choices=[choice], usage=None)
+                                  tier=p.tier.tier.value, choices=[choice], usage=None)
 
     # ---- logprobs ------------------------------------------------------------------------------
 

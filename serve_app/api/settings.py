@@ -21,6 +21,9 @@ class ApiSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     api_keys: tuple[str, ...] = ()      # empty: no authentication (local use)
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    # Precisions the backend serves. "auto" requests whose tier wants one it lacks run at full
+    # precision (still labelled with their tier); an explicit request for it is a 400.
+    precisions: tuple[str, ...] = ("full",)
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

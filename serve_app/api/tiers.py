@@ -189,7 +189,7 @@ REASONS = frozenset({
     "implement_docstring", "open_bracket", "mid_line", "open_gap", "new_top_level_statement",
     "next_statement", "block_continuation",
     "explicit_max_tokens", "max_tokens_above_medium", "max_tokens_above_simple", "max_tokens_within_simple",
-    "single_line_stop", "precision_override", "explicit_temperature", "explicit_n", "greedy_unranked",
+    "single_line_stop", "precision_override", "precision_unavailable", "explicit_temperature", "explicit_n", "greedy_unranked",
     "stream_unranked",
 })
 

@@ -40,9 +40,9 @@ class RouterClient:
         self.stream = router.options(stream=True)
         self.health_timeout_s = health_timeout_s
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        responses = self.stream.generate.remote(request_id, prompt_token_ids, params)
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
+        responses = self.stream.generate.remote(request_id, prompt_token_ids, params, tag, precision)
         finished = False
         try:
             async for out in responses:
@@ -81,7 +81,7 @@ class Ingress:
             served_model_name=config.model_name, tokenizer=CodeTokenizer.from_dir(config.model),
             max_model_len=min(config.engine_config().max_model_len or positions, positions),
             api_keys=config.api_keys, max_body_bytes=config.max_body_bytes,
-            request_timeout_s=config.request_timeout_s)
+            request_timeout_s=config.request_timeout_s, precisions=("full", *config.quantized_precisions))
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.client, self.settings, extra_routers=[metrics_router(self.node_metrics)])

@@ -74,7 +74,7 @@ async def test_suffix_and_fim_endpoint_both_run_the_fim_prompt(client, llm, toke
                                                               "temperature": 0})).json()
     assert via_suffix["choices"][0]["text"] == expected
     assert via_suffix["usage"]["prompt_tokens"] == len(fim_ids)
-    assert set(via_fim) == {"id", "completion", "finish_reason", "usage"}
+    assert set(via_fim) == {"id", "completion", "finish_reason", "usage", "tier", "precision"}
     assert via_fim["completion"] == expected and via_fim["usage"]["prompt_tokens"] == len(fim_ids)
 
 
@@ -200,9 +200,12 @@ async def test_chat_logprobs_list_content_with_top_alternatives(client):
         assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])      # greedy picks the best
 
 
-async def test_precision_is_accepted_and_echoed(client):
+async def test_explicit_precision_the_backend_lacks_is_a_400_and_auto_falls_back_to_full(client):
     r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "precision": "int8"})
-    assert r.status_code == 200 and r.json()["precision"] == "int8"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "precision"
+    r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["precision"] == "full"
+    assert r.headers["x-moe-precision"] == "full" and r.headers["x-moe-tier"] == r.json()["tier"]
 
 
 async def test_models_lists_the_served_model_and_health_is_ok(client):

@@ -66,8 +66,8 @@ async def test_request_over_the_deadline_is_aborted_with_504(engine, tokenizer):
 class _FailsAfterFirstOutput(LocalEngineClient):
     """The real engine, whose step fails (as a crashed expert shard would) after the first output."""
 
-    async def generate(self, request_id, prompt_token_ids, params):
-        async for out in super().generate(request_id, prompt_token_ids, params):
+    async def generate(self, request_id, prompt_token_ids, params, tag="", precision="full"):
+        async for out in super().generate(request_id, prompt_token_ids, params, tag, precision):
             yield out
             raise EngineStepError("engine step failed: expert shard 3 went away")
 
