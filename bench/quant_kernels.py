@@ -1,0 +1,128 @@
+"""Expert FFN forward time: float vs INT8 / INT4 weights, packed kernel vs dequantize-then-matmul.
+
+What is measured: one `forward(x [R, D])` of a SwiGLU expert (fused gate_up [2F, D], down [D, F])
+for R = 1, 8, 32, 128 rows, in microseconds (median over interleaved rounds, so a burst of load on
+a shared machine hits every method alike). Methods:
+
+- float:         ExpertFFN, F.linear on float weights. This is also "dequant, cached": a cached
+                 dequantized weight is a float weight, so it runs exactly this code (and holds
+                 the float bytes, which is why serve_app.model.quant never caches it);
+- int8 kernel:   torch._weight_int8pack_mm;
+- int8 dequant:  int8 → float weight on every call, then F.linear;
+- int4 kernel:   torch._weight_int4pack_mm_for_cpu (CPU) / _weight_int4pack_mm (CUDA);
+- int4 dequant:  unpack nibbles → float weight on every call, then F.linear.
+
+Every quantized method's output is checked against the float one (relative error printed), and
+the kernel against the dequant path of the same mode. Why: `PATH_CHOICE` in
+serve_app/model/quant.py is filled from this table; rerun it on the device you serve on.
+
+    python bench/quant_kernels.py [--device cpu] [--dtypes float32,bfloat16] [--group-size 64] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from serve_app.model.moe import ExpertFFN  # noqa: E402
+from serve_app.model.quant import DEFAULT_GROUP_SIZE, QuantizedExpertFFN  # noqa: E402
+
+ROWS = (1, 8, 32, 128)
+SHAPES = ((256, 512), (192, 384))  # (D, F): the default model's expert and a narrower one
+METHODS = ("float", "int8 kernel", "int8 dequant", "int4 kernel", "int4 dequant")
+
+
+def build(hidden: int, width: int, dtype: torch.dtype, device: str, group_size: int) -> dict:
+    torch.manual_seed(0)
+    ffn = ExpertFFN(hidden, width, dtype=torch.float32, device=device)
+    torch.nn.init.normal_(ffn.gate_up, std=0.08)
+    torch.nn.init.normal_(ffn.down, std=0.08)
+    ffn = ffn.to(dtype).requires_grad_(False)
+    methods = {"float": ffn}
+    for mode in ("int8", "int4"):
+        for path in ("kernel", "dequant"):
+            methods[f"{mode} {path}"] = QuantizedExpertFFN.from_float(ffn, mode, group_size, path=path)
+    return methods
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_methods(methods: dict, x: torch.Tensor, rounds: int, inner: int) -> dict[str, float]:
+    """Median µs per call of each method, interleaved round by round."""
+    device = x.device.type
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    with torch.inference_mode():
+        for fn in methods.values():
+            fn(x)                                  # warm-up: first-call allocations, kernel loads
+        for _ in range(rounds):
+            for name, fn in methods.items():
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(inner):
+                    fn(x)
+                _sync(device)
+                samples[name].append((time.perf_counter() - start) / inner * 1e6)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def check(methods: dict, x: torch.Tensor) -> dict[str, float]:
+    """Relative error of each method against float, and of each kernel against its dequant path."""
+    with torch.inference_mode():
+        outs = {name: fn(x).float() for name, fn in methods.items()}
+    rel = {name: float((y - outs["float"]).norm() / outs["float"].norm()) for name, y in outs.items()}
+    for mode in ("int8", "int4"):
+        k, d = outs[f"{mode} kernel"], outs[f"{mode} dequant"]
+        rel[f"{mode} kernel vs dequant"] = float((k - d).norm() / d.norm())
+    return rel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--inner", type=int, default=10)
+    # 1 by default: on a shared, oversubscribed machine a multi-threaded matmul waits for its
+    # slowest thread, which turns other people's load into 10× noise.
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"int4 group {args.group_size}")
+    lines = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for hidden, width in SHAPES:
+            methods = build(hidden, width, dtype, args.device, args.group_size)
+            gen = torch.Generator().manual_seed(1)
+            rel = check(methods, torch.randn(32, hidden, generator=gen).to(args.device, dtype))
+            print(f"{dtype_name} D={hidden} F={width}: rel. error vs float " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in rel.items() if k != "float"))
+            nbytes = {"float": sum(p.numel() * p.element_size() for p in methods["float"].parameters())}
+            nbytes.update({m: methods[m].nbytes() for m in METHODS[1:]})
+            print("  bytes per expert: " + ", ".join(f"{k} {v}" for k, v in nbytes.items()))
+            for rows in ROWS:
+                x = torch.randn(rows, hidden, generator=gen).to(args.device, dtype)
+                t = time_methods(methods, x, args.rounds, args.inner)
+                lines.append(f"| {dtype_name:8} | {hidden:3} | {width:3} | {rows:4} | " +
+                             " | ".join(f"{t[m]:12.1f}" for m in METHODS) + " |")
+    print("\nexpert FFN forward, µs per call (median)")
+    print("| dtype    |   D |   F |    R | " + " | ".join(f"{m:>12}" for m in METHODS) + " |")
+    print("|" + "---|" * (4 + len(METHODS)))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

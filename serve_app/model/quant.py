@@ -1,0 +1,382 @@
+"""Weight-only INT8 / INT4 quantization of expert FFNs (issue 5, "Adaptive precision").
+
+Experts are most of an MoE model's bytes, so they are what we shrink: each expert weight is
+quantized once, at load time, from the float checkpoint; activations stay in the model dtype.
+
+- INT8: per output channel (row), symmetric, scale = max|w_row| / 127, values in [-127, 127].
+- INT4: groups of G along the input dim K, symmetric, scale = max|w_group| / 7.5, values in
+  [-8, 7]. Why 7.5: all 16 levels are used and no weight errs by more than half a step (the
+  positive max rounds to 7.5 → 8 → clipped to 7, exactly half a step). On Gaussian weights this
+  gave 0.095 / 0.103 / 0.111 relative error at G = 32 / 64 / 128, against 0.097 / 0.108 / 0.118
+  for the [-7, 7], max/7 grid.
+- Why symmetric: FFN weights are centred on zero, so a zero-point buys almost nothing and costs a
+  second tensor; the int8 kernel takes scales only. The int4 kernels want (scale, zero) pairs and
+  compute (q - 8) * scale + zero on the unsigned code q in [0, 15]: we store q = v + 8 and zero = 0.
+- Rows whose K is not a multiple of G are padded with zero columns (and the activations with zero
+  columns on the kernel path), so a short last group is just a group with zeros in it.
+
+Two ways to multiply (`QuantLinear.path`): "kernel" — torch's packed-integer matmuls
+(`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`) — or "dequant" — rebuild the float weight
+on every call and `F.linear`. Which is faster is measured per device by bench/quant_kernels.py and
+fixed in `PATH_CHOICE`; a kernel missing from this torch build, or unable to take a shape, falls
+back to "dequant". A dequantized weight is never cached: that is the float weight again, and the
+point is not holding it.
+
+Legend: R=rows of one expert, D=hidden, F=expert FFN width, N=out features, K=in features,
+Kp=K padded to a multiple of G, G=int4 group size, Q=Kp/G groups per row.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from serve_app.model.config import ModelLoadError
+from serve_app.model.moe import DispatchPlan, ExpertFFN, ExpertKey, LocalExpertBackend, MissingExpertError
+
+QuantMode = Literal["int8", "int4"]
+MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes the CPU and CUDA int4 kernels accept
+# 64: on the default expert (D=256, F=512) it is 4 / 8 groups per row. G=32 lowers the error only
+# from 0.103 to 0.095 (relative, Gaussian weights) but doubles the scale bytes: a float32 scale per
+# group (a (scale, zero) pair on the kernel path) is +12.5% (+25%) over the 4-bit payload at G=64.
+DEFAULT_GROUP_SIZE = 64
+INT4_SCALE_DIVISOR = 7.5               # see the module docstring
+
+# Faster path per (device type, mode, activation dtype), from bench/quant_kernels.py. Measured on
+# CPU (AMD EPYC, AVX2 only, no AVX-512/AMX), torch 2.13, 1 thread, expert D=256 F=512, µs per
+# expert forward at R = 1 / 8 / 32 / 128 rows (G=64; a shared, loaded machine: ±30% noise):
+#   float32   float 344 / 975 / 1347 / 5364
+#             int8 kernel 1588 / 15254 / 47244 / 240081   int8 dequant 1312 / 1311 / 2753 / 7696
+#             int4 kernel 4360 / 24317 / 89414 / 378356   int4 dequant 2714 / 3877 / 3218 / 10669
+#   bfloat16  float 130 / 1803 / 8169 / 39774
+#             int8 kernel 73 / 216 / 2328 / 9617          int8 dequant 342 / 3460 / 9103 / 38370
+#             int4 kernel 951 / 227 / 1543 / 11810        int4 dequant 2431 / 3316 / 9211 / 42443
+#   float16   float 181 / 2087 / 8514 / 26573
+#             int8 kernel 715 / 14364 / 41531 / 165097    int8 dequant 2476 / 4400 / 10824 / 37477
+#             int4 kernel 2616 / 24119 / 90709 / 360159   int4 dequant 3609 / 7945 / 9510 / 35285
+# The CPU kernels are vectorised for bf16 only: there they beat even the float bf16 matmul 2-8×;
+# for float32 and float16 they run 5-30× slower than rebuilding the weight and calling F.linear
+# (the int8 float16 kernel wins at R=1 only; decode sends several rows to an expert, so we do not
+# switch per call). On a CPU with AVX-512/AMX, rerun the bench before trusting these rows.
+# CUDA: not measured on this machine. The kernels exist for bandwidth-bound decode, which is what
+# a GPU expert shard runs, so "kernel" is the default there; `_kernel_works` still checks each
+# one against the dequantized matmul once per process and falls back when it fails.
+PATH_CHOICE: dict[tuple[str, str, torch.dtype], str] = {
+    ("cpu", "int8", torch.float32): "dequant", ("cpu", "int4", torch.float32): "dequant",
+    ("cpu", "int8", torch.bfloat16): "kernel", ("cpu", "int4", torch.bfloat16): "kernel",
+    ("cpu", "int8", torch.float16): "dequant", ("cpu", "int4", torch.float16): "dequant",
+}
+
+
+class QuantConfigError(ValueError):
+    """An unsupported quantization mode, group size or layout."""
+
+
+def _check_mode(mode: str, group_size: int) -> None:
+    if mode not in MODES:
+        raise QuantConfigError(f"quantization mode {mode!r} is not supported; use one of {MODES}")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise QuantConfigError(f"int4 group size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+
+
+# --- quantize / pack ------------------------------------------------------------------------------
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float → (q [N, K] int8 in [-127, 127], scales [N] float32)."""
+    w = w.float()
+    amax = w.abs().amax(dim=1)                                          # [N]
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))   # an all-zero row stays zero
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float → (v [N, Kp] int8 in [-8, 7], scales [N, Q] float32)."""
+    n, k = w.shape
+    kp = -(-k // group_size) * group_size
+    w = F.pad(w.float(), (0, kp - k)).view(n, kp // group_size, group_size)   # [N, Q, G]
+    amax = w.abs().amax(dim=-1)                                                # [N, Q]
+    scales = torch.where(amax > 0, amax / INT4_SCALE_DIVISOR, torch.ones_like(amax))
+    v = torch.round(w / scales[..., None]).clamp(-8, 7).to(torch.int8)        # [N, Q, G]
+    return v.view(n, kp), scales
+
+
+def pack_int4(v: torch.Tensor) -> torch.Tensor:
+    """v [N, Kp] in [-8, 7] → [N, Kp/2] uint8, code v+8, even column in the high nibble (the
+    byte order torch's CUDA int4 packer takes, so this tensor goes to it unchanged)."""
+    u = (v.to(torch.int16) + 8).to(torch.uint8)                         # [N, Kp] in [0, 15]
+    return (u[:, 0::2] << 4) | u[:, 1::2]                               # [N, Kp/2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, Kp/2] uint8 → v [N, Kp] int8 in [-8, 7]."""
+    u = torch.stack([packed >> 4, packed & 0xF], dim=-1)                # [N, Kp/2, 2]
+    return (u.view(packed.shape[0], -1).to(torch.int8) - 8)            # [N, Kp]
+
+
+# --- kernels ----------------------------------------------------------------------------------
+
+def _int4_kernel_ops(device_type: str):
+    """(pack, matmul) for this device, or None where this torch build has no int4 kernel."""
+    if device_type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return torch._convert_weight_to_int4pack_for_cpu, torch._weight_int4pack_mm_for_cpu
+    if device_type == "cuda" and hasattr(torch, "_weight_int4pack_mm"):
+        return torch._convert_weight_to_int4pack, torch._weight_int4pack_mm
+    return None
+
+
+def _inner_k_tiles(kp: int) -> int:
+    """CUDA tiles K by 16 * innerKTiles (2, 4 or 8); the CPU packer ignores it. Kp % 32 == 0 always."""
+    return next(t for t in (8, 4, 2) if kp % (16 * t) == 0)
+
+
+def _int4_shape_ok(device_type: str, n: int) -> bool:
+    return n % (16 if device_type == "cpu" else 8) == 0   # the packers' row-tile sizes
+
+
+def _int4_act_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    # The CUDA kernel (tinygemm) takes bf16 only; int4 error (~10%) dwarfs bf16 rounding (~0.4%).
+    return torch.bfloat16 if device_type == "cuda" else dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_works(device_type: str, mode: str, dtype: torch.dtype, group_size: int) -> bool:
+    """Run the kernel once on a small random weight and compare it with the dequantized matmul:
+    the kernels are private aten ops whose dtype support varies by build and device."""
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 2 * group_size, generator=gen), torch.randn(4, 2 * group_size, generator=gen)
+    try:
+        kernel = QuantLinear.from_weight(w, mode, group_size, dtype, device_type, path="kernel")
+        plain = QuantLinear.from_weight(w, mode, group_size, dtype, device_type, path="dequant")
+        x = x.to(device_type, dtype)
+        y, ref = kernel(x).float(), plain(x).float()
+    except (RuntimeError, NotImplementedError):
+        return False
+    # Both paths round the same way in float32; in 16-bit (and int4 on CUDA, which runs in bf16)
+    # they round at different places, ~0.5% apart.
+    loose = dtype != torch.float32 or (mode == "int4" and device_type == "cuda")
+    return bool(((y - ref).norm() / ref.norm()) < (5e-2 if loose else 1e-4))
+
+
+def choose_path(device_type: str, mode: str, dtype: torch.dtype, group_size: int, out_features: int) -> str:
+    """The measured choice where it is measured, "kernel" elsewhere; "dequant" where a kernel fails."""
+    path = PATH_CHOICE.get((device_type, mode, dtype), "kernel")
+    if path == "kernel" and mode == "int4" and (_int4_kernel_ops(device_type) is None
+                                                 or not _int4_shape_ok(device_type, out_features)):
+        return "dequant"
+    if path == "kernel" and not _kernel_works(device_type, mode, dtype, group_size):
+        return "dequant"
+    return path
+
+
+# --- one quantized weight ---------------------------------------------------------------------
+
+class QuantLinear(nn.Module):
+    """A weight [N, K] held as int8 or 4-bit codes; forward(x [R, K]) → [R, N] in x's dtype.
+
+    Buffers by (mode, path) — each path keeps only the layout it multiplies with:
+      int8, either path:  qweight int8 [N, K],            scales [N]
+      int4, "dequant":    qweight uint8 [N, Kp/2] (pack_int4), scales [N, Q]
+      int4, "kernel":     qweight in the device kernel's private layout, scales_and_zeros [Q, N, 2]
+    The int4 kernel layout is device-specific, so such a module is built on its device and
+    refuses to run after `.to()` elsewhere. Scales are in the activation dtype: the kernels take
+    them in the dtype of x.
+    """
+
+    def __init__(self, mode: str, in_features: int, out_features: int, group_size: int | None,
+                 path: str, device_type: str):
+        super().__init__()
+        self.mode, self.path, self.device_type = mode, path, device_type
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.padded_in = in_features if mode == "int8" else -(-in_features // group_size) * group_size
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+                    dtype: torch.dtype | None = None, device=None, path: str | None = None) -> "QuantLinear":
+        """Quantize a float weight [N, K]; dtype/device default to the weight's own."""
+        _check_mode(mode, group_size)
+        if mode == "int8":
+            codes, scales = quantize_int8(w)
+        else:
+            v, scales = quantize_int4(w, group_size)
+            codes = pack_int4(v)
+        return cls.from_codes(codes, scales, mode, w.shape[1], group_size, dtype or w.dtype,
+                              device if device is not None else w.device, path)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, mode: str, in_features: int,
+                   group_size: int, dtype: torch.dtype, device, path: str | None = None) -> "QuantLinear":
+        """From the portable form (`codes()`): int8 [N, K] or pack_int4 [N, Kp/2], and float scales."""
+        _check_mode(mode, group_size)
+        device = torch.device(device)
+        n = codes.shape[0]
+        path = path or choose_path(device.type, mode, dtype, group_size, n)
+        if path not in ("kernel", "dequant"):
+            raise QuantConfigError(f"path {path!r} is not supported; use 'kernel' or 'dequant'")
+        layer = cls(mode, in_features, n, group_size if mode == "int4" else None, path, device.type)
+        codes, scales = codes.to(device), scales.to(device)
+        if mode == "int8" or path == "dequant":
+            layer.register_buffer("qweight", codes)
+            layer.register_buffer("scales", scales.to(dtype))
+            return layer
+        ops = _int4_kernel_ops(device.type)
+        if ops is None or not _int4_shape_ok(device.type, n):
+            raise QuantConfigError(f"no int4 kernel for {n} output rows on {device.type}; use path='dequant'")
+        pack, _ = ops
+        if device.type == "cpu":    # the CPU packer takes int32 codes [N, Kp]; CUDA takes pack_int4 bytes
+            codes = (unpack_int4(codes).to(torch.int32) + 8)
+        layer.register_buffer("qweight", pack(codes.contiguous(), _inner_k_tiles(layer.padded_in)))
+        sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1)           # [Q, N, 2]
+        layer.register_buffer("scales_and_zeros", sz.to(_int4_act_dtype(device.type, dtype)).contiguous())
+        return layer
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The portable form: (int8 [N, K] or pack_int4 [N, Kp/2], float32 scales [N] or [N, Q])."""
+        if self.mode == "int8" or self.path == "dequant":
+            return self.qweight, self.scales.float()
+        # The kernel layout is private to each device's kernel, so read the codes back through the
+        # kernel itself: x = I with scale 1, zero 0 gives (q - 8) = v, exact small integers.
+        unit = torch.stack([torch.ones_like(self.scales_and_zeros[..., 0]),
+                            torch.zeros_like(self.scales_and_zeros[..., 0])], dim=-1)  # [Q, N, 2]
+        eye = torch.eye(self.padded_in, dtype=unit.dtype, device=unit.device)          # [Kp, Kp]
+        v = _int4_kernel_ops(self.device_type)[1](eye, self.qweight, self.group_size, unit)  # [Kp, N]
+        return pack_int4(v.t().round().to(torch.int8)), self.scales_and_zeros[..., 0].t().float()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [N, K] this module multiplies with."""
+        packed = self.mode == "int4" and self.path == "kernel"
+        codes, scales = self.codes() if packed else (self.qweight, self.scales)
+        dtype = dtype or (self.scales_and_zeros.dtype if packed else self.scales.dtype)
+        if self.mode == "int8":
+            return codes.to(dtype) * scales.to(dtype)[:, None]                          # [N, K]
+        n, q = scales.shape
+        v = unpack_int4(codes).to(dtype).view(n, q, self.group_size)                     # [N, Q, G]
+        return (v * scales.to(dtype)[..., None]).view(n, -1)[:, :self.in_features]      # [N, K]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "dequant":
+            return F.linear(x, self.dequantize(x.dtype))                                 # [R, N]
+        if self.mode == "int8":
+            return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales.to(x.dtype))
+        if self.qweight.device.type != self.device_type:
+            raise QuantConfigError(f"int4 weights were packed for {self.device_type}, now on "
+                                   f"{self.qweight.device.type}; quantize again on the target device")
+        act = self.scales_and_zeros.dtype
+        xp = F.pad(x, (0, self.padded_in - self.in_features)).to(act).contiguous()       # [R, Kp]
+        mm = _int4_kernel_ops(self.device_type)[1]
+        return mm(xp, self.qweight, self.group_size, self.scales_and_zeros).to(x.dtype)  # [R, N]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"{self.mode}, in={self.in_features}, out={self.out_features}, "
+                f"group={self.group_size}, path={self.path}")
+
+
+# --- experts ----------------------------------------------------------------------------------
+
+class QuantizedExpertFFN(nn.Module):
+    """ExpertFFN with quantized weights: down(silu(gate(x)) * up(x)), gate and up still fused."""
+
+    def __init__(self, gate_up: QuantLinear, down: QuantLinear):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down   # [2F, D] and [D, F] as weights
+
+    @classmethod
+    def from_float(cls, ffn: ExpertFFN, mode: QuantMode = "int8", group_size: int = DEFAULT_GROUP_SIZE,
+                   path: str | None = None) -> "QuantizedExpertFFN":
+        return cls(QuantLinear.from_weight(ffn.gate_up.detach(), mode, group_size, path=path),
+                   QuantLinear.from_weight(ffn.down.detach(), mode, group_size, path=path))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)               # [R, F] each
+        return self.down(F.silu(gate) * up)                       # [R, D]
+
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes() + self.down.nbytes()
+
+
+class QuantizedExpertBackend(nn.Module):
+    """An ExpertBackend over quantized experts, keyed like LocalExpertBackend (`ffn["L_E"]`)."""
+
+    def __init__(self, ffns: dict[str, QuantizedExpertFFN], mode: QuantMode, group_size: int):
+        super().__init__()
+        self.mode, self.group_size = mode, group_size
+        self.ffn = nn.ModuleDict(ffns)
+
+    @classmethod
+    def from_backend(cls, local: LocalExpertBackend, mode: QuantMode = "int8",
+                     group_size: int = DEFAULT_GROUP_SIZE, path: str | None = None) -> "QuantizedExpertBackend":
+        """Quantize every expert of `local`, on its device and for its dtype."""
+        _check_mode(mode, group_size)
+        return cls({name: QuantizedExpertFFN.from_float(ffn, mode, group_size, path)
+                    for name, ffn in local.ffn.items()}, mode, group_size)
+
+    def holds(self) -> frozenset[ExpertKey]:
+        return frozenset(tuple(int(p) for p in name.split("_")) for name in self.ffn)
+
+    def run_experts(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
+        out = {}
+        for a in plan.assignments:
+            name = f"{plan.layer}_{a.expert}"
+            if name not in self.ffn:
+                raise MissingExpertError(f"expert {a.expert} of layer {plan.layer} is not held by this backend")
+            out[a.expert] = self.ffn[name](x.index_select(0, a.rows))   # [R, D]
+        return out
+
+    def bytes_per_expert(self) -> int:
+        """Weights + scales (+ the int4 kernel's zeros) of one expert; all experts are the same size."""
+        return max(ffn.nbytes() for ffn in self.ffn.values())
+
+
+# --- save / load ------------------------------------------------------------------------------
+
+FORMAT = "moe-serve-quant/1"
+
+
+def save_quantized(backend: QuantizedExpertBackend, file: str | Path) -> None:
+    """One safetensors file in the portable layout (`QuantLinear.codes`), loadable on any device."""
+    tensors, in_features = {}, {}
+    for name, ffn in backend.ffn.items():
+        for part in ("gate_up", "down"):
+            layer: QuantLinear = getattr(ffn, part)
+            codes, scales = layer.codes()
+            tensors[f"{name}.{part}.codes"] = codes.contiguous().cpu()
+            tensors[f"{name}.{part}.scales"] = scales.contiguous().cpu()
+            in_features[part] = layer.in_features
+    meta = {"format": FORMAT, "mode": backend.mode, "group_size": str(backend.group_size),
+            "in_features": json.dumps(in_features)}
+    save_file(tensors, str(file), metadata=meta)
+
+
+def load_quantized(file: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+                   path: str | None = None) -> QuantizedExpertBackend:
+    """The backend `save_quantized` wrote, packed for `device` and activations of `dtype`."""
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for missing or corrupt files
+        raise ModelLoadError(f"{file}: not a readable safetensors file: {exc}") from exc
+    with handle:
+        meta = handle.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ModelLoadError(f"{file}: format {meta.get('format')!r} is not {FORMAT!r}")
+        mode, group_size = meta["mode"], int(meta["group_size"])
+        in_features = json.loads(meta["in_features"])
+        names = sorted({key.split(".")[0] for key in handle.keys()})
+        ffns = {}
+        for name in names:
+            parts = [QuantLinear.from_codes(handle.get_tensor(f"{name}.{part}.codes"),
+                                            handle.get_tensor(f"{name}.{part}.scales"), mode,
+                                            in_features[part], group_size, dtype, device, path)
+                     for part in ("gate_up", "down")]
+            ffns[name] = QuantizedExpertFFN(*parts)
+    return QuantizedExpertBackend(ffns, mode, group_size)
