@@ -1,0 +1,119 @@
+{{/* Names and labels shared by every object of the release. */}}
+{{- define "moe-serve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "moe-serve.serveServiceName" -}}
+{{- printf "%s-serve" (include "moe-serve.fullname" .) -}}
+{{- end -}}
+
+{{- define "moe-serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "moe-serve.labels" -}}
+{{ include "moe-serve.selectorLabels" . }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "moe-serve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/*
+Refuse value sets that render a valid RayService whose shards could never all be scheduled (Ray
+would leave them pending forever, and the RayService would never turn ready).
+*/}}
+{{- define "moe-serve.validate" -}}
+{{- $s := .Values.shards -}}
+{{- $w := .Values.workers -}}
+{{- if and (gt (int $s.count) 0) (gt (float64 $s.gpusPerShard) (float64 $w.gpus)) -}}
+{{- fail (printf "shards.gpusPerShard (%v) exceeds workers.gpus (%v): no worker could hold a shard" $s.gpusPerShard $w.gpus) -}}
+{{- end -}}
+{{- if and $s.onePerWorker (gt (int $s.count) (int $w.replicas)) -}}
+{{- fail (printf "shards.count (%d) > workers.replicas (%d): with shards.onePerWorker each shard needs a worker pod of its own" (int $s.count) (int $w.replicas)) -}}
+{{- end -}}
+{{- if and (not $s.onePerWorker) (gt (float64 $s.gpusPerShard) 0.0) -}}
+{{- $perPod := floor (divf $w.gpus $s.gpusPerShard) -}}
+{{- if gt (float64 $s.count) (mulf $perPod $w.replicas) -}}
+{{- fail (printf "shards.count (%d) needs more GPUs than workers.replicas (%d) x workers.gpus (%v) provide" (int $s.count) (int $w.replicas) $w.gpus) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Serve config (serveConfigV2): one application built by serve_app's build_app. */}}
+{{- define "moe-serve.serveConfig" -}}
+{{- $args := dict "expert_shards" (int .Values.shards.count) "shard_num_gpus" .Values.shards.gpusPerShard "dtype" .Values.model.dtype -}}
+{{- with .Values.model.path }}{{ $_ := set $args "model" . }}{{ end -}}
+{{- with .Values.model.servedName }}{{ $_ := set $args "served_model_name" . }}{{ end -}}
+{{- with .Values.shards.placement }}{{ $_ := set $args "placement" . }}{{ end -}}
+{{- if .Values.shards.onePerWorker }}{{ $_ := set $args "shard_resources" (dict "moe_expert_slot" 1) }}{{ end -}}
+{{- with .Values.engine }}{{ $_ := set $args "engine" . }}{{ end -}}
+{{- range $key, $value := .Values.app }}{{ $_ := set $args $key $value }}{{ end -}}
+{{- $onHead := dict "moe_head" 1 -}}
+{{- $deployments := list
+      (dict "name" "Ingress" "ray_actor_options" (dict "num_cpus" .Values.head.ingressCpus "resources" $onHead))
+      (dict "name" "Router" "ray_actor_options" (dict "num_cpus" .Values.head.routerCpus "resources" $onHead)) -}}
+{{- $app := dict "name" "moe-serve" "route_prefix" "/" "import_path" "serve_app.deployments.app:build_app" "args" $args "deployments" $deployments -}}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* Ray's --resources flag value, in the quoting KubeRay's rayStartParams expect. */}}
+{{- define "moe-serve.rayResources" -}}
+{{- printf "%q" (toJson .) | squote -}}
+{{- end -}}
+
+{{/* Environment shared by head and workers: API keys from the Secret, then the user's extras. */}}
+{{- define "moe-serve.env" -}}
+{{- if .Values.apiKeys.existingSecret }}
+- name: MOE_SERVE_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.apiKeys.existingSecret }}
+      key: {{ .Values.apiKeys.secretKey }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes of a Ray pod: /dev/shm for the object store, and the model when it lives on a volume. */}}
+{{- define "moe-serve.volumes" -}}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .shmSize }}
+{{- with .root.Values.model.volume }}
+- name: model
+{{ toYaml . | indent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "moe-serve.volumeMounts" -}}
+- name: dshm
+  mountPath: /dev/shm
+{{- if .Values.model.volume }}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* requests/limits with nvidia.com/gpu added to both when the group has GPUs. */}}
+{{- define "moe-serve.resources" -}}
+{{- $res := deepCopy .resources -}}
+{{- if gt (float64 .gpus) 0.0 -}}
+{{- $gpu := dict "nvidia.com/gpu" (int .gpus) -}}
+{{- $_ := set $res "requests" (merge (get $res "requests" | default (dict)) $gpu) -}}
+{{- $_ := set $res "limits" (merge (get $res "limits" | default (dict)) $gpu) -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}
