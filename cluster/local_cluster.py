@@ -407,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"url": state.serve_url, **report}, indent=2))
         finally:
             down(state_dir)
+            if not args.state_dir:
+                shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 
