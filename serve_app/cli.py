@@ -61,7 +61,6 @@ def app_config_from_args(args: argparse.Namespace):
     from serve_app.config import AppConfig
 
     keys = list(args.api_key)
-    keys += [k for k in os.environ.get("MOE_SERVE_API_KEYS", "").split(",") if k.strip()]
     if args.api_key_file:
         with open(args.api_key_file) as f:
             keys += [line.strip() for line in f if line.strip()]

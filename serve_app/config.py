@@ -48,6 +48,16 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
 
 
+API_KEYS_ENV = "MOE_SERVE_API_KEYS"
+
+
+def api_keys_from_env() -> tuple[str, ...]:
+    """Comma-separated keys from MOE_SERVE_API_KEYS. Read where requests are served (the Ingress
+    replica, the embedded server), so keys from a Kubernetes Secret never enter a stored config."""
+    import os
+    return tuple(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())
+
+
 def default_model_dir() -> str:
     """The bundled default model, shipped inside the package."""
     from pathlib import Path

@@ -12,7 +12,7 @@ from serve_app.api.app import create_app
 from serve_app.api.client import LocalEngineClient
 from serve_app.api.observability import MetricsMiddleware, metrics_router
 from serve_app.api.settings import ApiSettings
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, api_keys_from_env
 from serve_app.engine import AsyncEngine, EngineCore
 from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import load_model
@@ -31,7 +31,7 @@ def build_embedded_app(config: AppConfig) -> FastAPI:
     core = EngineCore(model, engine_config, tokenizer, observer=EngineMetricsObserver(metrics))
     engine = AsyncEngine(core)
     settings = ApiSettings(served_model_name=config.model_name, tokenizer=tokenizer, max_model_len=core.max_model_len,
-                           max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
+                           max_body_bytes=config.max_body_bytes, api_keys=(*config.api_keys, *api_keys_from_env()),
                            request_timeout_s=config.request_timeout_s, precisions=model.precisions)
 
     async def exposition() -> bytes:

@@ -18,7 +18,7 @@ from serve_app.api.app import create_app
 from serve_app.api.errors import BackendUnavailableError
 from serve_app.api.observability import MetricsMiddleware, metrics_router
 from serve_app.api.settings import ApiSettings
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, api_keys_from_env
 from serve_app.engine import EngineError, EngineStepError, RequestOutput, SamplingParams
 from serve_app.engine.sampling_params import SamplingParamsError
 from serve_app.metrics import Metrics
@@ -76,11 +76,13 @@ class RouterClient:
 class Ingress:
     def __init__(self, router, config: AppConfig):
         self.client = RouterClient(router)
+        # Keys from the environment (e.g. a Kubernetes Secret) are read here, in the replica, so they
+        # never pass through the Serve controller or the stored application config.
         positions = ModelConfig.from_dir(config.model).max_position_embeddings
         self.settings = ApiSettings(
             served_model_name=config.model_name, tokenizer=CodeTokenizer.from_dir(config.model),
             max_model_len=min(config.engine_config().max_model_len or positions, positions),
-            api_keys=config.api_keys, max_body_bytes=config.max_body_bytes,
+            api_keys=(*config.api_keys, *api_keys_from_env()), max_body_bytes=config.max_body_bytes,
             request_timeout_s=config.request_timeout_s, precisions=("full", *config.quantized_precisions))
 
     def __serve_build_asgi_app__(self):

@@ -49,6 +49,7 @@ class Scheduler:
         self.cfg, self.blocks = cfg, blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._static_batch: set[str] = set()    # static batching: the seq ids of the current batch
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -88,11 +89,15 @@ class Scheduler:
         return out
 
     def _batch_open(self) -> bool:
-        """Continuous batching: always. Static batching (a benchmark peer, not a serving mode): a
-        batch forms while none of its sequences has produced a token, then runs until it drains."""
+        """Continuous batching: always. Static batching (a benchmark peer, not a serving mode): when
+        the running batch is empty, the next `max_num_seqs` waiting sequences become the batch; they
+        are admitted (over as many steps as the token budget needs) and nothing else is until all of
+        them have finished."""
         if self.cfg.scheduling == "continuous":
             return True
-        return all(not s.output_token_ids for s in self.running)
+        if not self.running and not any(s.seq_id in self._static_batch for s in self.waiting):
+            self._static_batch = {s.seq_id for s in list(self.waiting)[:self.cfg.max_num_seqs]}
+        return bool(self.waiting) and self.waiting[0].seq_id in self._static_batch
 
     def _allocate_or_preempt(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         while self.blocks.allocate(seq.seq_id, seq.token_ids, seq.num_computed_tokens + n) is None:
@@ -111,6 +116,8 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            if self.cfg.scheduling == "static" and seq.seq_id not in self._static_batch:
+                break
             salt = seq.request.cache_salt
             cached = self.blocks.cached_prefix_len(seq.token_ids, salt)
             want = min(seq.num_tokens - cached, budget, self.cfg.long_prefill_chunk)

@@ -42,7 +42,9 @@ def offline(app):
 
 
 def _complete(url: str, prompt: str, **fields) -> dict:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0, **fields}
+    # precision "full": the single-process reference runs full-precision experts (auto would let
+    # the tier classifier pick the INT4/INT8 fast lane for short completions).
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0, "precision": "full", **fields}
     resp = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
     return resp.json()
@@ -69,7 +71,8 @@ def test_official_openai_client_works_unchanged(app, offline):
 
     client = OpenAI(base_url=f"{app.url}/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    done = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    full = {"precision": "full"}
+    done = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body=full)
     ref = offline.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
     assert done.choices[0].text == ref
     fim = client.completions.create(model="tiny", prompt="def f(x):\n    ", suffix="\n    return y\n",
@@ -79,12 +82,12 @@ def test_official_openai_client_works_unchanged(app, offline):
                                           max_tokens=8, temperature=0)
     assert chat.choices[0].message.role == "assistant"
     pieces = [c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True)]
+        model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True, extra_body=full)]
     assert "".join(pieces) == ref
 
 
 async def _stream(client: httpx.AsyncClient, url: str, prompt: str) -> str:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True}
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True, "precision": "full"}
     text, done = [], False
     async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as resp:
         assert resp.status_code == 200

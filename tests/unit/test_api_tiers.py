@@ -78,3 +78,18 @@ def test_tier_and_precision_are_counted_in_metrics(app):
     counted = {(s.labels["tier"], s.labels["precision"]): s.value for s in families["moe_tier_requests"].samples
                if s.name.endswith("_total")}
     assert counted.get(("simple", "int4"), 0) >= 1
+
+
+def test_api_keys_from_the_environment_are_enforced(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_SERVE_API_KEYS", "k1, k2")
+    model_dir = build_model_dir(tmp_path, "mixtral")
+    app = build_embedded_app(AppConfig(model=str(model_dir), served_model_name="tiny",
+                                       engine=dict(block_size=4, num_kv_blocks=64)))
+    try:
+        async def go(key):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return (await c.get("/v1/models", headers=headers)).status_code
+        assert [asyncio.run(go(k)) for k in (None, "nope", "k2")] == [401, 401, 200]
+    finally:
+        app.state.engine.shutdown()

@@ -203,3 +203,18 @@ def test_static_batching_admits_nothing_until_the_batch_drains(model_dir):
     assert [s.request.request_id for s in engine.scheduler.waiting] == ["c"]
     engine.run_until_done()
     assert engine.blocks.num_used_blocks == 0
+
+
+def test_static_batch_fills_to_max_num_seqs_across_steps_before_closing(model_dir):
+    engine = create_engine(model_dir, scheduling="static", max_num_seqs=4, max_num_batched_tokens=8,
+                           long_prefill_chunk=8)
+    rng = random.Random(12)
+    for i in range(6):
+        engine.add_request(f"r{i}", _prompt(rng, 6), greedy(6))
+    admitted = set()
+    for _ in range(6):
+        engine.step()
+        admitted |= {s.request.request_id for s in engine.scheduler.running}
+    assert admitted == {"r0", "r1", "r2", "r3"}                # the whole batch, though 8 tokens/step
+    engine.run_until_done()
+    assert engine.blocks.num_used_blocks == 0
