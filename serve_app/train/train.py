@@ -22,15 +22,18 @@ Legend: B=batch, S=sequence length (max_len), V=vocab, E=experts, K=top-k, N=sam
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,7 @@ from tokenizers import Tokenizer
 from serve_app.model.config import ModelConfig
 from serve_app.model.saver import save_model
 from serve_app.model.transformer import MoeForCausalLM, RMSNorm
+from serve_app.train.corpus import stdlib_root
 from serve_app.train.data import DataConfig, TrainingSample, iter_training_samples
 from serve_app.train.tokenizer_rules import EOS
 
@@ -206,19 +210,25 @@ def make_optimizer(model: MoeForCausalLM, cfg: TrainConfig) -> torch.optim.AdamW
 # --- data ------------------------------------------------------------------------------------
 
 
-def prepare_samples(cache: Path, files, tokenizer_path: Path, data_cfg: DataConfig,
-                    max_samples: int | None = None) -> SampleTensors:
-    """Tokenize once; reuse ``cache`` while the tokenizer, data config and file set are unchanged."""
+def samples_key(tokenizer_path: Path, data_cfg: DataConfig, split: str, max_samples: int | None) -> str:
+    """What the cached samples depend on: tokenizer, data config, which split, corpus version."""
     digest = hashlib.sha256(tokenizer_path.read_bytes())
-    digest.update(json.dumps([asdict(data_cfg), max_samples, sorted(f.rel_name for f in files)]).encode())
-    key = digest.hexdigest()
+    corpus = [split, str(stdlib_root()), platform.python_version()]  # the corpus is this stdlib
+    digest.update(json.dumps([asdict(data_cfg), max_samples, corpus]).encode())
+    return digest.hexdigest()
+
+
+def prepare_samples(cache: Path, load_files: Callable[[], list], tokenizer_path: Path, data_cfg: DataConfig,
+                    key: str, max_samples: int | None = None) -> SampleTensors:
+    """Tokenize once; reuse ``cache`` while ``key`` matches. ``load_files`` runs only on a miss
+    (reading and parsing the corpus costs minutes of CPU on a shared machine)."""
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
         if saved["key"] == key:
             return SampleTensors(saved["input_ids"].long(), saved["num_tokens"].long(), saved["is_fim"])
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     samples = []
-    for sample in iter_training_samples(files, tokenizer, data_cfg):
+    for sample in iter_training_samples(load_files(), tokenizer, data_cfg):
         samples.append(sample)
         if max_samples is not None and len(samples) >= max_samples:
             break
@@ -287,6 +297,8 @@ class RunOptions:
     run_dir: Path
     resume: bool = False
     time_budget_s: float | None = None   # fix total_steps from probe steps so the run fits this
+    # "wall", or "cpu" (process time): equal-compute comparisons on a machine shared with other jobs
+    budget_clock: str = "wall"
     probe_steps: int = 5
     checkpoint_every: int = 50
     log_every: int = 10
@@ -309,6 +321,20 @@ def heldout_loss(model: MoeForCausalLM, data: SampleTensors, rows: int, batch: i
     return total / max(count, 1)
 
 
+def fit_to_budget(state: TrainState, opts: RunOptions, timed_from: tuple[int, float]) -> None:
+    """Set total_steps so the run ends at the time budget, from the mean step time since
+    ``timed_from`` (step, train_seconds): after the first step, which pays one-off costs.
+
+    First set after the probe steps (inside the warmup, which does not depend on it), then revised
+    at every log step: a machine shared with other jobs changes speed, and a cosine that ends late
+    would overrun the budget. A revision bends the cosine slightly; it never ends before this step."""
+    timed = state.step - timed_from[0]
+    if timed < opts.probe_steps or (timed != opts.probe_steps and state.step % opts.log_every):
+        return
+    per_step = (state.train_seconds - timed_from[1]) / timed
+    state.total_steps = max(state.step + 1, state.step + int((opts.time_budget_s - state.train_seconds) / per_step))
+
+
 def train(cfg: TrainConfig, opts: RunOptions, data: SampleTensors, eos_id: int,
           heldout: SampleTensors | None = None) -> tuple[MoeForCausalLM, TrainState, list[float]]:
     """Train (or resume) in ``opts.run_dir``; returns the model, final state and each step's lm loss."""
@@ -321,10 +347,12 @@ def train(cfg: TrainConfig, opts: RunOptions, data: SampleTensors, eos_id: int,
         state = load_checkpoint(ckpt_path, model, opt)
     model.train()
     losses: list[float] = []
-    started, probe_t0 = time.perf_counter(), None
+    started = time.perf_counter()
+    timed_from = (state.step, state.train_seconds) if state.step else None  # fresh: set after step 1
     log = (opts.run_dir / "log.jsonl").open("a")
+    clock = time.process_time if opts.budget_clock == "cpu" else time.perf_counter
     while state.step < state.total_steps and state.step != opts.stop_after:
-        t0 = time.perf_counter()
+        t0 = clock()
         ids, num_tokens = next_batch(data, state, cfg)
         for group in opt.param_groups:
             group["lr"] = lr_at(state.step, cfg, state.total_steps)
@@ -335,24 +363,24 @@ def train(cfg: TrainConfig, opts: RunOptions, data: SampleTensors, eos_id: int,
         opt.step()
         state.step += 1
         state.tokens_seen += int((num_tokens - 1).clamp(min=0).sum())
-        state.train_seconds += time.perf_counter() - t0
         losses.append(step_losses.lm)
-        if opts.time_budget_s and state.step == 1:
-            probe_t0 = state.train_seconds  # the first step pays one-off costs: not probed
-        if opts.time_budget_s and state.step == opts.probe_steps + 1 and probe_t0 is not None:
-            per_step = (state.train_seconds - probe_t0) / opts.probe_steps
-            state.total_steps = state.step + int((opts.time_budget_s - state.train_seconds) / per_step)
         if state.step % opts.log_every == 0 or state.step == state.total_steps:
             record = {"step": state.step, "total_steps": state.total_steps, "lm": round(step_losses.lm, 4),
                       "aux": round(step_losses.aux, 4), "grad_norm": round(grad_norm, 3),
                       "lr": opt.param_groups[0]["lr"], "tokens": state.tokens_seen,
-                      "train_s": round(state.train_seconds, 1), "wall_s": round(time.perf_counter() - started, 1)}
+                      "train_s": round(state.train_seconds, 1), "wall_s": round(time.perf_counter() - started, 1),
+                      "cpu_s": round(time.process_time(), 1)}
             if heldout is not None and opts.eval_rows:
                 record["heldout_lm"] = round(heldout_loss(model, heldout, opts.eval_rows), 4)
             log.write(json.dumps(record) + "\n")
             log.flush()
         if state.step % opts.checkpoint_every == 0:
             save_checkpoint(ckpt_path, model, opt, state, cfg)
+        # Wall time of the whole iteration (logging and checkpoints included): the budget is wall time.
+        state.train_seconds += clock() - t0
+        timed_from = timed_from or (state.step, state.train_seconds)
+        if opts.time_budget_s:
+            fit_to_budget(state, opts, timed_from)
     save_checkpoint(ckpt_path, model, opt, state, cfg)
     log.close()
     return model, state, losses
@@ -379,9 +407,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--export", type=Path, help="write the bf16 HF checkpoint here when done")
     parser.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
     parser.add_argument("--time-budget-min", type=float, help="fit the step count to this training time")
+    parser.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: count process time, for equal-compute comparisons on a shared machine")
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-rows", type=int, default=32, help="held-out rows scored at each log step")
     for field, default in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=None,
                             help=f"TrainConfig.{field} (default {default})")
@@ -389,7 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from serve_app.train.corpus import load_split
+    from serve_app.train.corpus import load_split  # heavy: only on a sample-cache miss
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -403,19 +434,21 @@ def main(argv: list[str] | None = None) -> None:
     tok_path = args.tokenizer_dir / "tokenizer.json"
     eos_id = Tokenizer.from_file(str(tok_path)).token_to_id(EOS)
     data_cfg = DataConfig(max_len=cfg.max_len, fim_rate=cfg.fim_rate, seed=cfg.seed)
-    split = load_split()
+    split = functools.cache(load_split)
     data_dir = args.data_dir or args.run_dir
     t0 = time.perf_counter()
-    data = prepare_samples(data_dir / "train_samples.pt", split.train, tok_path, data_cfg)
-    heldout = prepare_samples(data_dir / "heldout_samples.pt", split.heldout, tok_path, data_cfg, max_samples=256)
+    data = prepare_samples(data_dir / "train_samples.pt", lambda: split().train, tok_path, data_cfg,
+                           samples_key(tok_path, data_cfg, "train", None))
+    heldout = prepare_samples(data_dir / "heldout_samples.pt", lambda: split().heldout, tok_path, data_cfg,
+                              samples_key(tok_path, data_cfg, "heldout", 256), max_samples=256)
     print(f"samples: train {len(data)} heldout {len(heldout)} ({time.perf_counter() - t0:.0f}s)", flush=True)
     opts = RunOptions(args.run_dir, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                      log_every=args.log_every,
+                      log_every=args.log_every, eval_rows=args.eval_rows, budget_clock=args.budget_clock,
                       time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
     model, state, _ = train(cfg, opts, data, eos_id, heldout)
     summary = {"config": asdict(cfg), "params": count_params(model), "state": asdict(state),
                "train_samples": len(data), "train_tokens_available": int(data.num_tokens.sum()),
-               "heldout_lm": heldout_loss(model, heldout, len(heldout))}
+               "heldout_lm": heldout_loss(model, heldout, 32), "heldout_rows": 32}
     (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), flush=True)
     if args.export:

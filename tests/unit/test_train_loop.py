@@ -10,9 +10,19 @@ import torch
 
 from serve_app.model import load_model
 from serve_app.train.train import (RunOptions, SampleTensors, TrainConfig, build_model, compute_loss, export,
+                                   fit_to_budget,
                                    lm_loss, load_balance_loss, lr_at, next_batch, TrainState, train)
 
 EOS = 1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest, and a second one only spins on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -122,3 +132,16 @@ def test_export_loads_with_load_model_and_gives_the_same_logits(tmp_path):
     assert loaded.config.eos_token_ids == (EOS,) and loaded.config.tie_word_embeddings
     torch.testing.assert_close(got, rounded, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_time_budget_sets_the_step_count_from_the_measured_step_time(tmp_path):
+    opts = RunOptions(tmp_path, time_budget_s=100.0, probe_steps=5, log_every=10)
+    state = TrainState(step=6, total_steps=1000, train_seconds=12.0)
+    fit_to_budget(state, opts, timed_from=(1, 2.0))                 # 2 s per timed step
+    assert state.total_steps == 6 + 44
+    state.step, state.train_seconds = 7, 14.0                       # not a log step: unchanged
+    fit_to_budget(state, opts, timed_from=(1, 2.0))
+    assert state.total_steps == 50
+    state.step, state.train_seconds = 10, 42.0                      # slowed down to 4.4 s per step
+    fit_to_budget(state, opts, timed_from=(1, 2.0))
+    assert state.total_steps == 10 + 13
