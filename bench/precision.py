@@ -20,7 +20,7 @@ import torch
 from serve_app.config import EngineConfig, default_model_dir
 from serve_app.engine import EngineCore, SamplingParams
 from serve_app.model import load_model
-from serve_app.model.quant import QuantizedExpertBackend
+from serve_app.model.quant import quantized_copies
 from serve_app.tokenizer import CodeTokenizer
 
 PRECISIONS = ("full", "int8", "int4")
@@ -39,10 +39,11 @@ def heldout_windows(tokenizer: CodeTokenizer, num: int, length: int) -> torch.Te
     return torch.tensor(ids[: min(num, usable) * length]).view(-1, length)
 
 
-def with_backends(model, group_size: int) -> dict[str, object]:
-    backends = {"full": model.local_experts}
+def with_backends(model, group_size: int, materialize) -> dict[str, object]:
+    """The quantized copies exactly as the router builds them (quantized_copies)."""
+    backends = {"full": model.local_experts, **quantized_copies(model.local_experts, ("int8", "int4"), group_size,
+                                                                materialize)}
     for mode in ("int8", "int4"):
-        backends[mode] = QuantizedExpertBackend.from_backend(model.local_experts, mode, group_size)
         model.set_expert_backend(backends[mode], mode)
     return backends
 
@@ -92,11 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window-len", type=int, default=256)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="fewer windows and tokens (smoke run)")
+    ap.add_argument("--no-materialize", action="store_true",
+                    help="dequantize on every call (the memory-saving path) instead of the router's default")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model_dir = Path(args.model)
     model, tokenizer = load_model(model_dir), CodeTokenizer.from_dir(model_dir)
-    backends = with_backends(model, args.group_size)
+    backends = with_backends(model, args.group_size, False if args.no_materialize else "auto")
     windows = heldout_windows(tokenizer, 4 if args.quick else args.windows, args.window_len)
     q = quality(model, backends, windows)
     new_tokens = 8 if args.quick else 32

@@ -85,6 +85,9 @@ class AppConfig(BaseModel):
         ("int8", "int4"), description="quantized copies of all experts the router holds (the fast path); "
         "empty = every request at full precision")
     int4_group_size: Literal[32, 64, 128] = Field(64, description="INT4 quantization group along the input dim")
+    quant_materialize: bool | Literal["auto"] = Field(
+        "auto", description="keep dequantized copies of quantized experts (float speed, quantized numerics); "
+        "'auto' = on CPU, where integer kernels lose to float32 matmul")
     fast_lane_kv_fraction: float = Field(
         0.5, gt=0, lt=1, description="share of the KV blocks for the fast (quantized) lane's engine")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")

@@ -16,16 +16,16 @@ from serve_app.config import AppConfig, api_keys_from_env
 from serve_app.engine import AsyncEngine, EngineCore
 from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import load_model
-from serve_app.model.quant import QuantizedExpertBackend
+from serve_app.model.quant import quantized_copies
 from serve_app.tokenizer import CodeTokenizer
 
 
 def build_embedded_app(config: AppConfig) -> FastAPI:
     metrics = Metrics("prometheus")
     model = load_model(config.model, dtype=config.dtype)
-    for mode in config.quantized_precisions:          # all experts are local: quantize them in place
-        model.set_expert_backend(QuantizedExpertBackend.from_backend(model.local_experts, mode,
-                                                                     config.int4_group_size), mode)
+    for mode, copy in quantized_copies(model.local_experts, config.quantized_precisions, config.int4_group_size,
+                                       config.quant_materialize).items():
+        model.set_expert_backend(copy, mode)
     tokenizer = CodeTokenizer.from_dir(config.model)
     engine_config = config.engine_config()
     core = EngineCore(model, engine_config, tokenizer, observer=EngineMetricsObserver(metrics))

@@ -45,5 +45,6 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
               .bind(config.model, spec, config.dtype) for spec in plan.shards]
     router = Router.options(ray_actor_options={"num_cpus": 0.1}).bind(
         config.model, plan, config.engine_config(), shards, config.dtype, config.dispatch_timeout_s,
-        tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction)
+        tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction,
+        config.quant_materialize)
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(router, config)

@@ -23,7 +23,7 @@ from serve_app.config import EngineConfig
 from serve_app.engine import AsyncEngine, EngineCore, RequestOutput, SamplingParams
 from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import PartitionedBackend, load_expert_weights, load_model
-from serve_app.model.quant import QuantizedExpertBackend
+from serve_app.model.quant import quantized_copies
 from serve_app.parallel.placement import PlacementPlan
 from serve_app.parallel.transport import ServeTransport
 from serve_app.tokenizer import CodeTokenizer
@@ -43,7 +43,7 @@ class Router:
     def __init__(self, model_dir: str, placement: PlacementPlan, engine_config: EngineConfig,
                  shards: list, dtype: str = "float32", dispatch_timeout_s: float = 10.0,
                  quantized_precisions: tuple[str, ...] = (), int4_group_size: int = 64,
-                 fast_lane_kv_fraction: float = 0.5):
+                 fast_lane_kv_fraction: float = 0.5, quant_materialize: bool | str = "auto"):
         model = load_model(model_dir, dtype=dtype, expert_ids=placement.local)
         observer = EngineMetricsObserver(Metrics("ray"))
         if placement.num_shards:
@@ -53,8 +53,9 @@ class Router:
         if quantized_precisions:
             # Quantized at load time from the checkpoint's float experts, which are then dropped.
             every_expert = load_expert_weights(model_dir, None, dtype=dtype)
-            for mode in quantized_precisions:
-                model.set_expert_backend(QuantizedExpertBackend.from_backend(every_expert, mode, int4_group_size), mode)
+            for mode, copy in quantized_copies(every_expert, quantized_precisions, int4_group_size,
+                                               quant_materialize).items():
+                model.set_expert_backend(copy, mode)
             del every_expert
         tokenizer = CodeTokenizer.from_dir(model_dir)
         self.lanes = {name: AsyncEngine(EngineCore(model, cfg, tokenizer, observer=observer.lane(name)))

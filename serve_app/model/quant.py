@@ -261,9 +261,18 @@ class QuantLinear(nn.Module):
         v = unpack_int4(codes).to(dtype).view(n, q, self.group_size)                     # [N, Q, G]
         return (v * scales.to(dtype)[..., None]).view(n, -1)[:, :self.in_features]      # [N, K]
 
+    def materialize(self) -> None:
+        """Keep the dequantized weight (dequant path only): float speed and float memory, with the
+        quantized numerics. For devices whose integer kernels lose to float matmul (this CPU in
+        float32: 5-30x), where dequantizing on every call would make the fast path the slow one."""
+        if self.path == "dequant":
+            self.register_buffer("dense", self.dequantize(), persistent=False)         # [N, K]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "dequant":
-            return F.linear(x, self.dequantize(x.dtype))                                 # [R, N]
+            dense = getattr(self, "dense", None)
+            weight = dense.to(x.dtype) if dense is not None else self.dequantize(x.dtype)
+            return F.linear(x, weight)                                                   # [R, N]
         if self.mode == "int8":
             return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales.to(x.dtype))
         if self.qweight.device.type != self.device_type:
@@ -275,7 +284,8 @@ class QuantLinear(nn.Module):
         return mm(xp, self.qweight, self.group_size, self.scales_and_zeros).to(x.dtype)  # [R, N]
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Stored bytes (codes, scales): a materialized dense copy is a cache, not counted here."""
+        return sum(b.numel() * b.element_size() for b in self.state_dict().values())
 
     def extra_repr(self) -> str:
         return (f"{self.mode}, in={self.in_features}, out={self.out_features}, "
@@ -333,9 +343,29 @@ class QuantizedExpertBackend(nn.Module):
             out[a.expert] = self.ffn[name](x.index_select(0, a.rows))   # [R, D]
         return out
 
+    def materialize(self) -> "QuantizedExpertBackend":
+        """See QuantLinear.materialize; returns self."""
+        for module in self.modules():
+            if isinstance(module, QuantLinear):
+                module.materialize()
+        return self
+
     def bytes_per_expert(self) -> int:
         """Weights + scales (+ the int4 kernel's zeros) of one expert; all experts are the same size."""
         return max(ffn.nbytes() for ffn in self.ffn.values())
+
+
+def quantized_copies(local: LocalExpertBackend, modes, group_size: int = DEFAULT_GROUP_SIZE,
+                     materialize: bool | str = "auto") -> dict[str, QuantizedExpertBackend]:
+    """The router's fast-path experts: one quantized copy of `local` per mode. materialize="auto"
+    keeps dequantized weights on CPU (see QuantLinear.materialize), not on GPUs."""
+    on_cpu = all(p.device.type == "cpu" for p in local.parameters())
+    keep = on_cpu if materialize == "auto" else bool(materialize)
+    copies = {}
+    for mode in modes:
+        copy = QuantizedExpertBackend.from_backend(local, mode, group_size)
+        copies[mode] = copy.materialize() if keep else copy
+    return copies
 
 
 # --- save / load ------------------------------------------------------------------------------

@@ -186,3 +186,18 @@ def test_loading_a_float_checkpoint_as_quantized_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "float.safetensors"))
     with pytest.raises(ModelLoadError, match="format None"):
         load_quantized(tmp_path / "float.safetensors")
+
+
+def test_materialized_copies_keep_quantized_numerics(tmp_path):
+    from serve_app.model import load_model
+    from serve_app.model.quant import quantized_copies
+    from tests.helpers.checkpoints import build_checkpoint
+
+    local = load_model(build_checkpoint(tmp_path, "mixtral", num_local_experts=8).path).local_experts
+    plain = quantized_copies(local, ("int8", "int4"), 32, materialize=False)
+    kept = quantized_copies(local, ("int8", "int4"), 32, materialize=True)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    for mode in ("int8", "int4"):
+        a, b = plain[mode].ffn["1_3"](x), kept[mode].ffn["1_3"](x)
+        assert torch.allclose(a, b, atol=1e-5)                       # same numbers, computed once
+        assert not torch.allclose(b, local.ffn["1_3"](x), atol=1e-4)  # and still not the float expert
