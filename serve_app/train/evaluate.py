@@ -154,37 +154,77 @@ def heldout_metrics(model, data: SampleTensors, batch: int = 8) -> dict:
     }
 
 
-def next_line_metrics(llm: LLM, budget: Budget, cases, window: int, opts: EvalOptions) -> dict:
+class Generator:
+    """Greedy generation through the engine in chunks. A chunk the engine cannot finish (seen:
+    "engine made no progress" on a large offline batch) is retried one prompt at a time on a fresh
+    engine; a prompt that still fails yields no completion and is counted in ``engine_errors``."""
+
+    def __init__(self, model, tokenizer: CodeTokenizer, chunk: int = 16):
+        self.model, self.tokenizer, self.chunk = model, tokenizer, chunk
+        self.engine_errors = 0
+        self.llm = self._new_llm()
+
+    def _new_llm(self) -> LLM:
+        return LLM(self.model, tokenizer=self.tokenizer, enable_prefix_caching=False)
+
+    def texts(self, prompts: list, params: SamplingParams) -> list[str | None]:
+        out: list[str | None] = []
+        for start in range(0, len(prompts), self.chunk):
+            part = prompts[start:start + self.chunk]
+            try:
+                out.extend(o.outputs[0].text for o in self.llm.generate(part, params))
+            except RuntimeError:
+                self.llm = self._new_llm()
+                out.extend(self._one_by_one(part, params))
+        return out
+
+    def _one_by_one(self, prompts: list, params: SamplingParams) -> list[str | None]:
+        out: list[str | None] = []
+        for prompt in prompts:
+            try:
+                out.append(self.llm.generate([prompt], params)[0].outputs[0].text)
+            except RuntimeError:
+                self.engine_errors += 1
+                self.llm = self._new_llm()
+                out.append(None)
+        return out
+
+
+def next_line_metrics(llm: "Generator", budget: Budget, cases, window: int, opts: EvalOptions) -> dict:
     prompts = [budget.tail(c.prefix, window - opts.next_line_max_tokens - 8) for c in cases]
     params = SamplingParams(temperature=0.0, max_tokens=opts.next_line_max_tokens, stop=["\n"])
-    outs = llm.generate(prompts, params)
-    texts = [o.outputs[0].text for o in outs]
+    errors_before = llm.engine_errors
+    texts = llm.texts(prompts, params)
     exact = sum(t == c.target for t, c in zip(texts, cases))
-    loose = sum(t.rstrip() == c.target.rstrip() for t, c in zip(texts, cases))
+    loose = sum(t is not None and t.rstrip() == c.target.rstrip() for t, c in zip(texts, cases))
     return {"cases": len(cases), "exact_match": round(exact / max(len(cases), 1), 4),
-            "exact_match_ignoring_trailing_space": round(loose / max(len(cases), 1), 4)}
+            "exact_match_ignoring_trailing_space": round(loose / max(len(cases), 1), 4),
+            "engine_errors": llm.engine_errors - errors_before}
 
 
-def fim_metrics(llm: LLM, code_tok: CodeTokenizer, budget: Budget, cases, files: dict, window: int,
+def fim_metrics(llm: "Generator", code_tok: CodeTokenizer, budget: Budget, cases, files: dict, window: int,
                 opts: EvalOptions) -> dict:
     prompt_tokens = window - opts.fim_max_tokens - 8                    # 3 FIM tokens + slack
     prompts = [code_tok.build_fim_prompt_ids(*fim_prompt_parts(budget, c.prefix, c.suffix, prompt_tokens))
                for c in cases]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=opts.fim_max_tokens))
+    errors_before = llm.engine_errors
+    texts = llm.texts(prompts, SamplingParams(temperature=0.0, max_tokens=opts.fim_max_tokens))
     exact = parses = empty_parses = 0
     examples = []
-    for case, out in zip(cases, outs):
-        text = out.outputs[0].text
+    for case, text in zip(cases, texts):
         full = split_at_span(files[case.rel_name], case.span)          # untrimmed: the whole file
+        empty_parses += _parses(full.prefix + full.suffix)
+        if text is None:                                                # the engine failed it: a miss
+            continue
         exact += text.rstrip("\n") == case.middle.rstrip("\n")
         parses += _parses(full.prefix + text + full.suffix)
-        empty_parses += _parses(full.prefix + full.suffix)
         if len(examples) < opts.num_examples and case.span.num_lines <= 3:
             examples.append({"file": case.rel_name, "line": case.span.start_line + 1,
                              "expected": case.middle, "completion": text})
     n = max(len(cases), 1)
     return {"cases": len(cases), "exact_match": round(exact / n, 4), "parse_rate": round(parses / n, 4),
-            "parse_rate_empty_middle": round(empty_parses / n, 4), "examples": examples}
+            "parse_rate_empty_middle": round(empty_parses / n, 4), "engine_errors": llm.engine_errors - errors_before,
+            "examples": examples}
 
 
 def latency_metrics(llm: LLM, prompt_ids: list[int], opts: EvalOptions) -> dict:
@@ -253,7 +293,7 @@ def evaluate(model_dir: Path, opts: EvalOptions, parts: tuple[str, ...] = PARTS,
                                         opts.heldout_rows))
         report["heldout"] = heldout_metrics(model, SampleTensors.from_samples(samples))
     eval_set = build_eval_set(heldout, EvalConfig(num_next_line=opts.num_next_line, num_fim=opts.num_fim))
-    llm = LLM(model, tokenizer=code_tok, enable_prefix_caching=False, num_kv_blocks=8192)
+    llm = Generator(model, code_tok)
     if "next_line" in parts:
         report["next_line"] = next_line_metrics(llm, budget, eval_set.next_line, window, opts)
     if "fim" in parts:

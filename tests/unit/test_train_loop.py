@@ -145,3 +145,22 @@ def test_time_budget_sets_the_step_count_from_the_measured_step_time(tmp_path):
     state.step, state.train_seconds = 10, 42.0                      # slowed down to 4.4 s per step
     fit_to_budget(state, opts, timed_from=(1, 2.0))
     assert state.total_steps == 10 + 13
+
+
+def test_eval_fim_prompt_keeps_whole_lines_and_most_of_the_budget_for_the_prefix():
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from serve_app.train.evaluate import Budget, fim_prompt_parts
+    tok_path = Path(__file__).resolve().parents[2] / "serve_app" / "default_model" / "tokenizer.json"
+    if not tok_path.is_file():
+        pytest.skip("default tokenizer not built")
+    budget = Budget(Tokenizer.from_file(str(tok_path)))
+    prefix = "".join(f"alpha_{i} = compute({i})\n" for i in range(200))
+    suffix = "".join(f"beta_{i} = compute({i})\n" for i in range(200))
+    kept_prefix, kept_suffix = fim_prompt_parts(budget, prefix, suffix, 100)
+    assert prefix.endswith(kept_prefix) and suffix.startswith(kept_suffix)
+    assert kept_prefix.startswith("alpha_") and kept_suffix.endswith("\n")
+    assert budget.count(kept_prefix) + budget.count(kept_suffix) <= 100
+    assert budget.count(kept_prefix) >= 70
