@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "also MOE_SERVE_API_KEYS (comma-separated) and --api-key-file")
     p.add_argument("--api-key-file", help="file with one key per line")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", "auto"),
+                   help="'auto' joins a Ray cluster running on this machine or starts one; 'local' always "
+                        "starts a private one (its direct-ingress settings then apply for sure); or an address")
     p.add_argument("--embedded", action="store_true",
                    help="no Ray: engine and HTTP in this process, all experts local (serve_app/embedded.py)")
     return p.parse_args(argv)
@@ -99,11 +102,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve_app.deployments.app import build_app
 
-    try:
-        ray.init(address="auto", log_to_driver=False)
-        print("moe-serve: joined the running Ray cluster", flush=True)
-    except ConnectionError:
+    if args.ray_address == "local":
         ray.init(log_to_driver=False)
+    else:
+        try:
+            ray.init(address=args.ray_address, log_to_driver=False)
+            # A cluster started elsewhere keeps its own environment: the direct-ingress port pinning
+            # above applies only if that cluster was started with the same variables.
+            print(f"moe-serve: joined the Ray cluster at {args.ray_address}", flush=True)
+        except ConnectionError:
+            ray.init(log_to_driver=False)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

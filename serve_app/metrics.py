@@ -11,6 +11,8 @@ Names and meanings are documented in docs/metrics.md.
 """
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -142,9 +144,15 @@ class EngineMetricsObserver:
     """Records an engine's StepStats (serve_app.engine.stats) into Metrics; the engine stays unaware
     of metrics libraries. Tier labels come from the request tag ("" → "none")."""
 
+    # Per-expert counters are L×E series: batched and flushed at most this often, not every step.
+    EXPERT_FLUSH_S = 1.0
+
     def __init__(self, metrics: Metrics):
         self.m = metrics
         self._gauges: dict[str, tuple[int, int, int, int]] = {}   # lane → running, waiting, kv used, kv total
+        self._expert_pending = None                               # [layers, E] not yet recorded
+        self._expert_flushed = 0.0
+        self._lock = threading.Lock()       # lanes (engine threads) share one observer
 
     def lane(self, name: str) -> "_LaneObserver":
         """An observer for one of several engines in a process (precision lanes): gauges are the
@@ -175,9 +183,21 @@ class EngineMetricsObserver:
             m.inc("moe_prompt_tokens_total", len(out.prompt_token_ids))
             m.inc("moe_generation_tokens_total", sum(len(c.token_ids) for c in out.outputs))
         if stats.expert_tokens is not None:
-            for layer, row in enumerate(stats.expert_tokens.tolist()):
-                for expert, count in enumerate(row):
-                    m.inc("moe_expert_tokens_total", count, layer=layer, expert=expert)
+            with self._lock:
+                pending = self._expert_pending
+                self._expert_pending = stats.expert_tokens if pending is None else pending + stats.expert_tokens
+            if time.monotonic() - self._expert_flushed >= self.EXPERT_FLUSH_S or stats.num_running == 0:
+                self.flush_expert_tokens()
+
+    def flush_expert_tokens(self) -> None:
+        with self._lock:
+            pending, self._expert_pending = self._expert_pending, None
+            self._expert_flushed = time.monotonic()
+        if pending is None:
+            return
+        for layer, row in enumerate(pending.tolist()):
+            for expert, count in enumerate(row):
+                self.m.inc("moe_expert_tokens_total", count, layer=layer, expert=expert)
 
     def on_dispatch(self, record) -> None:
         """ServeTransport callback: one shard round trip (serve_app.parallel.transport.DispatchRecord)."""
