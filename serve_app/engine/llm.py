@@ -48,7 +48,8 @@ class LLM:
         per_prompt = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(batch):
             raise ValueError(f"{len(per_prompt)} sampling params for {len(batch)} prompts")
-        ids = []
+        ids: list[str] = []
+        final: dict[str, RequestOutput] = {}
         for prompt, p in zip(batch, per_prompt):
             request_id = f"llm-{next(self._ids)}"
             token_ids = self._prompt_ids(prompt)
@@ -57,7 +58,8 @@ class LLM:
                     self.engine.add_request(request_id, token_ids, p)
                     break
                 except EngineOverloadedError:
-                    self.engine.step()          # offline: make room instead of failing
+                    # Offline: make room instead of failing; requests may finish in these steps.
+                    final.update((o.request_id, o) for o in self.engine.step() if o.finished)
             ids.append(request_id)
-        final = self.engine.run_until_done(ids)
+        final.update(self.engine.run_until_done([i for i in ids if i not in final]))
         return [final[i] for i in ids]

@@ -218,3 +218,14 @@ def test_static_batch_fills_to_max_num_seqs_across_steps_before_closing(model_di
     assert admitted == {"r0", "r1", "r2", "r3"}                # the whole batch, though 8 tokens/step
     engine.run_until_done()
     assert engine.blocks.num_used_blocks == 0
+
+
+def test_offline_generate_beyond_the_waiting_limits_returns_every_output(model_dir):
+    from serve_app import LLM
+
+    llm = LLM(model_dir, block_size=4, num_kv_blocks=256, max_waiting_requests=3, max_waiting_tokens=40)
+    rng = random.Random(13)
+    prompts = [_prompt(rng, rng.randrange(2, 20)) for _ in range(12)]
+    outs = llm.generate(prompts, greedy(3))       # early requests finish while later ones wait to be added
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3] * 12
+    assert all(o.finished for o in outs)
