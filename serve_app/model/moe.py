@@ -111,13 +111,10 @@ class MissingExpertError(RuntimeError):
     """A plan routed tokens to an expert that no backend holds."""
 
 
-class LocalExpertBackend(nn.Module):
-    """Experts in this process. A module, so `.to(device)` and state_dict cover the weights."""
-
-    def __init__(self, keys: Iterable[ExpertKey], hidden: int, width: int, dtype=None, device=None):
-        super().__init__()
-        self.ffn = nn.ModuleDict({f"{layer}_{expert}": ExpertFFN(hidden, width, dtype, device)
-                                  for layer, expert in sorted(set(keys))})
+class KeyedExperts:
+    """ExpertBackend over in-process FFN modules in `self.ffn` (an nn.ModuleDict keyed "layer_expert");
+    shared by the float experts and their quantized copies."""
+    ffn: nn.ModuleDict
 
     def holds(self) -> frozenset[ExpertKey]:
         return frozenset(tuple(int(p) for p in name.split("_")) for name in self.ffn)
@@ -128,8 +125,17 @@ class LocalExpertBackend(nn.Module):
             name = f"{plan.layer}_{a.expert}"
             if name not in self.ffn:
                 raise MissingExpertError(f"expert {a.expert} of layer {plan.layer} is not held by this backend")
-            out[a.expert] = self.ffn[name](x.index_select(0, a.rows))
+            out[a.expert] = self.ffn[name](x.index_select(0, a.rows))   # [R, D]
         return out
+
+
+class LocalExpertBackend(KeyedExperts, nn.Module):
+    """Experts in this process. A module, so `.to(device)` and state_dict cover the weights."""
+
+    def __init__(self, keys: Iterable[ExpertKey], hidden: int, width: int, dtype=None, device=None):
+        super().__init__()
+        self.ffn = nn.ModuleDict({f"{layer}_{expert}": ExpertFFN(hidden, width, dtype, device)
+                                  for layer, expert in sorted(set(keys))})
 
 
 class ExpertsByPrecision:

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from serve_app.model.config import ModelLoadError
-from serve_app.model.moe import DispatchPlan, ExpertFFN, ExpertKey, LocalExpertBackend, MissingExpertError
+from serve_app.model.moe import ExpertFFN, KeyedExperts, LocalExpertBackend
 
 QuantMode = Literal["int8", "int4"]
 MODES = ("int8", "int4")
@@ -315,7 +315,7 @@ class QuantizedExpertFFN(nn.Module):
         return self.gate_up.nbytes() + self.down.nbytes()
 
 
-class QuantizedExpertBackend(nn.Module):
+class QuantizedExpertBackend(KeyedExperts, nn.Module):
     """An ExpertBackend over quantized experts, keyed like LocalExpertBackend (`ffn["L_E"]`)."""
 
     def __init__(self, ffns: dict[str, QuantizedExpertFFN], mode: QuantMode, group_size: int):
@@ -330,18 +330,6 @@ class QuantizedExpertBackend(nn.Module):
         _check_mode(mode, group_size)
         return cls({name: QuantizedExpertFFN.from_float(ffn, mode, group_size, path)
                     for name, ffn in local.ffn.items()}, mode, group_size)
-
-    def holds(self) -> frozenset[ExpertKey]:
-        return frozenset(tuple(int(p) for p in name.split("_")) for name in self.ffn)
-
-    def run_experts(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
-        out = {}
-        for a in plan.assignments:
-            name = f"{plan.layer}_{a.expert}"
-            if name not in self.ffn:
-                raise MissingExpertError(f"expert {a.expert} of layer {plan.layer} is not held by this backend")
-            out[a.expert] = self.ffn[name](x.index_select(0, a.rows))   # [R, D]
-        return out
 
     def materialize(self) -> "QuantizedExpertBackend":
         """See QuantLinear.materialize; returns self."""
