@@ -17,6 +17,9 @@ import time
 import urllib.request
 
 
+APP_NAME = "moe-serve"
+
+
 def direct_ingress_env(port: int) -> dict[str, str]:
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve_app.deployments.app import build_app
 
+    joined = False
     if args.ray_address == "local":
         ray.init(log_to_driver=False)
     else:
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             # A cluster started elsewhere keeps its own environment: the direct-ingress port pinning
             # above applies only if that cluster was started with the same variables.
             print(f"moe-serve: joined the Ray cluster at {args.ray_address}", flush=True)
+            joined = True
         except ConnectionError:
             ray.init(log_to_driver=False)
     stop = threading.Event()
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         start_serve(config.host)
-        serve.run(build_app(config), name="moe-serve", route_prefix="/", blocking=False)
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{config.host}:{config.port}"
         wait_healthy(url)
         print(f"moe-serve: serving {config.model_name} at {url}/v1 (Ctrl-C to stop)", flush=True)
@@ -125,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             pass
     finally:
         print("moe-serve: shutting down", flush=True)
-        serve.shutdown()
+        if joined:
+            serve.delete(APP_NAME)      # a cluster we joined keeps its Serve and its other apps
+        else:
+            serve.shutdown()
         ray.shutdown()
     return 0
 

@@ -71,11 +71,18 @@ class RouterClient:
             raise BackendUnavailableError(f"unhealthy: {type(_unwrap(exc)).__name__}") from exc
 
 
+def _node_metrics_url() -> str:
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=1024)
 @serve.ingress()
 class Ingress:
     def __init__(self, router, config: AppConfig):
         self.client = RouterClient(router)
+        self._metrics_url: str | None = None
         # Keys from the environment (e.g. a Kubernetes Secret) are read here, in the replica, so they
         # never pass through the Serve controller or the stored application config.
         positions = ModelConfig.from_dir(config.model).max_position_embeddings
@@ -92,8 +99,8 @@ class Ingress:
 
     async def node_metrics(self) -> bytes:
         """/metrics: this node's Ray metrics export (every replica's series on the node, `ray_` prefixed)."""
-        node_id = ray.get_runtime_context().get_node_id()
-        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        if self._metrics_url is None:   # ray.nodes() is a blocking GCS call: once, off the event loop
+            self._metrics_url = await asyncio.to_thread(_node_metrics_url)
         async with httpx.AsyncClient(timeout=5) as client:
-            resp = await client.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics")
+            resp = await client.get(self._metrics_url)
         return resp.content
