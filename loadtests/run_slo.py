@@ -34,6 +34,8 @@ import urllib.request
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from serve_app.cli import wait_healthy
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -66,19 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=default,
                        help=f"workload: {f.name} (default {default!r})")
     return p.parse_args(argv)
-
-
-def wait_healthy(url: str, timeout_s: float) -> None:
-    deadline, last = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f}s: {last}")
 
 
 def warm_up(url: str, count: int, workload: wl.WorkloadConfig) -> None:

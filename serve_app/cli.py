@@ -77,17 +77,18 @@ def app_config_from_args(args: argparse.Namespace):
     return AppConfig(**fields)
 
 
-def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
+def wait_healthy(url: str, timeout_s: float = 300.0, poll_s: float = 0.25) -> None:
+    """Poll {url}/health until it answers 200 (used by the CLI, the load-test runner and the tests)."""
+    deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
                 if resp.status == 200:
                     return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f}s")
+        except OSError as exc:
+            last = exc
+        time.sleep(poll_s)
+    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f}s: {last}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,10 @@ deployed per module by the tests that need them."""
 from __future__ import annotations
 
 import os
-import time
-import urllib.request
 
 import pytest
+
+from serve_app.cli import wait_healthy
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +30,4 @@ def base_url() -> str:
 
 
 def wait_for_health(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError as exc:
-            last = exc
-        time.sleep(0.25)
-    raise TimeoutError(f"{url}/health not healthy after {timeout_s}s: {last}")
+    wait_healthy(url, timeout_s)
