@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
 
 # Latency buckets, seconds: fine between 5 ms and 200 ms, where the 50 ms inline-completion target
 # lives, coarse outside it.
@@ -106,31 +105,22 @@ class Metrics:
         return metric, ({k: str(v) for k, v in tags.items()} if expected else None)
 
     def inc(self, name: str, value: float = 1.0, **tags) -> None:
-        if value <= 0:
-            return
-        target = self._target(name, tags)
-        if self.backend == "prometheus":
-            target.inc(value)
-        else:
-            target[0].inc(value, tags=target[1])
+        if value > 0:
+            self._record("inc", name, value, tags)
 
     def set(self, name: str, value: float, **tags) -> None:
-        target = self._target(name, tags)
-        if self.backend == "prometheus":
-            target.set(value)
-        else:
-            target[0].set(value, tags=target[1])
+        self._record("set", name, value, tags)
 
     def observe(self, name: str, value: float, **tags) -> None:
+        self._record("observe", name, value, tags)
+
+    def _record(self, op: str, name: str, value: float, tags: dict) -> None:
+        # Both libraries name the operations inc/set/observe; Ray takes the tags per call.
         target = self._target(name, tags)
         if self.backend == "prometheus":
-            target.observe(value)
+            getattr(target, op)(value)
         else:
-            target[0].observe(value, tags=target[1])
-
-    def observe_many(self, name: str, values: Sequence[float], **tags) -> None:
-        for v in values:
-            self.observe(name, v, **tags)
+            getattr(target[0], op)(value, tags=target[1])
 
     def exposition(self) -> bytes:
         """Prometheus text format of this registry (prometheus backend only)."""
