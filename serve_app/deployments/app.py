@@ -46,5 +46,5 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
     router = Router.options(ray_actor_options={"num_cpus": 0.1}).bind(
         config.model, plan, config.engine_config(), shards, config.dtype, config.dispatch_timeout_s,
         tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction,
-        config.quant_materialize)
+        config.quant_materialize, config.full_lane_max_defer_s)
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(router, config)

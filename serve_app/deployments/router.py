@@ -9,7 +9,9 @@ local), so complex requests use expert parallelism.
 Two lanes, two engines over one model: the "fast" lane serves quantized requests, the "full" lane
 full-precision ones. A full-precision step waits on shard round trips in every MoE layer; in a
 shared batch every simple request would wait with it. Separate engine loops keep inline
-completions' latency independent of expert-parallel traffic (they only share the CPU/GPU).
+completions' latency independent of expert-parallel traffic. They would still share the CPU/GPU,
+so the full lane yields to the fast one (engine/priority.py): it steps when the fast lane is idle
+or after waiting `full_lane_max_defer_s`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ray import serve
 
 from serve_app.config import EngineConfig
 from serve_app.engine import AsyncEngine, EngineCore, RequestOutput, SamplingParams
+from serve_app.engine.priority import LaneGate
 from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import PartitionedBackend, load_expert_weights, load_model
 from serve_app.model.quant import quantized_copies
@@ -43,7 +46,8 @@ class Router:
     def __init__(self, model_dir: str, placement: PlacementPlan, engine_config: EngineConfig,
                  shards: list, dtype: str = "float32", dispatch_timeout_s: float = 10.0,
                  quantized_precisions: tuple[str, ...] = (), int4_group_size: int = 64,
-                 fast_lane_kv_fraction: float = 0.5, quant_materialize: bool | str = "auto"):
+                 fast_lane_kv_fraction: float = 0.5, quant_materialize: bool | str = "auto",
+                 full_lane_max_defer_s: float = 0.25):
         model = load_model(model_dir, dtype=dtype, expert_ids=placement.local)
         observer = EngineMetricsObserver(Metrics("ray"))
         if placement.num_shards:
@@ -58,9 +62,11 @@ class Router:
                 model.set_expert_backend(copy, mode)
             del every_expert
         tokenizer = CodeTokenizer.from_dir(model_dir)
-        self.lanes = {name: AsyncEngine(EngineCore(model, cfg, tokenizer, observer=observer.lane(name)))
-                      for name, cfg in lane_configs(engine_config, fast_lane_kv_fraction,
-                                                    bool(quantized_precisions)).items()}
+        configs = lane_configs(engine_config, fast_lane_kv_fraction, bool(quantized_precisions))
+        gate = LaneGate(full_lane_max_defer_s) if len(configs) > 1 and full_lane_max_defer_s > 0 else None
+        self.lanes = {name: AsyncEngine(EngineCore(model, cfg, tokenizer, observer=observer.lane(name)),
+                                        gate=gate, priority=name == "fast")
+                      for name, cfg in configs.items()}
         self.shards = shards
 
     def _lane(self, precision: str) -> AsyncEngine:

@@ -6,6 +6,9 @@ so running it off the event loop keeps the HTTP side answering while the model c
 serialises the core: add/abort take it between steps, so `abort` returns only once the request's
 blocks are free. A step that raises fails the streams of every request in flight (no client is
 left hanging) and the loop goes on with a clean engine.
+
+Lanes: engines that share a device can share a `LaneGate` (engine/priority.py); a ``priority``
+engine reports when it has work, the others wait their turn before each step.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from serve_app.engine.core import EngineCore
+from serve_app.engine.priority import LaneGate
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import EngineError, RequestOutput
 
@@ -37,8 +41,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore):
+    def __init__(self, core: EngineCore, gate: LaneGate | None = None, priority: bool = False):
         self.core = core
+        self._gate = gate
+        self._priority = priority
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -90,6 +96,7 @@ class AsyncEngine:
         with self._lock:
             self.core.add_request(request_id, prompt_token_ids, params, tag, precision)
             self._streams[request_id] = stream
+        self._report_busy(True)
         self._wake.set()
 
     def _abort(self, request_id: str) -> None:
@@ -107,13 +114,23 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
+    def _report_busy(self, busy: bool) -> None:
+        if self._gate is not None and self._priority:
+            self._gate.set_busy(self, busy)
+
     def _loop(self) -> None:
         while not self._stop:
             self._wake.clear()                   # clear before checking, so a concurrent add is never missed
             if not self.core.has_unfinished():
+                self._report_busy(False)
                 self._wake.wait()
                 continue
+            self._report_busy(True)              # also covers a request added while we went idle
+            if self._gate is not None and not self._priority:
+                self._gate.wait_turn()
             with self._lock:
+                if not self.core.has_unfinished():   # aborted while we waited our turn
+                    continue
                 try:
                     outputs = self.core.step()
                 except Exception as exc:         # noqa: BLE001 - fail the requests, keep serving

@@ -1,0 +1,110 @@
+"""The full lane yields to the fast lane (engine/priority.py), with a starvation bound."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from serve_app.engine import AsyncEngine
+from serve_app.engine.priority import LaneGate
+from tests.helpers.engines import build_model_dir, create_engine, greedy
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("lanes"), "mixtral")
+
+
+def test_wait_turn_is_free_when_no_priority_lane_has_work():
+    gate = LaneGate(max_defer_s=5.0)
+    assert gate.wait_turn() < 0.1
+    assert gate.forced_steps == 0
+
+
+def test_wait_turn_returns_when_the_priority_lane_goes_idle():
+    gate, lane = LaneGate(max_defer_s=30.0), object()
+    gate.set_busy(lane, True)
+    threading.Timer(0.2, gate.set_busy, (lane, False)).start()
+    waited = gate.wait_turn()
+    assert 0.15 < waited < 5.0 and gate.forced_steps == 0
+
+
+def test_wait_turn_gives_up_after_max_defer():
+    gate, lane = LaneGate(max_defer_s=0.1), object()
+    gate.set_busy(lane, True)
+    gate.set_busy(lane, True)               # idempotent: one lane counts once
+    assert 0.09 < gate.wait_turn() < 5.0 and gate.forced_steps == 1
+    gate.set_busy(lane, False)
+    assert not gate.priority_busy
+
+
+def _record_steps(engine: AsyncEngine, log: list[tuple[str, float, float]], name: str) -> None:
+    """Wrap the real core's step to log (lane, start, end) of every step."""
+    step = engine.core.step
+
+    def timed():
+        start = time.monotonic()
+        try:
+            return step()
+        finally:
+            log.append((name, start, time.monotonic()))
+    engine.core.step = timed
+
+
+async def _finish_time(engine: AsyncEngine, request_id: str, prompt: list[int], max_tokens: int) -> float:
+    async for out in engine.generate(request_id, prompt, greedy(max_tokens)):
+        if out.finished:
+            return time.monotonic()
+    raise AssertionError("stream ended without a finished output")
+
+
+def test_the_full_lane_does_not_step_while_the_fast_lane_has_work(model_dir):
+    gate = LaneGate(max_defer_s=60.0)       # no starvation bound within this test
+    fast = AsyncEngine(create_engine(model_dir), gate=gate, priority=True)
+    full = AsyncEngine(create_engine(model_dir), gate=gate)
+    steps: list[tuple[str, float, float]] = []
+    _record_steps(fast, steps, "fast")
+    _record_steps(full, steps, "full")
+
+    async def run():
+        slow = asyncio.create_task(_finish_time(full, "complex", [5, 6, 7, 8], 60))
+        while not any(name == "full" for name, _, _ in steps):
+            await asyncio.sleep(0.01)
+        fast_done = await _finish_time(fast, "simple", [9, 10, 11], 20)
+        return fast_done, await slow
+
+    try:
+        fast_done, full_done = asyncio.run(asyncio.wait_for(run(), timeout=120))
+    finally:
+        fast.shutdown()
+        full.shutdown()
+    fast_started = min(s for name, s, _ in steps if name == "fast")
+    started_during = [s for name, s, _ in steps if name == "full" and fast_started < s < fast_done]
+    # At most one full step can slip in: one whose turn was granted just before the fast lane got work.
+    assert len(started_during) <= 1, started_during
+    assert sum(name == "fast" for name, _, _ in steps) >= 20
+    assert full_done > fast_done and gate.forced_steps == 0
+    assert sum(name == "full" for name, _, _ in steps) >= 60  # the full request still ran to the end
+
+
+def test_the_starvation_bound_lets_the_full_lane_progress_under_constant_fast_traffic(model_dir):
+    gate = LaneGate(max_defer_s=0.02)
+    fast = AsyncEngine(create_engine(model_dir), gate=gate, priority=True)
+    full = AsyncEngine(create_engine(model_dir), gate=gate)
+
+    async def run():
+        busy = asyncio.create_task(_finish_time(fast, "simple-long", [5, 6, 7, 8], 400))
+        await asyncio.sleep(0.05)
+        complex_done = await _finish_time(full, "complex", [9, 10, 11], 4)
+        return complex_done, await busy
+
+    try:
+        complex_done, fast_done = asyncio.run(asyncio.wait_for(run(), timeout=120))
+    finally:
+        fast.shutdown()
+        full.shutdown()
+    assert complex_done < fast_done and gate.forced_steps >= 1
+    assert fast.snapshot(lambda core: core.blocks.num_used_blocks) == 0
+    assert full.snapshot(lambda core: core.blocks.num_used_blocks) == 0
