@@ -132,7 +132,8 @@ class OpenAIServer:
         timeout_s = self.settings.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
         outputs = self.client.generate(prepared.request_id, prepared.prompt_token_ids, prepared.params,
-                                       tag=prepared.tier.tier.value, precision=prepared.precision)
+                                       tag=prepared.tier.tier.value, precision=prepared.precision,
+                                       stream=prepared.stream)
         headers = {"X-Request-Id": prepared.request_id, "x-moe-tier": prepared.tier.tier.value,
                    "x-moe-precision": prepared.precision}
         renderer = Renderer(prepared, self.settings.tokenizer)

@@ -10,6 +10,8 @@ and, inside Ray Serve, over a router deployment reached through a handle. The ap
 - `abort` frees the request's KV blocks before it returns; unknown ids are ignored. The app calls
   it on client disconnect as well as closing the iterator, so an implementation whose iterator
   cannot abort on close is still correct.
+- `stream=False` asks for the finished output only (a non-streaming HTTP request renders nothing
+  else): when the engine is remote that saves one message per generated token.
 - `check_health` returns when the engine can take work and raises `BackendUnavailableError` when not.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from serve_app.engine import AsyncEngine, RequestOutput, SamplingParams
 @runtime_checkable
 class EngineClient(Protocol):
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
+                 tag: str = "", precision: str = "full", stream: bool = True) -> AsyncIterator[RequestOutput]:
         """Outputs of one request (cumulative text plus deltas), the last with `finished=True`.
         `tag` labels the request's metrics (its tier); `precision` picks its experts."""
         ...
@@ -44,12 +46,13 @@ class LocalEngineClient:
         self.retry_after_s = retry_after_s      # told to clients while the engine loop is down
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
+                       tag: str = "", precision: str = "full", stream: bool = True) -> AsyncIterator[RequestOutput]:
         # Without this check a request added to a stopped engine would wait forever: nobody steps it.
         self._raise_if_down()
         async with aclosing(self.engine.generate(request_id, prompt_token_ids, params, tag, precision)) as outputs:
             async for out in outputs:
-                yield out
+                if stream or out.finished:
+                    yield out
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)

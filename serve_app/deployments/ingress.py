@@ -41,8 +41,8 @@ class RouterClient:
         self.health_timeout_s = health_timeout_s
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
-        responses = self.stream.generate.remote(request_id, prompt_token_ids, params, tag, precision)
+                       tag: str = "", precision: str = "full", stream: bool = True) -> AsyncIterator[RequestOutput]:
+        responses = self.stream.generate.remote(request_id, prompt_token_ids, params, tag, precision, stream)
         finished = False
         try:
             async for out in responses:

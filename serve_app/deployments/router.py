@@ -74,9 +74,12 @@ class Router:
         return self.lanes.get("full" if precision == "full" else "fast", self.lanes["full"])
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
+                       tag: str = "", precision: str = "full", stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """stream=False yields only the finished output: one Ray message per request instead of
+        one per token (measured in docs/benchmarks.md, "final-only")."""
         async for out in self._lane(precision).generate(request_id, prompt_token_ids, params, tag, precision):
-            yield out
+            if stream or out.finished:
+                yield out
 
     async def abort(self, request_id: str) -> None:
         await asyncio.gather(*(lane.abort(request_id) for lane in self.lanes.values()))

@@ -225,7 +225,7 @@ class _BuggyClient:
     def __init__(self, secret: str) -> None:
         self.secret = secret
 
-    async def generate(self, request_id, prompt_token_ids, params, tag="", precision="full"):
+    async def generate(self, request_id, prompt_token_ids, params, tag="", precision="full", stream=True):
         raise RuntimeError(f"failed on {self.secret}")
         yield  # pragma: no cover - makes this an async generator
 

@@ -66,8 +66,8 @@ async def test_request_over_the_deadline_is_aborted_with_504(engine, tokenizer):
 class _FailsAfterFirstOutput(LocalEngineClient):
     """The real engine, whose step fails (as a crashed expert shard would) after the first output."""
 
-    async def generate(self, request_id, prompt_token_ids, params, tag="", precision="full"):
-        async for out in super().generate(request_id, prompt_token_ids, params, tag, precision):
+    async def generate(self, request_id, prompt_token_ids, params, tag="", precision="full", stream=True):
+        async for out in super().generate(request_id, prompt_token_ids, params, tag, precision, stream):
             yield out
             raise EngineStepError("engine step failed: expert shard 3 went away")
 
@@ -105,3 +105,33 @@ async def test_extra_routers_are_served_next_to_the_api(engine, tokenizer):
         wrong = await client.post("/metrics")
     assert metrics.status_code == 200 and metrics.text == "requests_total 0\n"
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+class _CountingClient(LocalEngineClient):
+    """The real engine; records what `stream` the app asked for and how many outputs it got."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.calls: list[tuple[bool, int]] = []
+
+    async def generate(self, request_id, prompt_token_ids, params, tag="", precision="full", stream=True):
+        n = 0
+        try:
+            async for out in super().generate(request_id, prompt_token_ids, params, tag, precision, stream):
+                n += 1
+                yield out
+        finally:                                    # the app closes the iterator once it has the final output
+            self.calls.append((stream, n))
+
+
+async def test_a_non_streaming_request_asks_for_the_final_output_only_and_gets_the_same_text(engine, tokenizer):
+    client = _CountingClient(engine)
+    app = create_app(client, make_settings(engine.core, tokenizer))
+    body = {"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0}
+    async with http_client(app) as http:
+        whole = await http.post("/v1/completions", json=body)
+        streamed = await http.post("/v1/completions", json={**body, "stream": True})
+    assert client.calls[0] == (False, 1)            # one output crossed the client boundary, not 12
+    assert client.calls[1][0] is True and client.calls[1][1] > 1
+    chunks = [e for e in sse_events(streamed.text) if e != "[DONE]"]
+    assert whole.json()["choices"][0]["text"] == "".join(c["choices"][0]["text"] for c in chunks)
