@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
+from serve_app.config import default_model_dir
 from serve_app.engine import EngineOverloadedError, RequestRejectedError, SamplingParams
 from tests.helpers.engines import build_model_dir, create_engine, greedy, run
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+# Every engine test runs on a tiny random checkpoint and on the bundled default model (issue 8:
+# the shipped checkpoint passes the same engine tests as the random models).
+@pytest.fixture(scope="module", params=["tiny-random", "default-model"])
+def model_dir(request, tmp_path_factory):
+    if request.param == "default-model":
+        return Path(default_model_dir())
     return build_model_dir(tmp_path_factory.mktemp("engine"), "mixtral")
 
 

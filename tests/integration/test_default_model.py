@@ -1,0 +1,79 @@
+"""The bundled default model through the server (issue 8): `moe-serve` with no --model serves it, and
+FIM requests on held-out functions come back as the offline engine's completions, many of which parse.
+
+The server runs embedded (the same FastAPI app and engine as the Ray deployment's, in one process):
+the Ray path is covered on random checkpoints by test_serve_app, and a second Ray Ingress in one
+session would fight the first for the direct-ingress port.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_app.config import default_model_dir
+from serve_app.engine import LLM, SamplingParams
+from serve_app.tokenizer import CodeTokenizer
+from serve_app.train import evaluate_server
+from tests.integration.conftest import wait_for_health
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = Path(default_model_dir())
+CASES, MAX_TOKENS = 16, 64
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("default-model") / "server.log"
+    with log.open("w") as out:   # no --model: the bundled default
+        proc = subprocess.Popen([sys.executable, "-m", "serve_app.cli", "--embedded", "--port", str(port)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, timeout_s=180)
+        yield url
+    except TimeoutError as exc:
+        raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}") from exc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_no_model_argument_serves_the_bundled_checkpoint(server):
+    models = httpx.get(f"{server}/v1/models", timeout=10).json()["data"]
+    config = json.loads((MODEL / "config.json").read_text())
+    assert [m["id"] for m in models] == [MODEL.name]
+    assert models[0]["max_model_len"] == config["max_position_embeddings"]
+
+
+def test_fim_on_held_out_functions_through_the_server_equals_the_engine_and_parses(server):
+    fim = evaluate_server.load_cases(MODEL, num_fim=200, max_tokens=MAX_TOKENS, limit=CASES)
+    report = evaluate_server.run(server, fim, MAX_TOKENS, precision="full")
+    assert report["cases"] == CASES and report["statuses"] == {200: CASES}
+    assert report["tier_precision"] and all(k.endswith("/full") for k in report["tier_precision"])
+    # The offline engine on the same prompts (the served numerics: float32, full-precision experts).
+    tokenizer = CodeTokenizer.from_dir(MODEL)
+    llm = LLM(MODEL)
+    offline = [o.outputs[0].text for o in llm.generate(
+        [tokenizer.build_fim_prompt_ids(p, s) for p, s in fim.prompts], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))]
+    assert report["completions"] == offline
+    # Some completions must make the whole file parse (the model card reports the share on 200 cases).
+    assert report["parse_rate"] > 0
