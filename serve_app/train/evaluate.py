@@ -45,7 +45,8 @@ from serve_app.tokenizer import CodeTokenizer
 from serve_app.train.corpus import SourceFile, load_split
 from serve_app.train.data import DataConfig, EvalConfig, build_eval_set, iter_training_samples
 from serve_app.train.spans import split_at_span
-from serve_app.train.train import SampleTensors, count_params, lm_loss
+from serve_app.train.samples import SampleTensors
+from serve_app.train.train import count_params, lm_loss
 
 
 @dataclass(frozen=True)

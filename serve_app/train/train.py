@@ -5,8 +5,9 @@
     python -m serve_app.train.train --run-dir /tmp/moe-run --resume   # continue after a crash
 
 The run dir (never the repo) holds the pre-tokenized samples (``samples.pt``: tokenized once,
-keyed by tokenizer + data config), ``checkpoint.pt`` (model, optimizer, step, data cursor, RNG;
-written atomically every ``--checkpoint-every`` steps) and ``log.jsonl`` (one line per log step).
+keyed by tokenizer + data config; cache and batch order live in ``serve_app.train.samples``),
+``checkpoint.pt`` (model, optimizer, step, data cursor, RNG; written atomically every
+``--checkpoint-every`` steps) and ``log.jsonl`` (one line per log step).
 
 Recipe: next-token cross-entropy on real tokens only (positions >= ``num_tokens`` are padding)
 plus the Switch/Mixtral load-balancing loss ``E * sum_i f_i * P_i`` over real tokens, AdamW,
@@ -23,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
-import os
-import platform
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +38,9 @@ from tokenizers import Tokenizer
 
 from serve_app.model.config import ModelConfig
 from serve_app.model.saver import save_model
-from serve_app.model.transformer import MoeForCausalLM, RMSNorm
-from serve_app.train.corpus import stdlib_root
-from serve_app.train.data import DataConfig, TrainingSample, iter_training_samples
+from serve_app.model.transformer import MoeForCausalLM
+from serve_app.train.data import DataConfig
+from serve_app.train.samples import SampleTensors, atomic_save, next_batch, prepare_samples, samples_key
 from serve_app.train.tokenizer_rules import EOS
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "default_model"
@@ -83,24 +80,6 @@ class TrainConfig:
             moe_intermediate_size=self.moe_intermediate_size, intermediate_size=self.moe_intermediate_size,
             norm_topk_prob=True, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
             max_position_embeddings=self.max_len, eos_token_ids=(eos_id,))
-
-
-@dataclass
-class SampleTensors:
-    """Pre-tokenized samples: what ``samples.pt`` holds."""
-
-    input_ids: torch.Tensor   # [N, S] int64
-    num_tokens: torch.Tensor  # [N] real tokens per row; positions >= num_tokens are padding
-    is_fim: torch.Tensor      # [N] bool
-
-    @classmethod
-    def from_samples(cls, samples: list[TrainingSample]) -> "SampleTensors":
-        return cls(torch.tensor([s.input_ids for s in samples], dtype=torch.long),
-                   torch.tensor([s.num_tokens for s in samples], dtype=torch.long),
-                   torch.tensor([s.is_fim for s in samples], dtype=torch.bool))
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
 
 
 @dataclass
@@ -207,75 +186,14 @@ def make_optimizer(model: MoeForCausalLM, cfg: TrainConfig) -> torch.optim.AdamW
                              lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-# --- data ------------------------------------------------------------------------------------
-
-
-def samples_key(tokenizer_path: Path, data_cfg: DataConfig, split: str, max_samples: int | None) -> str:
-    """What the cached samples depend on: tokenizer, data config, which split, corpus version."""
-    digest = hashlib.sha256(tokenizer_path.read_bytes())
-    corpus = [split, str(stdlib_root()), platform.python_version()]  # the corpus is this stdlib
-    digest.update(json.dumps([asdict(data_cfg), max_samples, corpus]).encode())
-    return digest.hexdigest()
-
-
-def prepare_samples(cache: Path, load_files: Callable[[], list], tokenizer_path: Path, data_cfg: DataConfig,
-                    key: str, max_samples: int | None = None) -> SampleTensors:
-    """Tokenize once; reuse ``cache`` while ``key`` matches. ``load_files`` runs only on a miss
-    (reading and parsing the corpus costs minutes of CPU on a shared machine)."""
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-        if saved["key"] == key:
-            return SampleTensors(saved["input_ids"].long(), saved["num_tokens"].long(), saved["is_fim"])
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    samples = []
-    for sample in iter_training_samples(load_files(), tokenizer, data_cfg):
-        samples.append(sample)
-        if max_samples is not None and len(samples) >= max_samples:
-            break
-    data = SampleTensors.from_samples(samples)
-    _atomic_save({"key": key, "input_ids": data.input_ids.int(), "num_tokens": data.num_tokens.int(),
-                  "is_fim": data.is_fim}, cache)
-    return data
-
-
-def epoch_order(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
-    """The row order of one epoch: a permutation seeded by (seed, epoch), independent of history."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_rows, generator=gen)
-
-
-def next_batch(data: SampleTensors, state: TrainState, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows at the data cursor (advancing it, across epochs); trailing all-pad columns dropped."""
-    rows: list[torch.Tensor] = []
-    need = cfg.batch_size
-    while need:
-        take = epoch_order(len(data), cfg.seed, state.epoch)[state.cursor:state.cursor + need]
-        rows.append(take)
-        need -= len(take)
-        state.cursor += len(take)
-        if state.cursor >= len(data):
-            state.epoch, state.cursor = state.epoch + 1, 0
-    idx = torch.cat(rows)
-    num_tokens = data.num_tokens[idx]                                   # [B]
-    return data.input_ids[idx, :int(num_tokens.max())], num_tokens     # [B, S'], [B]
-
-
 # --- checkpoints -----------------------------------------------------------------------------
-
-
-def _atomic_save(payload: dict, path: Path) -> None:
-    """Write to a temporary file in the same directory, then rename: a crash leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer, state: TrainState,
                     cfg: TrainConfig) -> None:
-    _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": asdict(state),
-                  "config": asdict(cfg), "torch_rng": torch.get_rng_state(),
-                  "python_rng": random.getstate()}, path)
+    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": asdict(state),
+                 "config": asdict(cfg), "torch_rng": torch.get_rng_state(),
+                 "python_rng": random.getstate()}, path)
 
 
 def load_checkpoint(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer) -> TrainState:

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from serve_app.model import load_model
-from serve_app.train.train import (RunOptions, SampleTensors, TrainConfig, build_model, compute_loss, export,
+from serve_app.train.samples import SampleTensors, next_batch
+from serve_app.train.train import (RunOptions, TrainConfig, build_model, compute_loss, export,
                                    fit_to_budget,
-                                   lm_loss, load_balance_loss, lr_at, next_batch, TrainState, train)
+                                   lm_loss, load_balance_loss, lr_at, TrainState, train)
 
 EOS = 1
 
