@@ -27,6 +27,10 @@ def timed(url: str, body: dict | None) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+# ignore_eos is not in the API: a prompt whose greedy continuation is long enough does it.
+LONG = {"prompt": "import os\n\n\ndef main(argv):\n", "max_tokens": 16, "temperature": 0, "precision": "int4"}
+
+
 def measure(host: str, requests: int) -> dict[str, list[float]]:
     probes = {
         "GET /v1/models (ingress only)": (f"{host}/v1/models", None),
@@ -34,6 +38,10 @@ def measure(host: str, requests: int) -> dict[str, list[float]]:
                                           {"prompt": "x", "max_tokens": 1, "temperature": 0}),
         "POST /v1/fim/completions, 1 token": (f"{host}/v1/fim/completions",
                                               {"prefix": "x = ", "suffix": "\n", "max_tokens": 1, "temperature": 0}),
+        # The same 16 greedy tokens whole and streamed: streaming sends one message per token from
+        # the engine to the HTTP side; a non-streaming request asks for the finished output only.
+        "POST /v1/completions, 16 tok": (f"{host}/v1/completions", LONG),
+        "POST /v1/completions, 16 tok, stream": (f"{host}/v1/completions", {**LONG, "stream": True}),
     }
     for url, body in probes.values():            # warm-up: first calls build caches and connections
         timed(url, body)

@@ -47,10 +47,11 @@ def start_serve(host: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML/JSON file of AppConfig fields (serve_app/config.py); flags override it")
     p.add_argument("--model", help="checkpoint directory (default: the bundled default model)")
     p.add_argument("--expert-shards", type=int, default=None, help="ExpertShard deployments (0 = all local)")
-    p.add_argument("--host", default=os.environ.get("MOE_SERVE_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("MOE_SERVE_PORT", "8000")))
+    p.add_argument("--host", help="bind address (default: MOE_SERVE_HOST, the config file, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="public port (default: MOE_SERVE_PORT, the config file, 8000)")
     p.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable); "
                    "also MOE_SERVE_API_KEYS (comma-separated) and --api-key-file")
     p.add_argument("--api-key-file", help="file with one key per line")
@@ -63,6 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _config_file(path: str) -> dict:
+    import yaml  # JSON is YAML too
+
+    with open(path) as f:
+        fields = yaml.safe_load(f) or {}
+    if not isinstance(fields, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of AppConfig fields, got {type(fields).__name__}")
+    return fields
+
+
 def app_config_from_args(args: argparse.Namespace):
     from serve_app.config import AppConfig
 
@@ -70,7 +81,10 @@ def app_config_from_args(args: argparse.Namespace):
     if args.api_key_file:
         with open(args.api_key_file) as f:
             keys += [line.strip() for line in f if line.strip()]
-    fields = dict(host=args.host, port=args.port, api_keys=tuple(k.strip() for k in keys))
+    fields = dict(_config_file(args.config)) if args.config else {}
+    fields["host"] = args.host or os.environ.get("MOE_SERVE_HOST") or fields.get("host", "127.0.0.1")
+    fields["port"] = args.port or int(os.environ.get("MOE_SERVE_PORT") or fields.get("port", 8000))
+    fields["api_keys"] = (*fields.get("api_keys", ()), *(k.strip() for k in keys))
     for name, value in (("model", args.model), ("expert_shards", args.expert_shards), ("dtype", args.dtype)):
         if value is not None:
             fields[name] = value
@@ -99,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
         serve_embedded(config)
         return 0
-    os.environ.update(direct_ingress_env(args.port))
+    os.environ.update(direct_ingress_env(config.port))
 
     import ray
     from ray import serve

@@ -159,10 +159,11 @@ def test_invalid_requests_are_rejected_with_reasons(model_dir):
     engine = create_engine(model_dir)
     with pytest.raises(RequestRejectedError, match="empty"):
         engine.add_request("a", [], greedy())
-    with pytest.raises(RequestRejectedError, match="maximum context length is 512"):
-        engine.add_request("b", [5] * 500, greedy(20))
+    limit, vocab = engine.max_model_len, engine.model.config.vocab_size
+    with pytest.raises(RequestRejectedError, match=f"maximum context length is {limit}"):
+        engine.add_request("b", [5] * (limit - 12), greedy(20))
     with pytest.raises(RequestRejectedError, match="outside the vocabulary"):
-        engine.add_request("c", [5, 999], greedy())
+        engine.add_request("c", [5, vocab], greedy())
     engine.add_request("d", [5, 6], greedy())
     with pytest.raises(RequestRejectedError, match="already in use"):
         engine.add_request("d", [5, 6], greedy())

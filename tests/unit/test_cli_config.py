@@ -1,0 +1,34 @@
+"""`moe-serve --config FILE`: AppConfig fields from a file; flags, then the environment, win over it."""
+from __future__ import annotations
+
+import pytest
+
+from serve_app.cli import app_config_from_args, parse_args
+
+
+def test_config_file_fields_reach_the_app_config_and_flags_override_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOE_SERVE_PORT", raising=False)
+    monkeypatch.delenv("MOE_SERVE_HOST", raising=False)
+    path = tmp_path / "app.yaml"
+    path.write_text("full_lane_max_defer_s: 0\nexpert_shards: 3\nport: 9123\nengine:\n  max_num_seqs: 8\n")
+    config = app_config_from_args(parse_args(["--config", str(path)]))
+    assert config.full_lane_max_defer_s == 0 and config.expert_shards == 3 and config.port == 9123
+    assert config.engine_config().max_num_seqs == 8 and config.host == "127.0.0.1"
+    config = app_config_from_args(parse_args(["--config", str(path), "--port", "9200", "--expert-shards", "1"]))
+    assert config.port == 9200 and config.expert_shards == 1
+    monkeypatch.setenv("MOE_SERVE_PORT", "9300")
+    assert app_config_from_args(parse_args(["--config", str(path)])).port == 9300
+
+
+def test_a_config_file_with_an_unknown_field_is_refused(tmp_path):
+    path = tmp_path / "app.json"
+    path.write_text('{"expert_shard": 2}')
+    with pytest.raises(ValueError, match="expert_shard"):
+        app_config_from_args(parse_args(["--config", str(path)]))
+
+
+def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "app.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(SystemExit, match="mapping"):
+        app_config_from_args(parse_args(["--config", str(path)]))
