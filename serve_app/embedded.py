@@ -13,7 +13,7 @@ from serve_app.api.client import LocalEngineClient
 from serve_app.api.observability import MetricsMiddleware, metrics_router
 from serve_app.api.settings import ApiSettings
 from serve_app.config import AppConfig, api_keys_from_env
-from serve_app.engine import AsyncEngine, EngineCore
+from serve_app.engine.lanes import Lanes
 from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import load_model
 from serve_app.model.quant import quantized_copies
@@ -28,9 +28,11 @@ def build_embedded_app(config: AppConfig) -> FastAPI:
         model.set_expert_backend(copy, mode)
     tokenizer = CodeTokenizer.from_dir(config.model)
     engine_config = config.engine_config()
-    core = EngineCore(model, engine_config, tokenizer, observer=EngineMetricsObserver(metrics))
-    engine = AsyncEngine(core)
-    settings = ApiSettings(served_model_name=config.model_name, tokenizer=tokenizer, max_model_len=core.max_model_len,
+    # The same precision lanes as the Ray Router: inline completions never share a batch with, nor
+    # yield the CPU to, full-precision requests.
+    engine = Lanes(model, engine_config, tokenizer, EngineMetricsObserver(metrics), config.fast_lane_kv_fraction,
+                   config.full_lane_max_defer_s)
+    settings = ApiSettings(served_model_name=config.model_name, tokenizer=tokenizer, max_model_len=engine.max_model_len,
                            max_body_bytes=config.max_body_bytes, api_keys=(*config.api_keys, *api_keys_from_env()),
                            request_timeout_s=config.request_timeout_s, precisions=model.precisions)
 

@@ -21,6 +21,7 @@ from typing import AsyncIterator, Protocol, runtime_checkable
 
 from serve_app.api.errors import BackendUnavailableError
 from serve_app.engine import AsyncEngine, RequestOutput, SamplingParams
+from serve_app.engine.lanes import Lanes
 
 
 @runtime_checkable
@@ -39,9 +40,9 @@ class EngineClient(Protocol):
 
 
 class LocalEngineClient:
-    """`EngineClient` over an `AsyncEngine` in this process."""
+    """`EngineClient` over an `AsyncEngine` (or precision `Lanes` of them) in this process."""
 
-    def __init__(self, engine: AsyncEngine, retry_after_s: float = 1.0) -> None:
+    def __init__(self, engine: AsyncEngine | Lanes, retry_after_s: float = 1.0) -> None:
         self.engine = engine
         self.retry_after_s = retry_after_s      # told to clients while the engine loop is down
 

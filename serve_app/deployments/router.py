@@ -6,38 +6,27 @@ quantized copies (INT8/INT4) of all experts, so simple and medium requests never
 process; full-precision experts live on the ExpertShard deployments (and any the placement keeps
 local), so complex requests use expert parallelism.
 
-Two lanes, two engines over one model: the "fast" lane serves quantized requests, the "full" lane
-full-precision ones. A full-precision step waits on shard round trips in every MoE layer; in a
-shared batch every simple request would wait with it. Separate engine loops keep inline
-completions' latency independent of expert-parallel traffic. They would still share the CPU/GPU,
-so the full lane yields to the fast one (engine/priority.py): it steps when the fast lane is idle
-or after waiting `full_lane_max_defer_s`.
+Two lanes, two engines over one model (engine/lanes.py): the "fast" lane serves quantized
+requests, the "full" lane full-precision ones, so a simple request never waits in a batch that
+waits on shard round trips, and the full lane yields the CPU/GPU to the fast one
+(`full_lane_max_defer_s` bounds how long).
 """
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from typing import AsyncIterator
 
 from ray import serve
 
 from serve_app.config import EngineConfig
-from serve_app.engine import AsyncEngine, EngineCore, RequestOutput, SamplingParams
-from serve_app.engine.priority import LaneGate
+from serve_app.engine import RequestOutput, SamplingParams
+from serve_app.engine.lanes import Lanes
 from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import PartitionedBackend, load_expert_weights, load_model
 from serve_app.model.quant import quantized_copies
 from serve_app.parallel.placement import PlacementPlan
 from serve_app.parallel.transport import ServeTransport
 from serve_app.tokenizer import CodeTokenizer
-
-
-def lane_configs(cfg: EngineConfig, fast_fraction: float, with_fast_lane: bool) -> dict[str, EngineConfig]:
-    """Split the KV blocks between the lanes (exactly: the totals add up to cfg.num_kv_blocks)."""
-    if not with_fast_lane:
-        return {"full": cfg}
-    fast = max(1, int(cfg.num_kv_blocks * fast_fraction))
-    return {"fast": replace(cfg, num_kv_blocks=fast), "full": replace(cfg, num_kv_blocks=cfg.num_kv_blocks - fast)}
 
 
 @serve.deployment(name="Router", max_ongoing_requests=1024, health_check_period_s=2,
@@ -62,33 +51,24 @@ class Router:
                 model.set_expert_backend(copy, mode)
             del every_expert
         tokenizer = CodeTokenizer.from_dir(model_dir)
-        configs = lane_configs(engine_config, fast_lane_kv_fraction, bool(quantized_precisions))
-        gate = LaneGate(full_lane_max_defer_s) if len(configs) > 1 and full_lane_max_defer_s > 0 else None
-        self.lanes = {name: AsyncEngine(EngineCore(model, cfg, tokenizer, observer=observer.lane(name)),
-                                        gate=gate, priority=name == "fast")
-                      for name, cfg in configs.items()}
+        self.lanes = Lanes(model, engine_config, tokenizer, observer, fast_lane_kv_fraction, full_lane_max_defer_s)
         self.shards = shards
-
-    def _lane(self, precision: str) -> AsyncEngine:
-        # Without a fast lane a quantized request goes to the full lane, whose engine rejects it (400).
-        return self.lanes.get("full" if precision == "full" else "fast", self.lanes["full"])
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        tag: str = "", precision: str = "full", stream: bool = True) -> AsyncIterator[RequestOutput]:
         """stream=False yields only the finished output: one Ray message per request instead of
         one per token (measured in docs/benchmarks.md, "final-only")."""
-        async for out in self._lane(precision).generate(request_id, prompt_token_ids, params, tag, precision):
+        async for out in self.lanes.generate(request_id, prompt_token_ids, params, tag, precision):
             if stream or out.finished:
                 yield out
 
     async def abort(self, request_id: str) -> None:
-        await asyncio.gather(*(lane.abort(request_id) for lane in self.lanes.values()))
+        await self.lanes.abort(request_id)
 
     def check_health(self) -> None:
         """Serve's own health check: only this replica's engines. A dead shard is Serve's job to
         restart; restarting the router for it would kill every request in flight."""
-        dead = [name for name, lane in self.lanes.items() if not lane.alive]
-        if dead:
+        if dead := self.lanes.dead_lanes():
             raise RuntimeError(f"engine loop not running in lanes {dead}")
 
     async def health(self, timeout_s: float = 5.0) -> list[dict]:
@@ -99,7 +79,7 @@ class Router:
 
     def kv_usage(self) -> dict:
         """KV blocks and live requests, summed over the lanes."""
-        per_lane = [lane.snapshot(lambda core: (core.blocks.num_used_blocks, core.blocks.num_free_blocks,
-                                                len(core.requests))) for lane in self.lanes.values()]
+        per_lane = self.lanes.snapshot(lambda core: (core.blocks.num_used_blocks, core.blocks.num_free_blocks,
+                                                     len(core.requests)))
         return {"used_blocks": sum(p[0] for p in per_lane), "free_blocks": sum(p[1] for p in per_lane),
                 "requests": sum(p[2] for p in per_lane)}

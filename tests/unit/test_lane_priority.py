@@ -110,3 +110,41 @@ def test_the_starvation_bound_lets_the_full_lane_progress_under_constant_fast_tr
     assert complex_done < fast_done and gate.forced_steps >= 1
     assert fast.snapshot(lambda core: core.blocks.num_used_blocks) == 0
     assert full.snapshot(lambda core: core.blocks.num_used_blocks) == 0
+
+
+def test_lane_configs_split_the_kv_blocks_exactly():
+    from serve_app.config import EngineConfig
+    from serve_app.engine.lanes import lane_configs
+
+    lanes = lane_configs(EngineConfig(num_kv_blocks=101), 0.3, with_fast_lane=True)
+    assert lanes["fast"].num_kv_blocks == 30 and lanes["fast"].num_kv_blocks + lanes["full"].num_kv_blocks == 101
+    assert list(lane_configs(EngineConfig(), 0.3, with_fast_lane=False)) == ["full"]
+
+
+def test_lanes_send_quantized_requests_to_the_fast_engine_and_full_ones_to_the_full_engine(model_dir):
+    from serve_app.config import EngineConfig
+    from serve_app.engine.lanes import Lanes
+    from serve_app.model import load_model
+    from serve_app.model.quant import quantized_copies
+    from serve_app.tokenizer import CodeTokenizer
+
+    model = load_model(model_dir)
+    for mode, copy in quantized_copies(model.local_experts, ("int8",), 32).items():
+        model.set_expert_backend(copy, mode)
+    lanes = Lanes(model, EngineConfig(block_size=4, num_kv_blocks=128), CodeTokenizer.from_dir(model_dir))
+    assert set(lanes.engines) == {"fast", "full"} and lanes.gate is not None
+
+    async def run():
+        async def final(rid, precision):
+            return [o async for o in lanes.generate(rid, [5, 6, 7], greedy(5), precision=precision)][-1]
+        return await asyncio.gather(final("q", "int8"), final("f", "full"))
+
+    try:
+        quantized, full = asyncio.run(asyncio.wait_for(run(), timeout=120))
+        steps = {name: engine.core.num_steps for name, engine in lanes.engines.items()}
+        assert quantized.finished and full.finished and steps["fast"] >= 5 and steps["full"] >= 5
+        assert lanes.alive and lanes.dead_lanes() == []
+        assert sum(lanes.snapshot(lambda core: core.blocks.num_used_blocks)) == 0
+    finally:
+        lanes.shutdown()
+    assert not lanes.alive and lanes.dead_lanes() == ["fast", "full"]
