@@ -43,11 +43,12 @@ async def simple_user(client: httpx.AsyncClient, url: str, stop_at: float, rng: 
             failures.append(r.status_code)
 
 
-async def complex_user(client: httpx.AsyncClient, url: str, stop_at: float, done: list[int]) -> None:
+async def complex_user(client: httpx.AsyncClient, url: str, stop_at: float, done: list[tuple[int, float]]) -> None:
     while time.monotonic() < stop_at:
+        started = time.perf_counter()
         r = await client.post(f"{url}/v1/completions", json={"prompt": COMPLEX, "max_tokens": 128,
                                                              "precision": "full", "temperature": 0.4})
-        done.append(r.status_code)
+        done.append((r.status_code, time.perf_counter() - started))
 
 
 async def phase(url: str, seconds: float, users: int, complex_users: int, seed: int) -> dict:
@@ -57,7 +58,9 @@ async def phase(url: str, seconds: float, users: int, complex_users: int, seed: 
         tasks = [simple_user(client, url, stop_at, random.Random(seed + i), latencies, failures) for i in range(users)]
         tasks += [complex_user(client, url, stop_at, complex_done) for _ in range(complex_users)]
         await asyncio.gather(*tasks)
+    ok = [t for status, t in complex_done if status == 200]
     return {"n": len(latencies), "failures": len(failures), "complex": len(complex_done),
+            "complex_ok": len(ok), "complex_p50": statistics.median(ok) if ok else float("nan"),
             "p50": statistics.median(latencies) if latencies else float("nan"),
             "p80": percentile(latencies, 0.8) if latencies else float("nan"),
             "p99": percentile(latencies, 0.99) if latencies else float("nan")}
@@ -73,10 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(phase(args.url, 5, args.users, 0, 99))              # warm-up: caches, lanes, shards
     a = asyncio.run(phase(args.url, args.seconds, args.users, 0, 0))
     b = asyncio.run(phase(args.url, args.seconds, args.users, args.complex_users, 0))
-    print(f"{'phase':<28} {'simple n':>8} {'p50 ms':>7} {'p80 ms':>7} {'p99 ms':>7} {'fail':>5} {'complex done':>12}")
+    print(f"{'phase':<28} {'simple n':>8} {'p50 ms':>7} {'p80 ms':>7} {'p99 ms':>7} {'fail':>5} "
+          f"{'complex done/ok':>15} {'complex p50 s':>13}")
     for name, r in (("A simple only", a), (f"B + {args.complex_users} complex users", b)):
         print(f"{name:<28} {r['n']:>8} {r['p50'] * 1e3:>7.1f} {r['p80'] * 1e3:>7.1f} {r['p99'] * 1e3:>7.1f} "
-              f"{r['failures']:>5} {r['complex']:>12}")
+              f"{r['failures']:>5} {r['complex']:>8}/{r['complex_ok']:<6} {r['complex_p50']:>13.1f}")
     print(f"p80 ratio B/A: {b['p80'] / a['p80']:.2f} (target <= 1.20)")
 
 
