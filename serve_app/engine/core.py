@@ -112,7 +112,7 @@ class EngineCore:
     def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         detok = None
         if self.tokenizer is not None:
-            from serve_app.tokenizer import IncrementalDetokenizer
+            from serve_app.detokenizer import IncrementalDetokenizer
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
         return Sequence(f"{req.request_id}#{index}", req, index, token_ids,
                         make_generator(req.params, index, self.runner.device),

@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve_app.tokenizer import (
-    DEFAULT_CHAT_TEMPLATE, ChatMessage, CodeTokenizer, FimFormat, IncrementalDetokenizer, PromptError,
+    DEFAULT_CHAT_TEMPLATE, ChatMessage, CodeTokenizer, FimFormat, PromptError,
     TokenizerError,
 )
+from serve_app.detokenizer import IncrementalDetokenizer
 from tests.helpers.factories import FIM_STYLES, build_sentencepiece_tokenizer, build_tokenizer
 
 HYPOTHESIS = settings(max_examples=150, deadline=None,
