@@ -50,10 +50,10 @@ class LocalEngineClient:
                        tag: str = "", precision: str = "full", stream: bool = True) -> AsyncIterator[RequestOutput]:
         # Without this check a request added to a stopped engine would wait forever: nobody steps it.
         self._raise_if_down()
-        async with aclosing(self.engine.generate(request_id, prompt_token_ids, params, tag, precision)) as outputs:
+        async with aclosing(self.engine.generate(request_id, prompt_token_ids, params, tag, precision,
+                                                 stream)) as outputs:
             async for out in outputs:
-                if stream or out.finished:
-                    yield out
+                yield out
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)

@@ -58,9 +58,8 @@ class Router:
                        tag: str = "", precision: str = "full", stream: bool = True) -> AsyncIterator[RequestOutput]:
         """stream=False yields only the finished output: one Ray message per request instead of
         one per token (measured in docs/benchmarks.md, "final-only")."""
-        async for out in self.lanes.generate(request_id, prompt_token_ids, params, tag, precision):
-            if stream or out.finished:
-                yield out
+        async for out in self.lanes.generate(request_id, prompt_token_ids, params, tag, precision, stream):
+            yield out
 
     async def abort(self, request_id: str) -> None:
         await self.lanes.abort(request_id)

@@ -38,6 +38,7 @@ class EngineStoppedError(EngineError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue            # RequestOutput items, or an exception to raise in the consumer
+    final_only: bool = False        # deliver only the finished output (or an exception)
 
 
 class AsyncEngine:
@@ -53,10 +54,11 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they happen. Admission errors raise before the first item;
+                       tag: str = "", precision: str = "full", stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they happen (``stream=False``: the finished one only, which
+        spares the event loop one wake-up per token). Admission errors raise before the first item;
         leaving the iteration early (client gone, task cancelled) aborts the request."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), final_only=not stream)
         await asyncio.to_thread(self._add, request_id, prompt_token_ids, params, tag, precision, stream)
         finished = False
         try:
@@ -112,6 +114,8 @@ class AsyncEngine:
             return
         if isinstance(item, BaseException) or item.finished:
             self._streams.pop(request_id, None)
+        elif stream.final_only:
+            return
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _report_busy(self, busy: bool) -> None:

@@ -46,8 +46,9 @@ class Lanes:
         return self.engines.get("full" if precision == "full" else "fast", self.engines["full"])
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       tag: str = "", precision: str = "full") -> AsyncIterator[RequestOutput]:
-        async for out in self.engine_for(precision).generate(request_id, prompt_token_ids, params, tag, precision):
+                       tag: str = "", precision: str = "full", stream: bool = True) -> AsyncIterator[RequestOutput]:
+        async for out in self.engine_for(precision).generate(request_id, prompt_token_ids, params, tag, precision,
+                                                             stream):
             yield out
 
     async def abort(self, request_id: str) -> None:

@@ -79,3 +79,18 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_goes_on(mode
     assert asyncio.run(asyncio.wait_for(run("b"), timeout=30))[-1].finished
     assert core.blocks.num_used_blocks == 0
     engine.shutdown()
+
+
+def test_final_only_stream_yields_one_output_equal_to_the_streamed_final(model_dir):
+    engine = AsyncEngine(create_engine(model_dir))
+
+    async def run():
+        streamed = [o async for o in engine.generate("a", [5, 6, 7, 8], greedy(10))]
+        whole = [o async for o in engine.generate("b", [5, 6, 7, 8], greedy(10), stream=False)]
+        return streamed, whole
+
+    streamed, whole = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    engine.shutdown()
+    assert len(streamed) == 10 and len(whole) == 1 and whole[0].finished
+    assert whole[0].outputs[0].token_ids == streamed[-1].outputs[0].token_ids
+    assert whole[0].outputs[0].text == streamed[-1].outputs[0].text
