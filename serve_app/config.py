@@ -91,8 +91,9 @@ class AppConfig(BaseModel):
     fast_lane_kv_fraction: float = Field(
         0.5, gt=0, lt=1, description="share of the KV blocks for the fast (quantized) lane's engine")
     full_lane_max_defer_s: float = Field(
-        0.25, ge=0, description="the full-precision lane steps only while the fast lane is idle, or after "
-        "waiting this long (its starvation bound); 0 = the lanes run freely side by side")
+        1.0, ge=0, description="the full-precision lane steps only while the fast lane is idle, or after "
+        "waiting this long (its starvation bound); 0 = the lanes run freely side by side. 1.0 kept simple "
+        "requests' p80 within 20% under complex load on 2 CPU cores (docs/benchmarks.md)")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is aborted")

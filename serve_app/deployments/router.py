@@ -36,7 +36,7 @@ class Router:
                  shards: list, dtype: str = "float32", dispatch_timeout_s: float = 10.0,
                  quantized_precisions: tuple[str, ...] = (), int4_group_size: int = 64,
                  fast_lane_kv_fraction: float = 0.5, quant_materialize: bool | str = "auto",
-                 full_lane_max_defer_s: float = 0.25):
+                 full_lane_max_defer_s: float = 1.0):
         model = load_model(model_dir, dtype=dtype, expert_ids=placement.local)
         observer = EngineMetricsObserver(Metrics("ray"))
         if placement.num_shards:

@@ -32,7 +32,7 @@ def lane_configs(cfg: EngineConfig, fast_fraction: float, with_fast_lane: bool) 
 
 class Lanes:
     def __init__(self, model, cfg: EngineConfig, tokenizer, observer=None, fast_kv_fraction: float = 0.5,
-                 full_lane_max_defer_s: float = 0.25):
+                 full_lane_max_defer_s: float = 1.0):
         """`observer`: an EngineMetricsObserver (its per-lane view is used) or None."""
         configs = lane_configs(cfg, fast_kv_fraction, with_fast_lane=len(model.precisions) > 1)
         self.gate = LaneGate(full_lane_max_defer_s) if len(configs) > 1 and full_lane_max_defer_s > 0 else None
