@@ -35,6 +35,9 @@ class AttentionGroup:
     positions: torch.Tensor     # [Tg] position of each token in its sequence
     block_tables: torch.Tensor  # [Bg, max_blocks] cache blocks of each sequence, padded with 0
     max_query_len: int          # Q of this group
+    # [Bg, 1, Q, L] key j visible to query slot (b, i) iff j <= its position. The same in every
+    # layer, so it is built once per step, not once per layer.
+    mask: torch.Tensor
 
 
 @dataclass
@@ -55,13 +58,13 @@ class AttentionMetadata:
             slots += [table[p // block_size] * block_size + p % block_size for p in pos]
         decodes = [b for b, pos in enumerate(positions) if len(pos) == 1]
         members = ([decodes] if decodes else []) + [[b] for b, pos in enumerate(positions) if len(pos) > 1]
-        groups = [_group(m, positions, block_tables, starts, device) for m in members]
+        groups = [_group(m, positions, block_tables, starts, block_size, device) for m in members]
         as_long = dict(dtype=torch.long, device=device)
         return cls(torch.tensor(flat_pos, **as_long), torch.tensor(slots, **as_long), groups)
 
 
 def _group(members: list[int], positions: list[list[int]], block_tables: list[list[int]], starts: list[int],
-           device) -> AttentionGroup:
+           block_size: int, device) -> AttentionGroup:
     index, seqs, cols, pos = [], [], [], []
     for g, b in enumerate(members):
         n = len(positions[b])
@@ -72,9 +75,15 @@ def _group(members: list[int], positions: list[list[int]], block_tables: list[li
     width = max(len(block_tables[b]) for b in members)
     tables = [block_tables[b] + [0] * (width - len(block_tables[b])) for b in members]
     as_long = dict(dtype=torch.long, device=device)
-    return AttentionGroup(torch.tensor(index, **as_long), torch.tensor(seqs, **as_long),
-                          torch.tensor(cols, **as_long), torch.tensor(pos, **as_long),
-                          torch.tensor(tables, **as_long), max(len(positions[b]) for b in members))
+    token_seq, token_col = torch.tensor(seqs, **as_long), torch.tensor(cols, **as_long)
+    token_pos, max_query_len = torch.tensor(pos, **as_long), max(len(positions[b]) for b in members)
+    # Padding query slots get position 0 so their mask row is never empty (no NaN); they are dropped.
+    query_pos = torch.zeros(len(members), max_query_len, **as_long)             # [Bg, Q]
+    query_pos[token_seq, token_col] = token_pos
+    key_pos = torch.arange(width * block_size, device=device)                   # [L]
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]                      # [Bg, Q, L]; j ≤ pos ⇒ j < context len
+    return AttentionGroup(torch.tensor(index, **as_long), token_seq, token_col, token_pos,
+                          torch.tensor(tables, **as_long), max_query_len, mask[:, None])
 
 
 class PagedKVCache:
@@ -140,14 +149,14 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     num_seqs = g.block_tables.shape[0]
     keys = k_cache[g.block_tables].flatten(1, 2)                     # [Bg, L, G, Dh]
     values = v_cache[g.block_tables].flatten(1, 2)                   # [Bg, L, G, Dh]
-    queries = q.new_zeros(num_seqs, g.max_query_len, *q.shape[1:])   # [Bg, Q, H, Dh]
-    queries[g.token_seq, g.token_col] = q
-    # Padding query slots get position 0 so their mask row is never empty (no NaN); they are dropped.
-    query_pos = torch.zeros(num_seqs, g.max_query_len, dtype=torch.long, device=q.device)  # [Bg, Q]
-    query_pos[g.token_seq, g.token_col] = g.positions
-    key_pos = torch.arange(keys.shape[1], device=q.device)           # [L]
-    mask = key_pos[None, None, :] <= query_pos[:, :, None]           # [Bg, Q, L]; j ≤ pos ⇒ j < context len
+    if g.max_query_len == 1:                                         # decodes: token b is sequence b
+        queries = q[:, None]                                         # [Bg, 1, H, Dh]
+    else:
+        queries = q.new_zeros(num_seqs, g.max_query_len, *q.shape[1:])   # [Bg, Q, H, Dh]
+        queries[g.token_seq, g.token_col] = q
     out = F.scaled_dot_product_attention(
         queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=True)       # [Bg, H, Q, Dh]
+        attn_mask=g.mask, scale=scale, enable_gqa=True)              # [Bg, H, Q, Dh]
+    if g.max_query_len == 1:
+        return out[:, :, 0]                                          # [Tg, H, Dh]
     return out.transpose(1, 2)[g.token_seq, g.token_col]             # [Tg, H, Dh]
