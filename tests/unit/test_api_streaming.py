@@ -33,11 +33,11 @@ def running_requests(engine) -> int:
 @pytest.mark.parametrize("spec_version", ["2.3", "2.4"], ids=["disconnect-message", "send-fails"])
 async def test_stream_disconnect_aborts_the_request_and_frees_its_blocks(engine, tokenizer, spec_version):
     call = AsgiCall(make_app(engine, tokenizer), "/v1/completions", {**LONG, "stream": True},
-                    spec_version=spec_version)
+                    spec_version=spec_version, on_first_body=lambda: running_requests(engine))
     task = asyncio.ensure_future(call.run())
     await asyncio.wait_for(call.first_body.wait(), timeout=120)
     # The first chunk left while the request was still decoding: the stream is not buffered.
-    assert call.status == 200 and running_requests(engine) == 1
+    assert call.status == 200 and call.at_first_body == 1
     first = sse_events(call.body_text)[0]
     assert first["choices"][0]["finish_reason"] is None
     call.disconnected.set()

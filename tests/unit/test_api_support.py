@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import pytest
@@ -101,6 +101,10 @@ class AsgiCall:
     messages: list[dict[str, Any]] = field(default_factory=list)
     first_body: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called as the first body chunk is sent, its result kept: a probe of the server's state at that
+    # moment, not after the test task gets to run (a tiny model can finish 400 tokens in between).
+    on_first_body: Callable[[], Any] | None = None
+    at_first_body: Any = None
     _body_sent: bool = False
 
     def scope(self) -> dict[str, Any]:
@@ -122,7 +126,9 @@ class AsgiCall:
         if self.disconnected.is_set() and self.spec_version >= "2.4":
             raise OSError("client disconnected")
         self.messages.append(message)
-        if message["type"] == "http.response.body" and message.get("body"):
+        if message["type"] == "http.response.body" and message.get("body") and not self.first_body.is_set():
+            if self.on_first_body is not None:
+                self.at_first_body = self.on_first_body()
             self.first_body.set()
 
     async def run(self) -> None:
