@@ -8,9 +8,6 @@ session would fight the first for the direct-ingress port.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -20,41 +17,19 @@ from serve_app.config import default_model_dir
 from serve_app.engine import LLM, SamplingParams
 from serve_app.tokenizer import CodeTokenizer
 from serve_app.train import evaluate_server
-from tests.integration.conftest import wait_for_health
+from tests.helpers import servers
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(default_model_dir())
 CASES, MAX_TOKENS = 16, 64
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("default-model") / "server.log"
-    with log.open("w") as out:   # no --model: the bundled default
-        proc = subprocess.Popen([sys.executable, "-m", "serve_app.cli", "--embedded", "--port", str(port)],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, timeout_s=180)
+    # No --model: the bundled default.
+    with servers.embedded_server(tmp_path_factory.mktemp("default-model") / "server.log") as url:
         yield url
-    except TimeoutError as exc:
-        raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}") from exc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_no_model_argument_serves_the_bundled_checkpoint(server):

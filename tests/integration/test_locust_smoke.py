@@ -11,15 +11,14 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import servers
 from tests.helpers.engines import build_model_dir
-from tests.integration.conftest import wait_for_health
 
 ROOT = Path(__file__).resolve().parents[2]
 LOADTESTS = ROOT / "loadtests"
@@ -85,33 +84,12 @@ def test_breakdown_quantiles_interpolate_like_histogram_quantile():
     assert h.quantile(0.99) == 0.02                                # in +Inf: the last finite bound
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def embedded_server(tmp_path_factory):
     model_dir = build_model_dir(tmp_path_factory.mktemp("smoke-model"), "mixtral", num_local_experts=8)
-    port = _free_port()
-    log = tmp_path_factory.mktemp("smoke-server") / "server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "serve_app.cli", "--embedded", "--model", str(model_dir),
-                                   "--port", str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, timeout_s=120)
+    with servers.embedded_server(tmp_path_factory.mktemp("smoke-server") / "server.log", "--model", str(model_dir),
+                                 timeout_s=120) as url:
         yield url
-    except TimeoutError as exc:
-        raise RuntimeError(f"embedded server did not start: {log.read_text()[-2000:]}") from exc
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.mark.integration

@@ -27,6 +27,7 @@ import pytest
 
 from serve_app.config import AppConfig
 from tests.helpers.engines import build_model_dir
+from tests.helpers.servers import stop_process
 from tests.integration.conftest import wait_for_health
 
 PROMETHEUS = shutil.which("prometheus")
@@ -170,12 +171,7 @@ def prometheus(app, ray_cluster, tmp_path_factory):
             time.sleep(0.25)
         yield prom
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 class Traffic:
