@@ -65,26 +65,37 @@ async def _finish_time(engine: AsyncEngine, request_id: str, prompt: list[int], 
     raise AssertionError("stream ended without a finished output")
 
 
-def test_the_full_lane_does_not_step_while_the_fast_lane_has_work(model_dir):
-    gate = LaneGate(max_defer_s=60.0)       # no starvation bound within this test
+def _on_two_lanes(model_dir, max_defer_s: float, scenario, prepare=lambda fast, full: None):
+    """A fast and a full engine sharing one gate; runs `scenario(fast, full)` (a coroutine function),
+    shuts both down and returns (gate, fast, full, its result)."""
+    gate = LaneGate(max_defer_s=max_defer_s)
     fast = AsyncEngine(create_engine(model_dir), gate=gate, priority=True)
     full = AsyncEngine(create_engine(model_dir), gate=gate)
-    steps: list[tuple[str, float, float]] = []
-    _record_steps(fast, steps, "fast")
-    _record_steps(full, steps, "full")
+    prepare(fast, full)
+    try:
+        result = asyncio.run(asyncio.wait_for(scenario(fast, full), timeout=120))
+    finally:
+        fast.shutdown()
+        full.shutdown()
+    return gate, fast, full, result
 
-    async def run():
+
+def test_the_full_lane_does_not_step_while_the_fast_lane_has_work(model_dir):
+    steps: list[tuple[str, float, float]] = []
+
+    def record(fast, full):
+        _record_steps(fast, steps, "fast")
+        _record_steps(full, steps, "full")
+
+    async def run(fast, full):
         slow = asyncio.create_task(_finish_time(full, "complex", [5, 6, 7, 8], 60))
         while not any(name == "full" for name, _, _ in steps):
             await asyncio.sleep(0.01)
         fast_done = await _finish_time(fast, "simple", [9, 10, 11], 20)
         return fast_done, await slow
 
-    try:
-        fast_done, full_done = asyncio.run(asyncio.wait_for(run(), timeout=120))
-    finally:
-        fast.shutdown()
-        full.shutdown()
+    # No starvation bound within this test.
+    gate, _, _, (fast_done, full_done) = _on_two_lanes(model_dir, 60.0, run, prepare=record)
     # The fast lane's busy window from its own step log (the asyncio side may see the end later).
     fast_started = min(s for name, s, _ in steps if name == "fast")
     fast_ended = max(e for name, _, e in steps if name == "fast")
@@ -97,21 +108,13 @@ def test_the_full_lane_does_not_step_while_the_fast_lane_has_work(model_dir):
 
 
 def test_the_starvation_bound_lets_the_full_lane_progress_under_constant_fast_traffic(model_dir):
-    gate = LaneGate(max_defer_s=0.02)
-    fast = AsyncEngine(create_engine(model_dir), gate=gate, priority=True)
-    full = AsyncEngine(create_engine(model_dir), gate=gate)
-
-    async def run():
+    async def run(fast, full):
         busy = asyncio.create_task(_finish_time(fast, "simple-long", [5, 6, 7, 8], 400))
         await asyncio.sleep(0.05)
         complex_done = await _finish_time(full, "complex", [9, 10, 11], 4)
         return complex_done, await busy
 
-    try:
-        complex_done, fast_done = asyncio.run(asyncio.wait_for(run(), timeout=120))
-    finally:
-        fast.shutdown()
-        full.shutdown()
+    gate, fast, full, (complex_done, fast_done) = _on_two_lanes(model_dir, 0.02, run)
     assert complex_done < fast_done and gate.forced_steps >= 1
     assert fast.snapshot(lambda core: core.blocks.num_used_blocks) == 0
     assert full.snapshot(lambda core: core.blocks.num_used_blocks) == 0
