@@ -37,6 +37,7 @@ VALUE_SETS = {
     "cpu-shards": {"shards": {"count": 2, "gpusPerShard": 0}, "workers": {"gpus": 0},
                    "env": [{"name": "OMP_NUM_THREADS", "value": "4"}]},
     "all-local": {"shards": {"count": 0}, "workers": {"replicas": 0}},
+    "int8-only": {"precision": {"quantized": ["int8"], "fastLaneKvFraction": 0.25, "fullLaneMaxDeferS": 0}},
 }
 
 
@@ -145,6 +146,17 @@ def test_engine_limits_and_model_location_reach_the_app(rendered):
     assert args.get("placement") == (values.get("shards", {}).get("placement") or None)
 
 
+def test_precision_values_reach_the_app_config(rendered):
+    values, objs = rendered
+    parsed = AppConfig(**serve_config(objs["RayService"])["applications"][0]["args"])
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["precision"]
+    precision = {**chart, **values.get("precision", {})}
+    assert parsed.quantized_precisions == tuple(precision["quantized"])
+    assert parsed.int4_group_size == precision["int4GroupSize"]
+    assert parsed.fast_lane_kv_fraction == precision["fastLaneKvFraction"]
+    assert parsed.full_lane_max_defer_s == precision["fullLaneMaxDeferS"]
+
+
 def test_gpu_workers_request_and_limit_their_gpus(rendered):
     values, objs = rendered
     groups = pods(objs["RayService"])
@@ -219,6 +231,9 @@ def test_model_volume_is_mounted_read_only_on_every_pod():
     ({"app": {"api_keys": ["plain-text-key"]}}, "api_keys"),
     ({"env": [{"name": "MOE_SERVE_API_KEYS", "value": "plain-text-key"}]}, "env/0/name"),
     ({"precisionPolicy": {"simple": "int4"}}, "precisionPolicy"),
+    ({"precision": {"quantized": ["fp8"]}}, "precision/quantized/0"),
+    ({"precision": {"fastLaneKvFraction": 1}}, "precision/fastLaneKvFraction"),
+    ({"app": {"full_lane_max_defer_s": 2}}, "full_lane_max_defer_s"),
     ({"engine": {"max_num_seq": 8}}, "max_num_seq"),
     ({"workers": {"gpus": 0.5}}, "workers/gpus"),
 ])

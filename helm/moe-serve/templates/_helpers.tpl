@@ -56,6 +56,12 @@ would leave them pending forever, and the RayService would never turn ready).
 {{- with .Values.shards.placement }}{{ $_ := set $args "placement" . }}{{ end -}}
 {{- if .Values.shards.onePerWorker }}{{ $_ := set $args "shard_resources" (dict "moe_expert_slot" 1) }}{{ end -}}
 {{- with .Values.engine }}{{ $_ := set $args "engine" . }}{{ end -}}
+{{- with .Values.precision }}
+{{- $_ := set $args "quantized_precisions" .quantized -}}
+{{- $_ := set $args "int4_group_size" (int .int4GroupSize) -}}
+{{- $_ := set $args "fast_lane_kv_fraction" .fastLaneKvFraction -}}
+{{- $_ := set $args "full_lane_max_defer_s" .fullLaneMaxDeferS -}}
+{{- end -}}
 {{- range $key, $value := .Values.app }}{{ $_ := set $args $key $value }}{{ end -}}
 {{- $onHead := dict "moe_head" 1 -}}
 {{- $deployments := list
