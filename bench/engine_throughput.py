@@ -55,6 +55,8 @@ from serve_app.config import EngineConfig  # noqa: E402
 from serve_app.engine import EngineCore, SamplingParams  # noqa: E402
 from serve_app.model import load_model  # noqa: E402
 
+from bench.roofline import ModelShape, workload_floor  # noqa: E402
+
 # The model: a few-M-parameter Mixtral (8 experts, top-2) — big enough that matmuls, not Python,
 # should dominate a step on CPU; small enough that a full run stays under ten minutes on 2 cores.
 MODEL_SHAPE = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
@@ -334,7 +336,20 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run())
         print(f"  {results[-1].wall_s:.1f} s, {results[-1].tokens_per_s:.1f} output tok/s", flush=True)
     print_results(results, w)
+    print_floor(results, work)
     return 0
+
+
+def print_floor(results: list[RunResult], work: list[WorkItem]) -> None:
+    """How far any engine could get on this machine (bench/roofline.py), next to the ratios."""
+    floor = workload_floor(ModelShape.from_hf(MODEL_SHAPE), [(len(i.prompt), i.max_new_tokens) for i in work])
+    hf, cont, *static = results
+    print(f"\ncompute floor: {floor.gflop:.0f} GFLOP necessary, best fp32 matmul {floor.peak_gflops:.0f} GFLOP/s "
+          f"at these shapes ({torch.get_num_threads()} thread(s)) -> {floor.seconds:.1f} s for any engine")
+    print(f"best possible ratio over transformers: {floor.best_ratio(hf.wall_s):.2f}x (target 10x); "
+          + "; ".join(f"over {r.name}: {floor.best_ratio(r.wall_s):.2f}x (target 8x)" for r in static))
+    print("share of that peak each system used: "
+          + ", ".join(f"{r.name} {floor.efficiency(r.wall_s):.0%}" for r in results))
 
 
 if __name__ == "__main__":

@@ -119,10 +119,13 @@ def _parses(source: str) -> bool:
 
 
 @torch.no_grad()
-def heldout_metrics(model, data: SampleTensors, batch: int = 8) -> dict:
-    """Loss/perplexity (all, plain, FIM) and per-layer expert shares on held-out samples."""
+def heldout_metrics(model, data: SampleTensors, tok: Tokenizer, batch: int = 8) -> dict:
+    """Loss/perplexity (all, plain, FIM), loss per character, and per-layer expert shares on
+    held-out samples. Loss per token depends on the tokenizer; loss per character (nats over the
+    characters of the predicted tokens) compares models whose tokenizers differ."""
     cfg = model.config
     sums = {"all": [0.0, 0], "plain": [0.0, 0], "fim": [0.0, 0]}
+    chars = 0
     counts = torch.zeros(len(cfg.moe_layers), cfg.num_experts)          # [layers, E]
     for start in range(0, len(data), batch):
         ids, n = data.input_ids[start:start + batch], data.num_tokens[start:start + batch]
@@ -132,6 +135,7 @@ def heldout_metrics(model, data: SampleTensors, batch: int = 8) -> dict:
         for row in range(ids.shape[0]):
             loss = lm_loss(out.logits[row:row + 1], ids[row:row + 1], n[row:row + 1]).item()
             tokens = int(n[row]) - 1
+            chars += len(tok.decode(ids[row, 1:int(n[row])].tolist(), skip_special_tokens=True))
             for key in ("all", "fim" if fim[row] else "plain"):
                 sums[key][0] += loss * tokens
                 sums[key][1] += tokens
@@ -145,7 +149,8 @@ def heldout_metrics(model, data: SampleTensors, batch: int = 8) -> dict:
         "loss": round(losses["all"], 4), "perplexity": round(math.exp(losses["all"]), 3),
         "loss_plain": losses["plain"] and round(losses["plain"], 4),
         "loss_fim": losses["fim"] and round(losses["fim"], 4),
-        "rows": len(data), "tokens": sums["all"][1],
+        "nats_per_char": round(sums["all"][0] / max(chars, 1), 4),
+        "rows": len(data), "tokens": sums["all"][1], "chars": chars,
         "expert_load": {
             "share_per_layer": [[round(x, 4) for x in row] for row in shares.tolist()],
             # 1.0 = perfectly even; E = every token to one expert
@@ -292,7 +297,7 @@ def evaluate(model_dir: Path, opts: EvalOptions, parts: tuple[str, ...] = PARTS,
     if "heldout" in parts:
         samples = list(itertools.islice(iter_training_samples(heldout, tok, DataConfig(max_len=window, seed=0)),
                                         opts.heldout_rows))
-        report["heldout"] = heldout_metrics(model, SampleTensors.from_samples(samples))
+        report["heldout"] = heldout_metrics(model, SampleTensors.from_samples(samples), tok)
     eval_set = build_eval_set(heldout, EvalConfig(num_next_line=opts.num_next_line, num_fim=opts.num_fim))
     llm = Generator(model, code_tok)
     if "next_line" in parts:
