@@ -4,10 +4,10 @@ Why strict: editors and SDKs send JSON, and a `"max_tokens": "16"` or `"temperat
 client bug we should name, not guess at. So numbers are strict (an int is accepted where a float is
 expected, never a string or a bool), NaN/Infinity are refused, and unknown top-level fields are a
 400 naming the field (OpenAI does the same), except the known OpenAI fields we accept only at their
-neutral value (`frequency_penalty: 0`, `echo: false`, ...), so common clients work unchanged.
+neutral value (`echo: false`, `logit_bias: {}`, ...), so common clients work unchanged.
 Chat messages ignore unknown keys: SDKs echo assistant messages back with `refusal`, `annotations`.
 
-Value ranges (temperature, top_p, n, stop, logprobs, seed) are not repeated here: `SamplingParams`
+Value ranges (temperature, top_p, n, stop, logprobs, seed, penalties) are not repeated here: `SamplingParams`
 owns them and its error names the field. Context length is checked against the tokenized prompt
 in api/prepare.py, where the token count is known.
 
@@ -72,16 +72,9 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None         # accepted and ignored (OpenAI abuse tracking)
     precision: Precision = "auto"   # "auto": the tier classifier decides; otherwise this precision
-    frequency_penalty: Float = 0.0  # accepted only at 0: penalties are not implemented
+    frequency_penalty: Float = 0.0  # [-2, 2], checked by SamplingParams
     presence_penalty: Float = 0.0
     logit_bias: dict[str, float] | None = None   # accepted only when empty
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _penalty_is_zero(cls, value: float) -> float:
-        if value != 0:
-            raise PydanticCustomError("unsupported", "penalties are not supported; only 0 is accepted")
-        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -158,6 +151,8 @@ class FimRequest(_Request):
     seed: Int | None = None
     stream: Bool = False
     precision: Precision = "auto"
+    frequency_penalty: Float = 0.0
+    presence_penalty: Float = 0.0
 
 
 # ---- responses -----------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ class EngineCore:
                 targets.append(cand)
         if len(row_of) != len(seqs):
             logits = logits[row_of]
-        result = sample(logits, params, generators)
+        output_ids = [c.output_token_ids for c in targets] if any(p.penalized for p in params) else None
+        result = sample(logits, params, generators, output_ids)
         touched: dict[str, Request] = {}
         for cand, token, lp in zip(targets, result.token_ids, result.logprobs):
             self._append_token(cand, token, lp)

@@ -16,8 +16,12 @@ Design:
   distribution. Top-k keeps every token tied with the k-th value (it may keep more than k).
   Top-p keeps the smallest prefix of the sorted distribution whose mass reaches top_p, and always
   at least the most likely token.
-- Logprobs come from `log_softmax` of the raw (un-tempered, unfiltered) logits, like vLLM's default
-  and OpenAI: they describe the model, not the sampling transform.
+- Penalties (OpenAI's `frequency_penalty`, `presence_penalty`) come first and apply to greedy rows
+  too: a token's logit drops by frequency × (times this sequence generated it) + presence × (it did
+  at all). Prompt tokens do not count, as in OpenAI's definition. Only rows that ask pay for it
+  (one bincount each), on a copy of the logits.
+- Logprobs come from `log_softmax` of the raw (un-tempered, unfiltered, unpenalized) logits, like
+  vLLM's default and OpenAI: they describe the model, not the sampling transform.
 
 Dimension legend: B = batch rows, V = vocab, S = rows that sample randomly, L = rows that want
 logprobs, K = most alternatives any row asked for.
@@ -63,11 +67,16 @@ def make_generator(params: SamplingParams, candidate_index: int = 0,
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> SamplerOutput:
-    """Pick one token per row of `logits` [B, V] with that row's params and generator."""
-    _check_inputs(logits, params, generators)
+           generators: Sequence[torch.Generator | None],
+           output_ids: Sequence[Sequence[int]] | None = None) -> SamplerOutput:
+    """Pick one token per row of `logits` [B, V] with that row's params and generator.
+    `output_ids`: the tokens each row's sequence generated so far; needed only when a row's
+    params are `penalized`."""
+    _check_inputs(logits, params, generators, output_ids)
     B, V = logits.shape
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    raw = logits
+    logits = _apply_penalties(logits, params, output_ids)  # [B, V] raw unless a row is penalized
 
     if len(random_rows) < B:
         token_ids = logits.argmax(dim=-1)  # [B] greedy rows are final; random rows overwritten below
@@ -84,16 +93,36 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         else:
             token_ids[idx] = sampled  # [B]
 
-    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=_logprobs(logits, token_ids, params))
+    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=_logprobs(raw, token_ids, params))
 
 
 def _check_inputs(logits: torch.Tensor, params: Sequence[SamplingParams],
-                  generators: Sequence[torch.Generator | None]) -> None:
+                  generators: Sequence[torch.Generator | None], output_ids) -> None:
     if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise SamplerError(f"logits must be a non-empty [batch, vocab] tensor, got shape {tuple(logits.shape)}")
     if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise SamplerError(f"need one SamplingParams and one generator per row: {logits.shape[0]} rows, "
                            f"{len(params)} params, {len(generators)} generators")
+    if output_ids is not None and len(output_ids) != logits.shape[0]:
+        raise SamplerError(f"need output_ids for every row: {logits.shape[0]} rows, {len(output_ids)} given")
+
+
+def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
+                     output_ids: Sequence[Sequence[int]] | None) -> torch.Tensor:
+    """logits [B, V] with each penalized row lowered on the tokens it generated; the input when
+    no row is penalized (no copy)."""
+    rows = [i for i, p in enumerate(params) if p.penalized and output_ids is not None and output_ids[i]]
+    if not rows:
+        if output_ids is None and any(p.penalized for p in params):
+            raise SamplerError("penalized rows need output_ids")
+        return logits
+    out = logits.clone()  # [B, V]
+    V = logits.shape[1]
+    for i in rows:
+        counts = torch.bincount(torch.tensor(output_ids[i], device=logits.device), minlength=V)  # [V]
+        counts = counts[:V].to(out.dtype)
+        out[i] -= params[i].frequency_penalty * counts + params[i].presence_penalty * (counts > 0).to(out.dtype)
+    return out
 
 
 def _sample_random(logits: torch.Tensor, params: Sequence[SamplingParams],

@@ -24,6 +24,7 @@ MAX_TEMPERATURE = 2.0
 MAX_N = 16
 MAX_STOP_STRINGS = 8
 MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0  # OpenAI's range for frequency_penalty and presence_penalty
 MAX_SEED = 2**63  # exclusive; leaves room for seed + candidate index in torch's 64-bit seed
 
 
@@ -47,6 +48,10 @@ class SamplingParams:
     ignore_eos: bool = False        # keep generating past EOS (benchmarks want fixed lengths)
     n: int = 1                      # candidates per prompt
     logprobs: int | None = None     # None = none; 0 = chosen token; k = also top-k alternatives
+    # OpenAI's penalties on tokens already *generated* (not the prompt), in [-2, 2]: a token's logit
+    # drops by frequency_penalty per earlier occurrence, and by presence_penalty once if it occurred.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
@@ -62,6 +67,13 @@ class SamplingParams:
         _check_int("n", self.n, low=1, high=MAX_N)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        _check_float("frequency_penalty", self.frequency_penalty, low=-MAX_PENALTY, high=MAX_PENALTY)
+        _check_float("presence_penalty", self.presence_penalty, low=-MAX_PENALTY, high=MAX_PENALTY)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the sampler must look at the tokens this sequence generated so far."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
 
     @property
     def greedy(self) -> bool:

@@ -78,6 +78,21 @@ async def test_suffix_and_fim_endpoint_both_run_the_fim_prompt(client, llm, toke
     assert via_fim["completion"] == expected and via_fim["usage"]["prompt_tokens"] == len(fim_ids)
 
 
+async def test_penalties_reach_the_engine_on_every_endpoint(client, llm, tokenizer):
+    penalties = {"frequency_penalty": 1.5, "presence_penalty": 0.5}
+    plain, _ = greedy_text(llm, PROMPT, 24)
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=24, temperature=0.0, **penalties))[0].outputs[0]
+    assert out.text != plain                                  # guard: these penalties change the answer
+    common = {"max_tokens": 24, "temperature": 0, **penalties}
+    r = await client.post("/v1/completions", json={"prompt": PROMPT, **common})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == out.text
+    prefix, suffix = "def area(w, h):\n    return ", "\n"
+    fim = llm.generate(tokenizer.build_fim_prompt_ids(prefix, suffix),
+                       SamplingParams(max_tokens=24, temperature=0.0, **penalties))[0].outputs[0].text
+    r = await client.post("/v1/fim/completions", json={"prefix": prefix, "suffix": suffix, **common})
+    assert r.status_code == 200 and r.json()["completion"] == fim
+
+
 async def test_chat_uses_the_chat_template_and_returns_an_assistant_message(client, llm, tokenizer):
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "add two numbers"}]
     prompt_ids = tokenizer.build_chat_prompt_ids(messages)

@@ -38,6 +38,27 @@ def test_greedy_tokens_match_transformers_generate(model_dir):
     assert got == expected
 
 
+def test_penalized_greedy_equals_a_step_by_step_reference_and_ignores_the_prompt(model_dir):
+    from serve_app.model import load_model
+
+    model = load_model(model_dir)
+    prompt = _prompt(random.Random(5), 9) * 3               # repeated prompt tokens must not count
+    freq, pres = 0.7, 0.4
+    ids, expected = list(prompt), []
+    with torch.no_grad():
+        for _ in range(16):                                 # plain causal forward: the oracle
+            logits = model.forward_train(torch.tensor([ids])).logits[0, -1]      # [V]
+            counts = torch.bincount(torch.tensor(expected, dtype=torch.long), minlength=logits.shape[0])
+            token = int((logits - freq * counts - pres * (counts > 0)).argmax())
+            expected.append(token)
+            ids.append(token)
+    engine = create_engine(model_dir)
+    got = run(engine, {"p": prompt}, greedy(16, frequency_penalty=freq, presence_penalty=pres))["p"]
+    assert got == expected
+    plain = run(create_engine(model_dir), {"plain": prompt}, greedy(16))["plain"]
+    assert got != plain                                     # guard: the penalties changed the greedy path
+
+
 def test_request_alone_equals_request_in_a_batch_of_17_with_chunked_prefill(model_dir):
     rng = random.Random(1)
     target = _prompt(rng, 37)

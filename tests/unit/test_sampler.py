@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serve_app.engine.sampler import SamplerError, SamplerOutput, make_generator, sample
-from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sampling_params import SamplingParams, SamplingParamsError
 
 V = 50
 
@@ -181,3 +181,60 @@ def test_sampling_does_not_modify_the_callers_logits():
 def test_mismatched_inputs_raise_sampler_error(shape, n_params, n_gens):
     with pytest.raises(SamplerError):
         sample(torch.zeros(shape), [SamplingParams()] * n_params, [None] * n_gens)
+
+
+# --- penalties (OpenAI's frequency_penalty / presence_penalty) --------------------------------
+
+
+def test_penalties_lower_exactly_the_generated_tokens_logits():
+    logits = torch.zeros(1, 6)
+    logits[0] = torch.tensor([0.0, 3.0, 2.9, 2.0, 1.0, 0.5])
+    generated = [[1, 1, 3]]                     # token 1 twice, token 3 once
+    params = [SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=0.2)]
+    out = sample(logits, params, [None], generated)
+    # 1: 3.0 - 2*0.5 - 0.2 = 1.8; 3: 2.0 - 0.5 - 0.2 = 1.3; 2 is untouched at 2.9 and wins.
+    assert out.token_ids == [2]
+    params = [SamplingParams(temperature=0, frequency_penalty=0.04, presence_penalty=0.0)]
+    assert sample(logits, params, [None], generated).token_ids == [1]   # 3.0 - 0.08 = 2.92 > 2.9
+
+
+def test_negative_penalties_favour_generated_tokens():
+    logits = torch.tensor([[1.0, 2.0, 0.5]])
+    out = sample(logits, [SamplingParams(temperature=0, presence_penalty=-2.0)], [None], [[2]])
+    assert out.token_ids == [2]                 # 0.5 + 2.0 > 2.0
+
+
+def test_penalties_stay_in_their_row_and_logprobs_stay_raw():
+    logits = _logits(3)
+    top = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0, frequency_penalty=2.0, logprobs=0),
+              SamplingParams(temperature=0, logprobs=0),
+              SamplingParams(temperature=0.8, seed=1, presence_penalty=2.0)]
+    generated = [[top[0]] * 20, [top[1]] * 20, []]          # row 1 is not penalized; row 2 has no output yet
+    out = sample(logits, params, [make_generator(p) for p in params], generated)
+    assert out.token_ids[0] != top[0] and out.token_ids[1] == top[1]
+    assert out.token_ids[2] == sample(logits[2:], params[2:], [make_generator(params[2])], [[]]).token_ids[0]
+    raw = logits.log_softmax(-1)
+    assert math.isclose(out.logprobs[0].logprob, raw[0, out.token_ids[0]].item(), rel_tol=1e-5)
+
+
+def test_random_rows_never_draw_a_token_penalized_far_below_the_rest():
+    logits = torch.zeros(1, 4)
+    params = [SamplingParams(temperature=1.0, seed=s, frequency_penalty=2.0) for s in range(200)]
+    outs = [sample(logits, [p], [make_generator(p)], [[0] * 40]).token_ids[0] for p in params]
+    assert 0 not in outs and set(outs) == {1, 2, 3}
+
+
+def test_penalized_rows_without_their_output_ids_are_an_error():
+    with pytest.raises(SamplerError):
+        sample(_logits(1), [SamplingParams(frequency_penalty=1.0)], [None])
+    with pytest.raises(SamplerError):
+        sample(_logits(2), [SamplingParams()] * 2, [None] * 2, [[1]])
+
+
+@pytest.mark.parametrize("field", ["frequency_penalty", "presence_penalty"])
+@pytest.mark.parametrize("value", [2.01, -3, float("nan"), True])
+def test_penalty_out_of_range_is_rejected(field, value):
+    with pytest.raises(SamplingParamsError) as err:
+        SamplingParams(**{field: value})
+    assert err.value.param == field
