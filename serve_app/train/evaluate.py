@@ -62,6 +62,7 @@ class EvalOptions:
     latency_decode_tokens: int = 32
     latency_repeats: int = 5
     num_examples: int = 3              # FIM completions copied into the report for a reader
+    fim_frequency_penalty: float = 0.0  # OpenAI frequency_penalty for the FIM completions (0 = plain greedy)
 
 
 # --- prompt fitting --------------------------------------------------------------------------
@@ -214,7 +215,8 @@ def fim_metrics(llm: "Generator", code_tok: CodeTokenizer, budget: Budget, cases
     prompts = [code_tok.build_fim_prompt_ids(*fim_prompt_parts(budget, c.prefix, c.suffix, prompt_tokens))
                for c in cases]
     errors_before = llm.engine_errors
-    texts = llm.texts(prompts, SamplingParams(temperature=0.0, max_tokens=opts.fim_max_tokens))
+    texts = llm.texts(prompts, SamplingParams(temperature=0.0, max_tokens=opts.fim_max_tokens,
+                                              frequency_penalty=opts.fim_frequency_penalty))
     exact = parses = empty_parses = 0
     examples = []
     for case, text in zip(cases, texts):
@@ -228,7 +230,8 @@ def fim_metrics(llm: "Generator", code_tok: CodeTokenizer, budget: Budget, cases
             examples.append({"file": case.rel_name, "line": case.span.start_line + 1,
                              "expected": case.middle, "completion": text})
     n = max(len(cases), 1)
-    return {"cases": len(cases), "exact_match": round(exact / n, 4), "parse_rate": round(parses / n, 4),
+    return {"cases": len(cases), "frequency_penalty": opts.fim_frequency_penalty,
+            "exact_match": round(exact / n, 4), "parse_rate": round(parses / n, 4),
             "parse_rate_empty_middle": round(empty_parses / n, 4), "engine_errors": llm.engine_errors - errors_before,
             "examples": examples}
 
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these partial reports into --out")
     parser.add_argument("--latency-only", action="store_true", help="skip quality metrics (size comparisons)")
     for field, default in asdict(EvalOptions()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=default)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     opts = EvalOptions(**{k: getattr(args, k) for k in asdict(EvalOptions())})

@@ -50,14 +50,15 @@ def load_cases(model_dir: Path, num_fim: int, max_tokens: int, files_cache: Path
     return FimCases(cases, prompts, {f.rel_name: f.text for f in heldout})
 
 
-def run(url: str, fim: FimCases, max_tokens: int, precision: str = "auto", timeout_s: float = 120.0) -> dict:
+def run(url: str, fim: FimCases, max_tokens: int, precision: str = "auto", timeout_s: float = 120.0,
+        frequency_penalty: float = 0.0) -> dict:
     parses = empty_parses = exact = 0
     statuses, tiers, latencies = Counter(), Counter(), []
     completions: list[str | None] = []
     with httpx.Client(timeout=timeout_s) as client:
         for case, (prefix, suffix) in zip(fim.cases, fim.prompts):
             body = {"prefix": prefix, "suffix": suffix, "max_tokens": max_tokens, "temperature": 0.0,
-                    "precision": precision}
+                    "precision": precision, "frequency_penalty": frequency_penalty}
             started = time.perf_counter()
             resp = client.post(f"{url}/v1/fim/completions", json=body)
             latencies.append(time.perf_counter() - started)
@@ -78,7 +79,7 @@ def run(url: str, fim: FimCases, max_tokens: int, precision: str = "auto", timeo
     return {"url": url, "cases": len(fim.cases), "parse_rate": round(parses / n, 4),
             "parse_rate_empty_middle": round(empty_parses / n, 4), "exact_match": round(exact / n, 4),
             "statuses": dict(statuses), "tier_precision": dict(tiers), "max_tokens": max_tokens,
-            "precision": precision,
+            "precision": precision, "frequency_penalty": frequency_penalty,
             "latency_ms": {"p50": round(statistics.median(ms), 1), "p80": round(ms[int(0.8 * (len(ms) - 1))], 1),
                            "max": round(ms[-1], 1)},
             "completions": completions}
@@ -93,11 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="send only the first N cases")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--precision", default="auto", choices=("auto", "full", "int8", "int4"))
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="sent with every request")
     parser.add_argument("--files-cache", type=Path, help="JSON cache of the held-out files")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     fim = load_cases(args.model_dir, args.num_fim, args.max_tokens, args.files_cache, args.limit)
-    report = run(args.url.rstrip("/"), fim, args.max_tokens, args.precision)
+    report = run(args.url.rstrip("/"), fim, args.max_tokens, args.precision,
+                 frequency_penalty=args.frequency_penalty)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "completions"}))
