@@ -165,3 +165,23 @@ def test_eval_fim_prompt_keeps_whole_lines_and_most_of_the_budget_for_the_prefix
     assert kept_prefix.startswith("alpha_") and kept_suffix.endswith("\n")
     assert budget.count(kept_prefix) + budget.count(kept_suffix) <= 100
     assert budget.count(kept_prefix) >= 70
+
+
+def test_heldout_loss_per_character_counts_the_characters_of_the_predicted_tokens():
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from serve_app.train.evaluate import heldout_metrics
+    tok_path = Path(__file__).resolve().parents[2] / "serve_app" / "default_model" / "tokenizer.json"
+    tok = Tokenizer.from_file(str(tok_path))
+    texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n"]
+    rows = [tok.encode(t).ids for t in texts]
+    width = max(map(len, rows))
+    data = SampleTensors(torch.tensor([r + [EOS] * (width - len(r)) for r in rows]),
+                         torch.tensor([len(r) for r in rows]), torch.tensor([False, False]))
+    model = build_model(tiny_config(vocab_size=tok.get_vocab_size(), max_len=width), EOS).eval()
+    report = heldout_metrics(model, data, tok)
+    predicted = sum(len(t) - len(tok.decode(r[:1])) for t, r in zip(texts, rows))   # all but the first token
+    assert report["chars"] == predicted and report["tokens"] == sum(len(r) - 1 for r in rows)
+    assert report["nats_per_char"] == pytest.approx(report["loss"] * report["tokens"] / predicted, rel=1e-3)
