@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from serve_app.api.app import create_app
 from serve_app.api.client import LocalEngineClient
 from serve_app.api.observability import MetricsMiddleware, metrics_router
-from serve_app.api.settings import ApiSettings
+from serve_app.api.settings import ApiSettings, GenerationDefaults
 from serve_app.config import AppConfig, api_keys_from_env
 from serve_app.engine.lanes import Lanes
 from serve_app.metrics import EngineMetricsObserver, Metrics
@@ -34,7 +34,8 @@ def build_embedded_app(config: AppConfig) -> FastAPI:
                    config.full_lane_max_defer_s)
     settings = ApiSettings(served_model_name=config.model_name, tokenizer=tokenizer, max_model_len=engine.max_model_len,
                            max_body_bytes=config.max_body_bytes, api_keys=(*config.api_keys, *api_keys_from_env()),
-                           request_timeout_s=config.request_timeout_s, precisions=model.precisions)
+                           request_timeout_s=config.request_timeout_s, precisions=model.precisions,
+                           generation_defaults=GenerationDefaults.from_model_dir(config.model))
 
     async def exposition() -> bytes:
         return metrics.exposition()

@@ -85,7 +85,7 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> P
     logprobs = req.logprobs if req.logprobs is not None else (0 if tier.rank_by_mean_logprob else None)
     params = _sampling_params({}, max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
                               top_p=req.top_p, top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed,
-                              logprobs=logprobs, **_penalties(req))
+                              logprobs=logprobs, **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, prompt_param, "max_tokens")
     return PreparedRequest("completion", _new_id("completion"), int(time.time()), model, tier,
                            prompt_ids, params, req.stream, _include_usage(req), client_logprobs=req.logprobs is not None)
@@ -119,7 +119,7 @@ async def prepare_chat(req: ChatCompletionRequest, settings: ApiSettings) -> Pre
         logprobs = 0
     params = _sampling_params(aliases, max_tokens=max_tokens, temperature=tier.temperature, top_p=req.top_p,
                               top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed, logprobs=logprobs,
-                              **_penalties(req))
+                              **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, "messages", aliases.get("max_tokens", "max_tokens"))
     return PreparedRequest("chat", _new_id("chat"), int(time.time()), model, tier, prompt_ids, params,
                            req.stream, _include_usage(req), aliases, client_logprobs)
@@ -134,7 +134,7 @@ async def prepare_fim(req: FimRequest, settings: ApiSettings) -> PreparedRequest
                          kind="fim", stop=_stops(req.stop))
     params = _sampling_params({}, max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
                               top_p=req.top_p, top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed,
-                              logprobs=0 if tier.rank_by_mean_logprob else None, **_penalties(req))
+                              logprobs=0 if tier.rank_by_mean_logprob else None, **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, "prefix", "max_tokens")
     # The FIM endpoint returns one completion: the best candidate when the tier ranks several.
     return PreparedRequest("fim", _new_id("fim"), int(time.time()), model, tier, prompt_ids, params,
@@ -195,8 +195,11 @@ async def _tokenize(build: Callable[[], list[int]], param: str, num_chars: int) 
         raise bad_request(str(exc), param, "invalid_prompt") from exc
 
 
-def _penalties(req) -> dict[str, float]:
-    return {"frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty}
+def _penalties(req, settings: ApiSettings) -> dict[str, float]:
+    """The request's penalties; the checkpoint's defaults for those it leaves out."""
+    defaults = settings.generation_defaults
+    return {name: getattr(req if name in req.model_fields_set else defaults, name)
+            for name in ("frequency_penalty", "presence_penalty")}
 
 
 def _sampling_params(aliases: dict[str, str], **values) -> SamplingParams:

@@ -1,8 +1,11 @@
 """What the HTTP layer is configured with; built once by whoever creates the app (tests, deployments)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
+from serve_app.engine.sampling_params import SamplingParams, SamplingParamsError
 from serve_app.tokenizer import CodeTokenizer
 
 # 1 MiB of JSON is ~250k tokens of code, far beyond any context we serve; larger bodies are refused
@@ -11,6 +14,31 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # A completion that has not finished in 5 minutes is stuck or abusive; it is aborted so its KV
 # blocks go back to the pool. Inline completions finish in well under a second.
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling defaults a checkpoint ships in ``generation_config.json``, applied to the fields a
+    request leaves out (vLLM applies a checkpoint's generation config the same way; an explicit
+    value in the request always wins). Only the penalties are read: temperature and the number of
+    candidates belong to the tier policy. The bundled default model sets a frequency penalty
+    because, greedy, it loops on one line until ``max_tokens`` (its MODEL_CARD has the numbers)."""
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        try:
+            SamplingParams(frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
+        except SamplingParamsError as exc:
+            raise ValueError(f"generation_config.json: {exc}") from exc
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "GenerationDefaults":
+        path = Path(model_dir) / "generation_config.json"
+        if not path.is_file():
+            return cls()
+        raw = json.loads(path.read_text())
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 @dataclass(frozen=True)
@@ -24,6 +52,7 @@ class ApiSettings:
     # Precisions the backend serves. "auto" requests whose tier wants one it lacks run at full
     # precision (still labelled with their tier); an explicit request for it is a 400.
     precisions: tuple[str, ...] = ("full",)
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

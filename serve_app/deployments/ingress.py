@@ -17,7 +17,7 @@ from ray.exceptions import RayError
 from serve_app.api.app import create_app
 from serve_app.api.errors import BackendUnavailableError
 from serve_app.api.observability import MetricsMiddleware, metrics_router
-from serve_app.api.settings import ApiSettings
+from serve_app.api.settings import ApiSettings, GenerationDefaults
 from serve_app.config import AppConfig, api_keys_from_env
 from serve_app.engine import EngineError, EngineStepError, RequestOutput, SamplingParams
 from serve_app.engine.sampling_params import SamplingParamsError
@@ -90,7 +90,8 @@ class Ingress:
             served_model_name=config.model_name, tokenizer=CodeTokenizer.from_dir(config.model),
             max_model_len=min(config.engine_config().max_model_len or positions, positions),
             api_keys=(*config.api_keys, *api_keys_from_env()), max_body_bytes=config.max_body_bytes,
-            request_timeout_s=config.request_timeout_s, precisions=("full", *config.quantized_precisions))
+            request_timeout_s=config.request_timeout_s, precisions=("full", *config.quantized_precisions),
+            generation_defaults=GenerationDefaults.from_model_dir(config.model))
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.client, self.settings, extra_routers=[metrics_router(self.node_metrics)])

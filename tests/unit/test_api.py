@@ -93,6 +93,32 @@ async def test_penalties_reach_the_engine_on_every_endpoint(client, llm, tokeniz
     assert r.status_code == 200 and r.json()["completion"] == fim
 
 
+async def test_checkpoint_penalty_defaults_fill_only_what_the_request_leaves_out(engine, tokenizer, llm, tmp_path):
+    from serve_app.api.settings import GenerationDefaults
+
+    (tmp_path / "generation_config.json").write_text('{"frequency_penalty": 1.5, "presence_penalty": 0.5}')
+    defaults = GenerationDefaults.from_model_dir(tmp_path)
+    assert (defaults.frequency_penalty, defaults.presence_penalty) == (1.5, 0.5)
+    penalized = llm.generate(PROMPT, SamplingParams(max_tokens=24, temperature=0.0, frequency_penalty=1.5,
+                                                    presence_penalty=0.5))[0].outputs[0].text
+    plain, _ = greedy_text(llm, PROMPT, 24)
+    async with http_client(make_app(engine, tokenizer, generation_defaults=defaults)) as c:
+        implicit = (await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0})).json()
+        explicit = (await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                                                          "frequency_penalty": 0, "presence_penalty": 0})).json()
+    assert implicit["choices"][0]["text"] == penalized != plain
+    assert explicit["choices"][0]["text"] == plain
+
+
+def test_generation_defaults_are_checked_when_the_model_loads(tmp_path):
+    from serve_app.api.settings import GenerationDefaults
+
+    assert GenerationDefaults.from_model_dir(tmp_path) == GenerationDefaults()      # no file: neutral
+    (tmp_path / "generation_config.json").write_text('{"frequency_penalty": 3, "temperature": 0.7}')
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        GenerationDefaults.from_model_dir(tmp_path)
+
+
 async def test_chat_uses_the_chat_template_and_returns_an_assistant_message(client, llm, tokenizer):
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "add two numbers"}]
     prompt_ids = tokenizer.build_chat_prompt_ids(messages)
