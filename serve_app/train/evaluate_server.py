@@ -51,14 +51,18 @@ def load_cases(model_dir: Path, num_fim: int, max_tokens: int, files_cache: Path
 
 
 def run(url: str, fim: FimCases, max_tokens: int, precision: str = "auto", timeout_s: float = 120.0,
-        frequency_penalty: float = 0.0) -> dict:
+        frequency_penalty: float | None = None) -> dict:
+    """``frequency_penalty`` None: requests leave it out, so the server applies the checkpoint's
+    default (``generation_config.json``), as an editor's requests would."""
     parses = empty_parses = exact = 0
     statuses, tiers, latencies = Counter(), Counter(), []
     completions: list[str | None] = []
     with httpx.Client(timeout=timeout_s) as client:
         for case, (prefix, suffix) in zip(fim.cases, fim.prompts):
             body = {"prefix": prefix, "suffix": suffix, "max_tokens": max_tokens, "temperature": 0.0,
-                    "precision": precision, "frequency_penalty": frequency_penalty}
+                    "precision": precision}
+            if frequency_penalty is not None:
+                body["frequency_penalty"] = frequency_penalty
             started = time.perf_counter()
             resp = client.post(f"{url}/v1/fim/completions", json=body)
             latencies.append(time.perf_counter() - started)
@@ -94,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="send only the first N cases")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--precision", default="auto", choices=("auto", "full", "int8", "int4"))
-    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="sent with every request")
+    parser.add_argument("--frequency-penalty", type=float,
+                        help="sent with every request; default: left out (the server applies the model's default)")
     parser.add_argument("--files-cache", type=Path, help="JSON cache of the held-out files")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

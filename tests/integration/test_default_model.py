@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve_app.api.settings import GenerationDefaults
 from serve_app.config import default_model_dir
 from serve_app.engine import LLM, SamplingParams
 from serve_app.tokenizer import CodeTokenizer
@@ -44,11 +45,15 @@ def test_fim_on_held_out_functions_through_the_server_equals_the_engine_and_pars
     report = evaluate_server.run(server, fim, MAX_TOKENS, precision="full")
     assert report["cases"] == CASES and report["statuses"] == {200: CASES}
     assert report["tier_precision"] and all(k.endswith("/full") for k in report["tier_precision"])
-    # The offline engine on the same prompts (the served numerics: float32, full-precision experts).
+    # The offline engine on the same prompts (the served numerics: float32, full-precision experts),
+    # with the penalties the checkpoint's generation_config.json sets: the requests left them out.
+    defaults = GenerationDefaults.from_model_dir(MODEL)
     tokenizer = CodeTokenizer.from_dir(MODEL)
     llm = LLM(MODEL)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, frequency_penalty=defaults.frequency_penalty,
+                            presence_penalty=defaults.presence_penalty)
     offline = [o.outputs[0].text for o in llm.generate(
-        [tokenizer.build_fim_prompt_ids(p, s) for p, s in fim.prompts], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))]
+        [tokenizer.build_fim_prompt_ids(p, s) for p, s in fim.prompts], params)]
     assert report["completions"] == offline
     # Some completions must make the whole file parse (the model card reports the share on 200 cases).
     assert report["parse_rate"] > 0
