@@ -12,9 +12,10 @@ def test_defaults_match_the_documented_contract():
     p = SamplingParams()
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k) == (16, 1.0, 1.0, 0)
     assert (p.seed, p.stop, p.stop_token_ids, p.ignore_eos, p.n, p.logprobs) == (None, (), (), False, 1, None)
+    assert (p.frequency_penalty, p.presence_penalty, p.penalized) == (0.0, 0.0, False)
     assert [f.name for f in dataclasses.fields(SamplingParams)] == [
         "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-        "ignore_eos", "n", "logprobs"]
+        "ignore_eos", "n", "logprobs", "frequency_penalty", "presence_penalty"]
 
 
 def test_params_are_frozen():
