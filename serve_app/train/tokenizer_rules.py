@@ -21,7 +21,10 @@ so the pre-tokenizer decides which merges are even possible:
      leading space like GPT-2 (`` return``), which is where keywords come from;
   4. cuts leading whitespace into **exactly 4-space units**: one indent level is one token and
      8 spaces are two, so the model sees nesting depth as a count of identical tokens instead of
-     one opaque, rarer token per depth;
+     one opaque, rarer token per depth. Tried against one token per depth (``(?: {4})+``, 2026-11-27,
+     same recipe and compute): that removed the greedy loops of indent tokens and spent 9% fewer
+     tokens, but its model was 8.5% worse per character on held-out text and, with the shipped
+     frequency penalty, fewer of its FIM completions parsed (39.5% against 49.5%). Kept per level;
   5. keeps newlines, tabs and other whitespace apart from code. A newline is never glued to the
      code before it (GPT-4's ``):\\n`` style): an editor's prompt often ends at the end of a line
      *before* the newline is typed, and a model that only ever saw ``):\\n`` as one token would
