@@ -103,6 +103,8 @@ def _check_inputs(logits: torch.Tensor, params: Sequence[SamplingParams],
     if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise SamplerError(f"need one SamplingParams and one generator per row: {logits.shape[0]} rows, "
                            f"{len(params)} params, {len(generators)} generators")
+    if output_ids is None and any(p.penalized for p in params):
+        raise SamplerError("penalized rows need output_ids")
     if output_ids is not None and len(output_ids) != logits.shape[0]:
         raise SamplerError(f"need output_ids for every row: {logits.shape[0]} rows, {len(output_ids)} given")
 
@@ -111,16 +113,13 @@ def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
                      output_ids: Sequence[Sequence[int]] | None) -> torch.Tensor:
     """logits [B, V] with each penalized row lowered on the tokens it generated; the input when
     no row is penalized (no copy)."""
-    rows = [i for i, p in enumerate(params) if p.penalized and output_ids is not None and output_ids[i]]
+    rows = [i for i, p in enumerate(params) if p.penalized and output_ids[i]]
     if not rows:
-        if output_ids is None and any(p.penalized for p in params):
-            raise SamplerError("penalized rows need output_ids")
         return logits
     out = logits.clone()  # [B, V]
-    V = logits.shape[1]
     for i in rows:
-        counts = torch.bincount(torch.tensor(output_ids[i], device=logits.device), minlength=V)  # [V]
-        counts = counts[:V].to(out.dtype)
+        ids = torch.tensor(output_ids[i], device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[1]).to(out.dtype)  # [V]
         out[i] -= params[i].frequency_penalty * counts + params[i].presence_penalty * (counts > 0).to(out.dtype)
     return out
 
