@@ -11,7 +11,14 @@ What is measured, all on the held-out files of ``corpus.load_split`` (never trai
 * **FIM exact match** on its FIM cases (PSM prompt from ``CodeTokenizer.build_fim_prompt_ids``,
   greedy, stop at eos) and **syntactic validity**: share of completions with which the *whole file*
   (untrimmed prefix + completion + suffix) parses. Deleting the hole is the reference point:
-  ``parse_rate_empty_middle`` says how often that alone parses;
+  ``parse_rate_empty_middle`` says how often that alone parses, and ``parse_rate_nonempty`` counts
+  only completions with code in them (an empty completion cannot pass for a fill);
+* **edit similarity** (next line and FIM): ``difflib`` ratio between completion and target, 0..1
+  (the graded measure code-completion benchmarks report beside exact match: it moves long before
+  exact match does);
+* FIM again **with the checkpoint's sampling defaults** (``generation_config.json`` penalties, as
+  the server applies them) and over a **frequency-penalty sweep** (parts ``fim_defaults`` and
+  ``fim_sweep``);
 * **expert load**: share of the top-k routing slots each expert gets per layer, on held-out text;
 * **latency** on this machine, batch 1 through the engine: a cold (no prefix cache) prefill of
   ``latency_prompt_tokens`` tokens and the mean time per decoded token after it.
@@ -24,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
+import functools
 import itertools
 import json
 import math
@@ -38,6 +47,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from serve_app.api.settings import GenerationDefaults
 from serve_app.engine.llm import LLM
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.model import load_model
@@ -63,6 +73,7 @@ class EvalOptions:
     latency_repeats: int = 5
     num_examples: int = 3              # FIM completions copied into the report for a reader
     fim_frequency_penalty: float = 0.0  # OpenAI frequency_penalty for the FIM completions (0 = plain greedy)
+    fim_penalty_sweep: str = "0.5,1.0,1.5,2.0"  # frequency penalties of the ``fim_sweep`` part
 
 
 # --- prompt fitting --------------------------------------------------------------------------
@@ -114,6 +125,13 @@ def _parses(source: str) -> bool:
         return True
     except (SyntaxError, ValueError):
         return False
+
+
+def edit_similarity(completion: str | None, target: str) -> float:
+    """0..1, 1 = equal: difflib's 2*matches/total over characters (no completion scores 0)."""
+    if completion is None:
+        return 0.0
+    return difflib.SequenceMatcher(None, completion, target, autojunk=False).ratio()
 
 
 # --- the measurements ------------------------------------------------------------------------
@@ -204,34 +222,43 @@ def next_line_metrics(llm: "Generator", budget: Budget, cases, window: int, opts
     texts = llm.texts(prompts, params)
     exact = sum(t == c.target for t, c in zip(texts, cases))
     loose = sum(t is not None and t.rstrip() == c.target.rstrip() for t, c in zip(texts, cases))
+    similarity = sum(edit_similarity(t, c.target) for t, c in zip(texts, cases))
     return {"cases": len(cases), "exact_match": round(exact / max(len(cases), 1), 4),
             "exact_match_ignoring_trailing_space": round(loose / max(len(cases), 1), 4),
+            "edit_similarity": round(similarity / max(len(cases), 1), 4),
             "engine_errors": llm.engine_errors - errors_before}
 
 
 def fim_metrics(llm: "Generator", code_tok: CodeTokenizer, budget: Budget, cases, files: dict, window: int,
-                opts: EvalOptions) -> dict:
+                opts: EvalOptions, penalties: GenerationDefaults) -> dict:
     prompt_tokens = window - opts.fim_max_tokens - 8                    # 3 FIM tokens + slack
     prompts = [code_tok.build_fim_prompt_ids(*fim_prompt_parts(budget, c.prefix, c.suffix, prompt_tokens))
                for c in cases]
     errors_before = llm.engine_errors
     texts = llm.texts(prompts, SamplingParams(temperature=0.0, max_tokens=opts.fim_max_tokens,
-                                              frequency_penalty=opts.fim_frequency_penalty))
-    exact = parses = empty_parses = 0
+                                              frequency_penalty=penalties.frequency_penalty,
+                                              presence_penalty=penalties.presence_penalty))
+    exact = parses = nonempty_parses = empty_parses = 0
+    similarity = 0.0
     examples = []
     for case, text in zip(cases, texts):
         full = split_at_span(files[case.rel_name], case.span)          # untrimmed: the whole file
         empty_parses += _parses(full.prefix + full.suffix)
+        similarity += edit_similarity(text, case.middle)
         if text is None:                                                # the engine failed it: a miss
             continue
         exact += text.rstrip("\n") == case.middle.rstrip("\n")
-        parses += _parses(full.prefix + text + full.suffix)
+        parsed = _parses(full.prefix + text + full.suffix)
+        parses += parsed
+        nonempty_parses += parsed and bool(text.strip())
         if len(examples) < opts.num_examples and case.span.num_lines <= 3:
             examples.append({"file": case.rel_name, "line": case.span.start_line + 1,
                              "expected": case.middle, "completion": text})
     n = max(len(cases), 1)
-    return {"cases": len(cases), "frequency_penalty": opts.fim_frequency_penalty,
-            "exact_match": round(exact / n, 4), "parse_rate": round(parses / n, 4),
+    return {"cases": len(cases), "frequency_penalty": penalties.frequency_penalty,
+            "presence_penalty": penalties.presence_penalty,
+            "exact_match": round(exact / n, 4), "edit_similarity": round(similarity / n, 4),
+            "parse_rate": round(parses / n, 4), "parse_rate_nonempty": round(nonempty_parses / n, 4),
             "parse_rate_empty_middle": round(empty_parses / n, 4), "engine_errors": llm.engine_errors - errors_before,
             "examples": examples}
 
@@ -273,7 +300,7 @@ def latency_only(model_dir: Path, opts: EvalOptions) -> dict:
     return {"params": count_params(model), "latency": latency_metrics(llm, prompt, opts)}
 
 
-PARTS = ("heldout", "next_line", "fim", "latency")
+PARTS = ("heldout", "next_line", "fim", "fim_defaults", "fim_sweep", "latency")
 
 
 def heldout_files(cache: Path | None) -> list[SourceFile]:
@@ -305,9 +332,16 @@ def evaluate(model_dir: Path, opts: EvalOptions, parts: tuple[str, ...] = PARTS,
     llm = Generator(model, code_tok)
     if "next_line" in parts:
         report["next_line"] = next_line_metrics(llm, budget, eval_set.next_line, window, opts)
+    files = {f.rel_name: f.text for f in heldout}
+    fim = functools.partial(fim_metrics, llm, code_tok, budget, eval_set.fim, files, window, opts)
     if "fim" in parts:
-        files = {f.rel_name: f.text for f in heldout}
-        report["fim"] = fim_metrics(llm, code_tok, budget, eval_set.fim, files, window, opts)
+        report["fim"] = fim(GenerationDefaults(frequency_penalty=opts.fim_frequency_penalty))
+    if "fim_defaults" in parts:                                         # what the server does by default
+        report["fim_with_shipped_defaults"] = fim(GenerationDefaults.from_model_dir(model_dir))
+    if "fim_sweep" in parts:
+        report["fim_frequency_penalty_sweep"] = {
+            p: {k: v for k, v in fim(GenerationDefaults(frequency_penalty=float(p))).items() if k != "examples"}
+            for p in opts.fim_penalty_sweep.split(",") if p}
     if "latency" in parts:
         longest = max(heldout, key=lambda f: len(f.text))
         prompt = tok.encode(longest.text, add_special_tokens=False).ids[:opts.latency_prompt_tokens]

@@ -8,7 +8,8 @@ function), each sent as an editor would: ``POST /v1/fim/completions`` with the p
 trimmed at line starts to the model's window, greedy, ``precision`` left to the server (``auto``:
 the complexity classifier picks the tier and INT4/INT8/full), one request at a time. A completion
 counts as valid when the *whole* file (untrimmed prefix + completion + suffix) parses; deleting the
-hole instead is the reference point, as in ``evaluate.py``. Per tier and precision the counts and
+hole instead is the reference point, as in ``evaluate.py``, which also defines the other measures
+(``parse_rate_nonempty``, ``edit_similarity``). Per tier and precision the counts and
 latencies are reported too, since each tier runs different numerics.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tokenizers import Tokenizer
 from serve_app.config import default_model_dir
 from serve_app.model import ModelConfig
 from serve_app.train.data import EvalConfig, FimCase, build_eval_set
-from serve_app.train.evaluate import Budget, _parses, fim_prompt_parts, heldout_files
+from serve_app.train.evaluate import Budget, _parses, edit_similarity, fim_prompt_parts, heldout_files
 from serve_app.train.spans import split_at_span
 
 
@@ -54,7 +55,8 @@ def run(url: str, fim: FimCases, max_tokens: int, precision: str = "auto", timeo
         frequency_penalty: float | None = None) -> dict:
     """``frequency_penalty`` None: requests leave it out, so the server applies the checkpoint's
     default (``generation_config.json``), as an editor's requests would."""
-    parses = empty_parses = exact = 0
+    parses = nonempty_parses = empty_parses = exact = 0
+    similarity = 0.0
     statuses, tiers, latencies = Counter(), Counter(), []
     completions: list[str | None] = []
     with httpx.Client(timeout=timeout_s) as client:
@@ -76,12 +78,17 @@ def run(url: str, fim: FimCases, max_tokens: int, precision: str = "auto", timeo
             text = out["completion"]
             completions.append(text)
             tiers[f"{out['tier']}/{out['precision']}"] += 1
-            parses += _parses(full.prefix + text + full.suffix)
+            parsed = _parses(full.prefix + text + full.suffix)
+            parses += parsed
+            nonempty_parses += parsed and bool(text.strip())
             exact += text.rstrip("\n") == case.middle.rstrip("\n")
+            similarity += edit_similarity(text, case.middle)
     n = max(len(fim.cases), 1)
     ms = sorted(1000 * s for s in latencies) or [0.0]
     return {"url": url, "cases": len(fim.cases), "parse_rate": round(parses / n, 4),
+            "parse_rate_nonempty": round(nonempty_parses / n, 4),
             "parse_rate_empty_middle": round(empty_parses / n, 4), "exact_match": round(exact / n, 4),
+            "edit_similarity": round(similarity / n, 4),
             "statuses": dict(statuses), "tier_precision": dict(tiers), "max_tokens": max_tokens,
             "precision": precision, "frequency_penalty": frequency_penalty,
             "latency_ms": {"p50": round(statistics.median(ms), 1), "p80": round(ms[int(0.8 * (len(ms) - 1))], 1),

@@ -3,6 +3,8 @@
     python -m serve_app.train.train --run-dir /tmp/moe-run --export serve_app/default_model \
         --time-budget-min 60
     python -m serve_app.train.train --run-dir /tmp/moe-run --resume   # continue after a crash
+    python -m serve_app.train.train --run-dir /tmp/moe-run2 --init-from /tmp/moe-run/checkpoint.pt \
+        --lr 1e-3 --time-budget-min 90                                 # more training: a new schedule
 
 The run dir (never the repo) holds the pre-tokenized samples (``samples.pt``: tokenized once,
 keyed by tokenizer + data config; cache and batch order live in ``serve_app.train.samples``),
@@ -205,6 +207,16 @@ def load_checkpoint(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimize
     return TrainState(**ckpt["state"])
 
 
+def warm_start(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer, total_steps: int) -> TrainState:
+    """Continue a finished run under a new schedule (a warm restart: warmup, then a new cosine).
+
+    Weights and Adam moments carry over, and so do the data position and token count, so the new
+    run reads the samples the old one had not reached yet instead of starting the epoch-0 order
+    again; the step count, schedule length and clock start from zero."""
+    old = load_checkpoint(path, model, opt)
+    return TrainState(epoch=old.epoch, cursor=old.cursor, tokens_seen=old.tokens_seen, total_steps=total_steps)
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -222,6 +234,7 @@ class RunOptions:
     log_every: int = 10
     eval_rows: int = 32                  # held-out rows scored at each log step (0 = none)
     stop_after: int | None = None        # stop (checkpointed) at this step: tests interrupt runs here
+    init_from: Path | None = None        # a finished run's checkpoint.pt to warm-start from
 
 
 @torch.no_grad()
@@ -263,6 +276,8 @@ def train(cfg: TrainConfig, opts: RunOptions, data: SampleTensors, eos_id: int,
     state = TrainState(total_steps=cfg.max_steps)
     if opts.resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, model, opt)
+    elif opts.init_from is not None:
+        state = warm_start(opts.init_from, model, opt, cfg.max_steps)
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
@@ -314,6 +329,20 @@ def export(model: MoeForCausalLM, out_dir: Path, tokenizer_dir: Path) -> Path:
     return out_dir
 
 
+# Fields a warm start may change: those of the optimisation, not of the model or the data.
+WARM_START_FIELDS = frozenset({"batch_size", "lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay",
+                               "grad_clip", "aux_loss_coef"})
+
+
+def warm_start_config(old: TrainConfig, overrides: dict) -> TrainConfig:
+    """The old run's recipe with new optimisation settings; changing anything else is refused
+    (the weights would not fit a new shape, and a new data recipe would invalidate the cursor)."""
+    fixed = {k: v for k, v in overrides.items() if k not in WARM_START_FIELDS and v != getattr(old, k)}
+    if fixed:
+        raise SystemExit(f"--init-from keeps the old run's {', '.join(sorted(fixed))}; drop those options")
+    return replace(old, **overrides)
+
+
 # --- command line ----------------------------------------------------------------------------
 
 
@@ -324,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR)
     parser.add_argument("--export", type=Path, help="write the bf16 HF checkpoint here when done")
     parser.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
+    parser.add_argument("--init-from", type=Path,
+                        help="warm-start from another run's checkpoint.pt (same model shape; new schedule)")
     parser.add_argument("--time-budget-min", type=float, help="fit the step count to this training time")
     parser.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: count process time, for equal-compute comparisons on a shared machine")
@@ -347,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: getattr(args, k) for k in asdict(TrainConfig()) if getattr(args, k) is not None}
     if args.resume and ckpt.is_file():  # the recipe of a resumed run is the checkpoint's
         cfg = TrainConfig(**torch.load(ckpt, weights_only=False)["config"])
+    elif args.init_from:  # the shape and data recipe are the old run's; optimisation may change
+        cfg = warm_start_config(TrainConfig(**torch.load(args.init_from, weights_only=False)["config"]), overrides)
     else:
         cfg = replace(TrainConfig(), **overrides)
     tok_path = args.tokenizer_dir / "tokenizer.json"
@@ -360,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     heldout = prepare_samples(data_dir / "heldout_samples.pt", lambda: split().heldout, tok_path, data_cfg,
                               samples_key(tok_path, data_cfg, "heldout", 256), max_samples=256)
     print(f"samples: train {len(data)} heldout {len(heldout)} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    opts = RunOptions(args.run_dir, resume=args.resume, checkpoint_every=args.checkpoint_every,
+    opts = RunOptions(args.run_dir, resume=args.resume, init_from=args.init_from, checkpoint_every=args.checkpoint_every,
                       log_every=args.log_every, eval_rows=args.eval_rows, budget_clock=args.budget_clock,
                       time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
     model, state, _ = train(cfg, opts, data, eos_id, heldout)

@@ -18,6 +18,7 @@ from serve_app.config import default_model_dir
 from serve_app.engine import LLM, SamplingParams
 from serve_app.tokenizer import CodeTokenizer
 from serve_app.train import evaluate_server
+from serve_app.train.evaluate import edit_similarity
 from tests.helpers import servers
 
 MODEL = Path(default_model_dir())
@@ -57,3 +58,7 @@ def test_fim_on_held_out_functions_through_the_server_equals_the_engine_and_pars
     assert report["completions"] == offline
     # Some completions must make the whole file parse (the model card reports the share on 200 cases).
     assert report["parse_rate"] > 0
+    # The graded measures agree with the completions they summarise.
+    assert 0 <= report["parse_rate_nonempty"] <= report["parse_rate"]
+    similarity = sum(edit_similarity(t, c.middle) for t, c in zip(offline, fim.cases)) / CASES
+    assert report["edit_similarity"] == pytest.approx(similarity, abs=1e-4)

@@ -76,6 +76,30 @@ def test_resume_from_checkpoint_continues_exactly_like_an_uninterrupted_run(tmp_
         assert torch.equal(tensor, resumed.state_dict()[name]), name
 
 
+def test_warm_start_continues_a_finished_run_under_a_new_schedule(tmp_path):
+    from serve_app.train.train import warm_start_config
+
+    first, first_state, _ = run(tiny_config(max_steps=5), tmp_path, "first")
+    cfg = warm_start_config(tiny_config(max_steps=5), {"lr": 5e-3, "max_steps": 3})
+    assert (cfg.lr, cfg.max_steps, cfg.hidden_size) == (5e-3, 3, 32)
+    with pytest.raises(SystemExit, match="hidden_size"):
+        warm_start_config(tiny_config(), {"hidden_size": 64})
+    # Stopped before its first step: the weights are the old run's, the data position carries over.
+    same, start, _ = run(cfg, tmp_path, "same", init_from=tmp_path / "first" / "checkpoint.pt", stop_after=0)
+    assert (start.step, start.total_steps, start.train_seconds) == (0, 3, 0.0)
+    assert (start.epoch, start.cursor, start.tokens_seen) == (
+        first_state.epoch, first_state.cursor, first_state.tokens_seen)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, same.state_dict()[name]), name
+    # Trained: a new warmup and cosine over 3 steps, the token count keeps growing.
+    _, state, losses = run(cfg, tmp_path, "second", init_from=tmp_path / "first" / "checkpoint.pt")
+    assert state.step == 3 and len(losses) == 3 and state.tokens_seen > first_state.tokens_seen
+    expected = TrainState(epoch=first_state.epoch, cursor=first_state.cursor)
+    for _ in range(3):                                              # read on from the old position
+        next_batch(synthetic_samples(), expected, cfg)
+    assert (state.epoch, state.cursor) == (expected.epoch, expected.cursor)
+
+
 def test_pad_positions_do_not_contribute_to_the_loss():
     cfg = tiny_config()
     model = build_model(cfg, EOS)
@@ -185,3 +209,13 @@ def test_heldout_loss_per_character_counts_the_characters_of_the_predicted_token
     predicted = sum(len(t) - len(tok.decode(r[:1])) for t, r in zip(texts, rows))   # all but the first token
     assert report["chars"] == predicted and report["tokens"] == sum(len(r) - 1 for r in rows)
     assert report["nats_per_char"] == pytest.approx(report["loss"] * report["tokens"] / predicted, rel=1e-3)
+
+
+def test_edit_similarity_is_graded_between_miss_and_exact():
+    from serve_app.train.evaluate import edit_similarity
+
+    target = "return self._exception\n"
+    assert edit_similarity(target, target) == 1.0
+    assert edit_similarity(None, target) == 0.0 and edit_similarity("", target) == 0.0
+    near, far = edit_similarity("return self.exception\n", target), edit_similarity("pass\n", target)
+    assert 0.9 < near < 1.0 and 0.0 < far < near
