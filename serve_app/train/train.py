@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
                               samples_key(tok_path, data_cfg, "heldout", 256), max_samples=256)
     print(f"samples: train {len(data)} heldout {len(heldout)} ({time.perf_counter() - t0:.0f}s)", flush=True)
     opts = RunOptions(args.run_dir, resume=args.resume, init_from=args.init_from,
-                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_rows=args.eval_rows, budget_clock=args.budget_clock,
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_rows=args.eval_rows,
+                      budget_clock=args.budget_clock,
                       time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
     model, state, _ = train(cfg, opts, data, eos_id, heldout)
     summary = {"config": asdict(cfg), "params": count_params(model), "state": asdict(state),
