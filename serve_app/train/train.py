@@ -212,8 +212,12 @@ def warm_start(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer, to
 
     Weights and Adam moments carry over, and so do the data position and token count, so the new
     run reads the samples the old one had not reached yet instead of starting the epoch-0 order
-    again; the step count, schedule length and clock start from zero."""
+    again; the step count, schedule length and clock start from zero. The optimizer's settings are
+    the new recipe's (loading its state would bring back the old weight decay)."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
     old = load_checkpoint(path, model, opt)
+    for group, new in zip(opt.param_groups, settings):
+        group.update(new)
     return TrainState(epoch=old.epoch, cursor=old.cursor, tokens_seen=old.tokens_seen, total_steps=total_steps)
 
 

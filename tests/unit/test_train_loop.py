@@ -100,6 +100,21 @@ def test_warm_start_continues_a_finished_run_under_a_new_schedule(tmp_path):
     assert (state.epoch, state.cursor) == (expected.epoch, expected.cursor)
 
 
+def test_warm_start_uses_the_new_recipes_optimizer_settings(tmp_path):
+    from serve_app.train.train import make_optimizer, save_checkpoint, warm_start
+
+    old_cfg = tiny_config(weight_decay=0.1)
+    model = build_model(old_cfg, EOS)
+    save_checkpoint(tmp_path / "old.pt", model, make_optimizer(model, old_cfg), TrainState(step=7), old_cfg)
+    new_cfg = tiny_config(weight_decay=0.0, lr=1e-4)
+    new_model = build_model(new_cfg, EOS)
+    opt = make_optimizer(new_model, new_cfg)
+    state = warm_start(tmp_path / "old.pt", new_model, opt, total_steps=5)
+    assert (state.step, state.total_steps) == (0, 5)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
+    assert all(g["lr"] == 1e-4 for g in opt.param_groups)
+
+
 def test_pad_positions_do_not_contribute_to_the_loss():
     cfg = tiny_config()
     model = build_model(cfg, EOS)
