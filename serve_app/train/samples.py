@@ -23,7 +23,7 @@ from serve_app.train.corpus import stdlib_root
 from serve_app.train.data import DataConfig, TrainingSample, iter_training_samples
 
 if TYPE_CHECKING:  # train.py imports this module
-    from serve_app.train.train import TrainConfig, TrainState
+    from serve_app.train.recipe import TrainConfig, TrainState
 
 
 @dataclass

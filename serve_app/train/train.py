@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import math
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -38,62 +37,15 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from serve_app.model.config import ModelConfig
 from serve_app.model.saver import save_model
 from serve_app.model.transformer import MoeForCausalLM
+from serve_app.train.checkpoints import load_checkpoint, save_checkpoint, warm_start, warm_start_config
 from serve_app.train.data import DataConfig
-from serve_app.train.samples import SampleTensors, atomic_save, next_batch, prepare_samples, samples_key
+from serve_app.train.recipe import TrainConfig, TrainState
+from serve_app.train.samples import SampleTensors, next_batch, prepare_samples, samples_key
 from serve_app.train.tokenizer_rules import EOS
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "default_model"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Model shape and optimisation recipe; stored in every checkpoint."""
-
-    # Model: ~6M active parameters per token keeps CPU decode fast (issue 8); see MODEL_CARD.md.
-    vocab_size: int = 8192
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_heads: int = 8                # Dh = 32
-    num_kv_heads: int = 4             # GQA halves the KV cache; quality cost is small at this size
-    num_experts: int = 8
-    top_k: int = 2
-    moe_intermediate_size: int = 512
-    max_len: int = 1024               # training context = max_position_embeddings of the export
-    fim_rate: float = 0.5
-    # Optimisation
-    batch_size: int = 8
-    lr: float = 2e-3                  # small models tolerate (and need, in few steps) a high lr
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    max_steps: int = 1000             # replaced by the time budget when one is given
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    aux_loss_coef: float = 0.01       # Switch/Mixtral load balancing
-    seed: int = 0
-
-    def model_config(self, eos_id: int) -> ModelConfig:
-        return ModelConfig(
-            family="mixtral", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            head_dim=self.hidden_size // self.num_heads, num_experts=self.num_experts, top_k=self.top_k,
-            moe_intermediate_size=self.moe_intermediate_size, intermediate_size=self.moe_intermediate_size,
-            norm_topk_prob=True, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-            max_position_embeddings=self.max_len, eos_token_ids=(eos_id,))
-
-
-@dataclass
-class TrainState:
-    """Everything besides model and optimizer that a resumed run needs to continue exactly."""
-
-    step: int = 0            # optimizer steps taken
-    epoch: int = 0           # permutation in use
-    cursor: int = 0          # next row of that permutation
-    total_steps: int = 0     # schedule length; fixed at start or after the time-budget probe
-    tokens_seen: int = 0     # real (non-pad) tokens trained on
-    train_seconds: float = 0.0
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -186,39 +138,6 @@ def make_optimizer(model: MoeForCausalLM, cfg: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-# --- checkpoints -----------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer, state: TrainState,
-                    cfg: TrainConfig) -> None:
-    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": asdict(state),
-                 "config": asdict(cfg), "torch_rng": torch.get_rng_state(),
-                 "python_rng": random.getstate()}, path)
-
-
-def load_checkpoint(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer) -> TrainState:
-    ckpt = torch.load(path, weights_only=False)  # our own file: holds Python RNG state
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    random.setstate(ckpt["python_rng"])
-    return TrainState(**ckpt["state"])
-
-
-def warm_start(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer, total_steps: int) -> TrainState:
-    """Continue a finished run under a new schedule (a warm restart: warmup, then a new cosine).
-
-    Weights and Adam moments carry over, and so do the data position and token count, so the new
-    run reads the samples the old one had not reached yet instead of starting the epoch-0 order
-    again; the step count, schedule length and clock start from zero. The optimizer's settings are
-    the new recipe's (loading its state would bring back the old weight decay)."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-    old = load_checkpoint(path, model, opt)
-    for group, new in zip(opt.param_groups, settings):
-        group.update(new)
-    return TrainState(epoch=old.epoch, cursor=old.cursor, tokens_seen=old.tokens_seen, total_steps=total_steps)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -331,20 +250,6 @@ def export(model: MoeForCausalLM, out_dir: Path, tokenizer_dir: Path) -> Path:
         if src.is_file() and not dst.exists():
             shutil.copyfile(src, dst)
     return out_dir
-
-
-# Fields a warm start may change: those of the optimisation, not of the model or the data.
-WARM_START_FIELDS = frozenset({"batch_size", "lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay",
-                               "grad_clip", "aux_loss_coef"})
-
-
-def warm_start_config(old: TrainConfig, overrides: dict) -> TrainConfig:
-    """The old run's recipe with new optimisation settings; changing anything else is refused
-    (the weights would not fit a new shape, and a new data recipe would invalidate the cursor)."""
-    fixed = {k: v for k, v in overrides.items() if k not in WARM_START_FIELDS and v != getattr(old, k)}
-    if fixed:
-        raise SystemExit(f"--init-from keeps the old run's {', '.join(sorted(fixed))}; drop those options")
-    return replace(old, **overrides)
 
 
 # --- command line ----------------------------------------------------------------------------
