@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable); "
                    "also MOE_SERVE_API_KEYS (comma-separated) and --api-key-file")
     p.add_argument("--api-key-file", help="file with one key per line")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", "auto"),
                    help="'auto' joins a Ray cluster running on this machine or starts one; 'local' always "
                         "starts a private one (its direct-ingress settings then apply for sure); or an address")

@@ -70,7 +70,12 @@ class AppConfig(BaseModel):
 
     model: str = Field(default_factory=default_model_dir, description="checkpoint directory (HF format)")
     served_model_name: str | None = Field(None, description="name clients use; default: the directory name")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="full precision: weights and activations; 'auto' = the checkpoint's own dtype "
+        "(config.json torch_dtype) where this device computes in it faster than in float32, else float32")
+    fast_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="activations of the quantized (fast) lane; 'auto' = bfloat16 where torch's packed "
+        "int8/int4 kernels with bf16 activations beat a float32 matmul (measured at start-up), else float32")
     expert_shards: int = Field(2, ge=0, le=64, description="ExpertShard deployments; 0 keeps all experts local")
     placement: dict[str, list[int | tuple[int, int]]] | None = Field(
         None, description="explicit layout {'0': [experts], ..., 'local': [...]}; default round-robin")
@@ -86,8 +91,8 @@ class AppConfig(BaseModel):
         "empty = every request at full precision")
     int4_group_size: Literal[32, 64, 128] = Field(64, description="INT4 quantization group along the input dim")
     quant_materialize: bool | Literal["auto"] = Field(
-        "auto", description="keep dequantized copies of quantized experts (float speed, quantized numerics); "
-        "'auto' = on CPU, where integer kernels lose to float32 matmul")
+        "auto", description="keep dequantized float copies of quantized weights that run on the dequant path "
+        "(float speed, quantized numerics); 'auto' = on CPU. Kernel-path weights keep only their codes")
     fast_lane_kv_fraction: float = Field(
         0.5, gt=0, lt=1, description="share of the KV blocks for the fast (quantized) lane's engine")
     full_lane_max_defer_s: float = Field(

@@ -16,16 +16,16 @@ from serve_app.config import AppConfig, api_keys_from_env
 from serve_app.engine.lanes import Lanes
 from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import load_model
-from serve_app.model.quant import quantized_copies
+from serve_app.model.precision import add_quantized_lanes, fast_dtype
 from serve_app.tokenizer import CodeTokenizer
 
 
 def build_embedded_app(config: AppConfig) -> FastAPI:
     metrics = Metrics("prometheus")
     model = load_model(config.model, dtype=config.dtype)
-    for mode, copy in quantized_copies(model.local_experts, config.quantized_precisions, config.int4_group_size,
-                                       config.quant_materialize).items():
-        model.set_expert_backend(copy, mode)
+    if config.quantized_precisions:
+        add_quantized_lanes(model, model.local_experts, config.quantized_precisions, config.int4_group_size,
+                            fast_dtype(config.fast_dtype), config.quant_materialize)
     tokenizer = CodeTokenizer.from_dir(config.model)
     engine_config = config.engine_config()
     # The same precision lanes as the Ray Router: inline completions never share a batch with, nor

@@ -15,6 +15,7 @@ from serve_app.deployments.expert_shard import ExpertShard
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.router import Router
 from serve_app.model import ModelConfig
+from serve_app.model.loader import resolve_dtype
 from serve_app.parallel.placement import PlacementPlan
 
 
@@ -41,10 +42,13 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
     shard_resources = {"num_gpus": gpus} if gpus else {"num_cpus": 0.1}
     if config.shard_resources:
         shard_resources["resources"] = dict(config.shard_resources)
+    # "auto" is resolved once, here, so the router and every shard compute full precision in the
+    # same dtype (shards also cast what they receive, so a mismatch is slow, never wrong).
+    dtype = str(resolve_dtype(config.dtype, config.model)).removeprefix("torch.")
     shards = [ExpertShard.options(name=f"ExpertShard{spec.index}", ray_actor_options=shard_resources)
-              .bind(config.model, spec, config.dtype) for spec in plan.shards]
+              .bind(config.model, spec, dtype) for spec in plan.shards]
     router = Router.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        config.model, plan, config.engine_config(), shards, config.dtype, config.dispatch_timeout_s,
+        config.model, plan, config.engine_config(), shards, dtype, config.dispatch_timeout_s,
         tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction,
-        config.quant_materialize, config.full_lane_max_defer_s)
+        config.quant_materialize, config.full_lane_max_defer_s, config.fast_dtype)
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(router, config)

@@ -25,8 +25,10 @@ class ExpertShard:
 
     @torch.inference_mode()
     def run(self, req: ShardRequest) -> torch.Tensor:
+        # Rows come back in the dtype they came in, whatever this shard computes in.
+        dtype = next(iter(self.backend.parameters())).dtype
         return run_shard_request(self.backend, ShardRequest(req.layer, req.experts, req.counts,
-                                                            req.x.to(self.device))).cpu()
+                                                            req.x.to(self.device, dtype))).to("cpu", req.x.dtype)
 
     def info(self) -> dict:
         """Where this shard runs and what it loaded (placement checks, /health)."""

@@ -23,7 +23,7 @@ from serve_app.engine import RequestOutput, SamplingParams
 from serve_app.engine.lanes import Lanes
 from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import PartitionedBackend, load_expert_weights, load_model
-from serve_app.model.quant import quantized_copies
+from serve_app.model.precision import add_quantized_lanes, fast_dtype
 from serve_app.parallel.placement import PlacementPlan
 from serve_app.parallel.transport import ServeTransport
 from serve_app.tokenizer import CodeTokenizer
@@ -36,7 +36,7 @@ class Router:
                  shards: list, dtype: str = "float32", dispatch_timeout_s: float = 10.0,
                  quantized_precisions: tuple[str, ...] = (), int4_group_size: int = 64,
                  fast_lane_kv_fraction: float = 0.5, quant_materialize: bool | str = "auto",
-                 full_lane_max_defer_s: float = 1.0):
+                 full_lane_max_defer_s: float = 1.0, fast_lane_dtype: str = "auto"):
         model = load_model(model_dir, dtype=dtype, expert_ids=placement.local)
         observer = EngineMetricsObserver(Metrics("ray"))
         if placement.num_shards:
@@ -46,9 +46,8 @@ class Router:
         if quantized_precisions:
             # Quantized at load time from the checkpoint's float experts, which are then dropped.
             every_expert = load_expert_weights(model_dir, None, dtype=dtype)
-            for mode, copy in quantized_copies(every_expert, quantized_precisions, int4_group_size,
-                                               quant_materialize).items():
-                model.set_expert_backend(copy, mode)
+            add_quantized_lanes(model, every_expert, quantized_precisions, int4_group_size,
+                                fast_dtype(fast_lane_dtype), quant_materialize)
             del every_expert
         tokenizer = CodeTokenizer.from_dir(model_dir)
         self.lanes = Lanes(model, engine_config, tokenizer, observer, fast_lane_kv_fraction, full_lane_max_defer_s)

@@ -29,7 +29,8 @@ from serve_app.model import MoeForCausalLM
 
 class EngineCore:
     def __init__(self, model: MoeForCausalLM, cfg: EngineConfig = EngineConfig(), tokenizer=None,
-                 observer: EngineObserver | None = None):
+                 observer: EngineObserver | None = None, dtype=None):
+        """`dtype`: activation dtype of this engine's steps (ModelRunner); default the weights'."""
         self.model, self.cfg, self.tokenizer, self.observer = model, cfg, tokenizer, observer
         self._timings: list[TokenTiming] = []
         self._prefix_seen = (0, 0)          # (queries, hits) already reported
@@ -37,7 +38,7 @@ class EngineCore:
                                  model.config.max_position_embeddings)
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks)
-        self.runner = ModelRunner(model, cfg)
+        self.runner = ModelRunner(model, cfg, dtype)
         if observer is not None:
             self.runner.track_expert_load()
         self.requests: dict[str, Request] = {}

@@ -36,8 +36,12 @@ class Lanes:
         """`observer`: an EngineMetricsObserver (its per-lane view is used) or None."""
         configs = lane_configs(cfg, fast_kv_fraction, with_fast_lane=len(model.precisions) > 1)
         self.gate = LaneGate(full_lane_max_defer_s) if len(configs) > 1 and full_lane_max_defer_s > 0 else None
+        # The fast lane computes in the dtype its quantized weights were packed for (bf16 where the
+        # packed kernels are fast); the full lane in the weights' own dtype.
+        dtypes = {"fast": model.reduced_dtype, "full": None}
         self.engines = {name: AsyncEngine(EngineCore(model, lane_cfg, tokenizer,
-                                                     observer=observer.lane(name) if observer else None),
+                                                     observer=observer.lane(name) if observer else None,
+                                                     dtype=dtypes[name]),
                                           gate=self.gate, priority=name == "fast")
                         for name, lane_cfg in configs.items()}
 

@@ -13,14 +13,21 @@ from serve_app.config import EngineConfig
 from serve_app.engine.block_manager import BlockCopy, BlockManager
 from serve_app.engine.scheduler import SchedulerOutput
 from serve_app.model import AttentionMetadata, MoeForCausalLM
+from serve_app.model.kernels import attention_dtype
+from serve_app.model.precision import RowPrecision
 
 
 class ModelRunner:
-    def __init__(self, model: MoeForCausalLM, cfg: EngineConfig):
+    def __init__(self, model: MoeForCausalLM, cfg: EngineConfig, dtype: torch.dtype | None = None):
+        """`dtype`: the activations' (and the KV cache's) dtype of this engine's steps; default the
+        weights'. The fast lane of a float32 or bf16 model runs in bf16 where that is faster."""
         self.model = model
         self.block_size = cfg.block_size
-        self.kv = model.new_kv_cache(cfg.num_kv_blocks, cfg.block_size)
+        self.dtype = dtype or model.embed_tokens.weight.dtype
         self.device = model.embed_tokens.weight.device
+        self.attention_dtype = attention_dtype(self.device.type, self.dtype)
+        # K/V are stored in the dtype attention computes in (see paged_attention).
+        self.kv = model.new_kv_cache(cfg.num_kv_blocks, cfg.block_size, self.attention_dtype)
         # Tokens routed per (layer, expert) since the last `take_expert_load`; None = not tracked.
         self.expert_load: torch.Tensor | None = None
 
@@ -55,16 +62,8 @@ class ModelRunner:
             tables.append(blocks.block_table(item.seq.seq_id))
             if item.samples:
                 sample_rows.append(len(tokens) - 1)
-        meta = AttentionMetadata.build(positions, tables, self.block_size, self.device)
+        meta = AttentionMetadata.build(positions, tables, self.block_size, self.device, self.attention_dtype)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)               # [T]
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)                # [N]
         return self.model.forward_paged(input_ids, meta, self.kv, rows, self.expert_load,
-                                        self._row_precision(precisions)).float()             # [N, V]
-
-    def _row_precision(self, precisions: list[str]) -> list[tuple[str, torch.Tensor]] | None:
-        """Group the step's rows by precision; None when every row is full precision (the common case)."""
-        if all(p == "full" for p in precisions):
-            return None
-        codes = sorted(set(precisions))
-        per_row = torch.tensor([codes.index(p) for p in precisions], device=self.device)   # [T]
-        return [(p, per_row == i) for i, p in enumerate(codes)]
+                                        RowPrecision.of_rows(precisions, self.device), self.dtype).float()  # [N, V]

@@ -46,10 +46,13 @@ class AttentionMetadata:
     positions: torch.Tensor     # [T] int64 position of each token in its sequence (RoPE and causality)
     slot_mapping: torch.Tensor  # [T] int64 cache slot where each token's K/V is written
     groups: list[AttentionGroup]
+    # The dtype the score/value products run in; None = the activations'. A bf16 lane on a CPU
+    # whose bf16 SDPA is slow computes them in float32 (model/kernels.py measures which).
+    compute_dtype: torch.dtype | None = None
 
     @classmethod
     def build(cls, positions: list[list[int]], block_tables: list[list[int]], block_size: int,
-              device: torch.device | str = "cpu") -> "AttentionMetadata":
+              device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> "AttentionMetadata":
         """From per-sequence new-token positions and block tables (the runner's view)."""
         flat_pos, slots, starts = [], [], []
         for pos, table in zip(positions, block_tables):
@@ -60,7 +63,7 @@ class AttentionMetadata:
         members = ([decodes] if decodes else []) + [[b] for b, pos in enumerate(positions) if len(pos) > 1]
         groups = [_group(m, positions, block_tables, starts, block_size, device) for m in members]
         as_long = dict(dtype=torch.long, device=device)
-        return cls(torch.tensor(flat_pos, **as_long), torch.tensor(slots, **as_long), groups)
+        return cls(torch.tensor(flat_pos, **as_long), torch.tensor(slots, **as_long), groups, compute_dtype)
 
 
 def _group(members: list[int], positions: list[list[int]], block_tables: list[list[int]], starts: list[int],
@@ -106,19 +109,25 @@ class PagedKVCache:
 
 
 def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin for the given positions, computed in float32 then cast (as the reference does)."""
+    """cos and *signed* sin [..., Dh] for the given positions, computed in float32 then cast (as the
+    reference does). The sin's first half is negated so that `apply_rotary` can use a roll."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64,
                                              device=positions.device).float() / head_dim))  # [Dh/2]
     freqs = positions.float()[..., None] * inv_freq                  # [..., Dh/2]
     emb = torch.cat((freqs, freqs), dim=-1)                          # [..., Dh]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[..., : head_dim // 2].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., heads, Dh]; cos/sin [..., Dh] broadcast over heads."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[..., None, :] + rotated * sin[..., None, :]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [..., heads, Dh]; cos/signed_sin [..., 1, Dh] broadcast over heads.
+
+    The reference's x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1]: rolling x by
+    Dh/2 gives [x2, x1] and the signed sin supplies the minus, so 4 ops instead of 7 (twice per
+    layer per step), with the same products and sums in the same order."""
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return x * cos + rolled * signed_sin
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -132,23 +141,31 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, Dh], k/v [T, G, Dh]; caches [N, S, G, Dh] of one layer → [T, H, Dh]."""
     num_kv, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv, head_dim).index_copy_(0, meta.slot_mapping, v)
+    # The cache may hold another dtype than the activations (a bf16 lane whose attention computes
+    # in float32 keeps float32 K/V: casting each new row once beats casting the context every layer).
+    k_cache.view(-1, num_kv, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    dtype = meta.compute_dtype or q.dtype
     if len(meta.groups) == 1:
-        return _attend_group(q, k_cache, v_cache, meta.groups[0], scale)
+        return _attend_group(q, k_cache, v_cache, meta.groups[0], scale, dtype).to(q.dtype)
     out = torch.empty_like(q)                                        # [T, H, Dh]
     for group in meta.groups:
         out[group.token_index] = _attend_group(q.index_select(0, group.token_index), k_cache, v_cache,
-                                               group, scale)
+                                               group, scale, dtype).to(q.dtype)
     return out
 
 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
-                  scale: float) -> torch.Tensor:
-    """q [Tg, H, Dh] of one group → [Tg, H, Dh]; Bg/Q/L are the group's sequences, query and context."""
-    num_seqs = g.block_tables.shape[0]
-    keys = k_cache[g.block_tables].flatten(1, 2)                     # [Bg, L, G, Dh]
-    values = v_cache[g.block_tables].flatten(1, 2)                   # [Bg, L, G, Dh]
+                  scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """q [Tg, H, Dh] of one group → [Tg, H, Dh] in `dtype`; Bg/Q/L are the group's sequences, query and context."""
+    num_seqs, (_, _, num_kv, head_dim) = g.block_tables.shape[0], k_cache.shape
+    # index_select over the flat table, not k_cache[tables]: 4x faster on CPU (9 vs 35 µs for 32 blocks).
+    flat = g.block_tables.flatten()
+    keys = k_cache.index_select(0, flat).view(num_seqs, -1, num_kv, head_dim)      # [Bg, L, G, Dh]
+    values = v_cache.index_select(0, flat).view(num_seqs, -1, num_kv, head_dim)    # [Bg, L, G, Dh]
+    if keys.dtype != dtype:
+        keys, values = keys.to(dtype), values.to(dtype)
+    q = q.to(dtype)
     if g.max_query_len == 1:                                         # decodes: token b is sequence b
         queries = q[:, None]                                         # [Bg, 1, H, Dh]
     else:

@@ -122,7 +122,23 @@ def normalize_expert_ids(cfg: ModelConfig, expert_ids: Iterable | None) -> list[
     return sorted(keys)
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's config.json declares (`torch_dtype`); float32 when it says none."""
+    try:
+        declared = json.loads((Path(path) / "config.json").read_text()).get("torch_dtype") or "float32"
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from exc
+    return FLOAT_DTYPES.get(str(declared).removeprefix("torch."), torch.float32)
+
+
+def resolve_dtype(dtype: torch.dtype | str, path: str | Path | None = None, device: str = "cpu") -> torch.dtype:
+    """A dtype name or dtype; "auto" = the checkpoint at `path`'s own, where `device` computes in it
+    fast (model/kernels.full_precision_dtype), else float32."""
+    if dtype == "auto":
+        if path is None:
+            raise ModelLoadError("dtype 'auto' needs the checkpoint directory")
+        from serve_app.model.kernels import full_precision_dtype
+        return full_precision_dtype(torch.device(device).type, checkpoint_dtype(path))
     if isinstance(dtype, str):
         if dtype not in FLOAT_DTYPES:
             raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {sorted(FLOAT_DTYPES)}")
@@ -153,7 +169,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, exper
     """Build the model from a checkpoint dir; with `expert_ids`, hold (and read) only those experts."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, path, device)
     keys = normalize_expert_ids(cfg, expert_ids)
     report = LoadReport()
     with torch.device("meta"):
@@ -175,7 +191,7 @@ def load_expert_weights(path: str | Path, expert_ids, dtype: torch.dtype | str =
     """Only the given experts' FFNs (no dense weights): what an expert shard holds."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, path, device)
     report = LoadReport()
     with torch.device("meta"):
         backend = LocalExpertBackend(normalize_expert_ids(cfg, expert_ids), cfg.hidden_size,

@@ -44,7 +44,8 @@ class DispatchPlan:
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: bool, layer: int) -> DispatchPlan:
     """Gate → softmax (float32, as the reference implementations do) → top-k → optional renorm."""
-    logits = F.linear(x, gate_weight)                              # [T, E]
+    # In the gate's dtype: a bf16 lane of a float32 model still routes with float32 logits.
+    logits = F.linear(x if x.dtype == gate_weight.dtype else x.to(gate_weight.dtype), gate_weight)  # [T, E]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)     # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)                # [T, K], [T, K]
     if normalize:

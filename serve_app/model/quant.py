@@ -16,11 +16,15 @@ quantized once, at load time, from the float checkpoint; activations stay in the
   columns on the kernel path), so a short last group is just a group with zeros in it.
 
 Two ways to multiply (`QuantLinear.path`): "kernel" — torch's packed-integer matmuls
-(`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`) — or "dequant" — rebuild the float weight
-on every call and `F.linear`. Which is faster is measured per device by bench/quant_kernels.py and
-fixed in `PATH_CHOICE`; a kernel missing from this torch build, or unable to take a shape, falls
-back to "dequant". A dequantized weight is never cached: that is the float weight again, and the
-point is not holding it.
+(`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`) — or "dequant" — `F.linear` on the float
+weight rebuilt from the codes. Which is faster depends on the device and the activation dtype, so
+`serve_app.model.kernels.quant_path` measures it in this process (bench/quant_kernels.py prints
+the same comparison); a kernel missing from this torch build, or unable to take a shape, falls
+back to "dequant". On the dequant path `materialize()` caches the rebuilt weight: float memory
+and float speed with the quantized numerics, for devices whose kernels lose (CPUs in float32).
+
+Not only experts: `quantize_dense` gives every dense linear of the model (q/k/v/o, dense MLPs,
+the LM head) a copy per mode, so a fast-lane step reads INT8/INT4 weights only (W8A16 / W4A16).
 
 Legend: R=rows of one expert, D=hidden, F=expert FFN width, N=out features, K=in features,
 Kp=K padded to a multiple of G, G=int4 group size, Q=Kp/G groups per row.
@@ -39,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from serve_app.model.config import ModelLoadError
+from serve_app.model.kernels import quant_path
 from serve_app.model.moe import ExpertFFN, KeyedExperts, LocalExpertBackend
 
 QuantMode = Literal["int8", "int4"]
@@ -49,32 +54,6 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes the CPU and CUDA i
 # group (a (scale, zero) pair on the kernel path) is +12.5% (+25%) over the 4-bit payload at G=64.
 DEFAULT_GROUP_SIZE = 64
 INT4_SCALE_DIVISOR = 7.5               # see the module docstring
-
-# Faster path per (device type, mode, activation dtype), from bench/quant_kernels.py. Measured on
-# CPU (AMD EPYC, AVX2 only, no AVX-512/AMX), torch 2.13, 1 thread, expert D=256 F=512, µs per
-# expert forward at R = 1 / 8 / 32 / 128 rows (G=64; a shared, loaded machine: ±30% noise):
-#   float32   float 344 / 975 / 1347 / 5364
-#             int8 kernel 1588 / 15254 / 47244 / 240081   int8 dequant 1312 / 1311 / 2753 / 7696
-#             int4 kernel 4360 / 24317 / 89414 / 378356   int4 dequant 2714 / 3877 / 3218 / 10669
-#   bfloat16  float 130 / 1803 / 8169 / 39774
-#             int8 kernel 73 / 216 / 2328 / 9617          int8 dequant 342 / 3460 / 9103 / 38370
-#             int4 kernel 951 / 227 / 1543 / 11810        int4 dequant 2431 / 3316 / 9211 / 42443
-#   float16   float 181 / 2087 / 8514 / 26573
-#             int8 kernel 715 / 14364 / 41531 / 165097    int8 dequant 2476 / 4400 / 10824 / 37477
-#             int4 kernel 2616 / 24119 / 90709 / 360159   int4 dequant 3609 / 7945 / 9510 / 35285
-# The CPU kernels are vectorised for bf16 only: there they beat even the float bf16 matmul 2-8×;
-# for float32 and float16 they run 5-30× slower than rebuilding the weight and calling F.linear
-# (the int8 float16 kernel wins at R=1 only; decode sends several rows to an expert, so we do not
-# switch per call). On a CPU with AVX-512/AMX, rerun the bench before trusting these rows.
-# CUDA: not measured on this machine. The kernels exist for bandwidth-bound decode, which is what
-# a GPU expert shard runs, so "kernel" is the default there; `_kernel_works` still checks each
-# one against the dequantized matmul once per process and falls back when it fails.
-PATH_CHOICE: dict[tuple[str, str, torch.dtype], str] = {
-    ("cpu", "int8", torch.float32): "dequant", ("cpu", "int4", torch.float32): "dequant",
-    ("cpu", "int8", torch.bfloat16): "kernel", ("cpu", "int4", torch.bfloat16): "kernel",
-    ("cpu", "int8", torch.float16): "dequant", ("cpu", "int4", torch.float16): "dequant",
-}
-
 
 class QuantConfigError(ValueError):
     """An unsupported quantization mode, group size or layout."""
@@ -167,8 +146,8 @@ def _kernel_works(device_type: str, mode: str, dtype: torch.dtype, group_size: i
 
 
 def choose_path(device_type: str, mode: str, dtype: torch.dtype, group_size: int, out_features: int) -> str:
-    """The measured choice where it is measured, "kernel" elsewhere; "dequant" where a kernel fails."""
-    path = PATH_CHOICE.get((device_type, mode, dtype), "kernel")
+    """The measured choice (kernels.quant_path); "dequant" where a kernel fails or cannot take the shape."""
+    path = quant_path(device_type, mode, dtype)
     if path == "kernel" and mode == "int4" and (_int4_kernel_ops(device_type) is None
                                                  or not _int4_shape_ok(device_type, out_features)):
         return "dequant"
@@ -274,7 +253,8 @@ class QuantLinear(nn.Module):
             weight = dense.to(x.dtype) if dense is not None else self.dequantize(x.dtype)
             return F.linear(x, weight)                                                   # [R, N]
         if self.mode == "int8":
-            return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales.to(x.dtype))
+            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)  # even a no-op .to costs ~1 µs
+            return torch._weight_int8pack_mm(x.contiguous(), self.qweight, scales)
         if self.qweight.device.type != self.device_type:
             raise QuantConfigError(f"int4 weights were packed for {self.device_type}, now on "
                                    f"{self.qweight.device.type}; quantize again on the target device")
@@ -303,9 +283,10 @@ class QuantizedExpertFFN(nn.Module):
 
     @classmethod
     def from_float(cls, ffn: ExpertFFN, mode: QuantMode = "int8", group_size: int = DEFAULT_GROUP_SIZE,
-                   path: str | None = None) -> "QuantizedExpertFFN":
-        return cls(QuantLinear.from_weight(ffn.gate_up.detach(), mode, group_size, path=path),
-                   QuantLinear.from_weight(ffn.down.detach(), mode, group_size, path=path))
+                   path: str | None = None, dtype: torch.dtype | None = None) -> "QuantizedExpertFFN":
+        """dtype: of the activations it will take (default: the float weights')."""
+        return cls(QuantLinear.from_weight(ffn.gate_up.detach(), mode, group_size, dtype, path=path),
+                   QuantLinear.from_weight(ffn.down.detach(), mode, group_size, dtype, path=path))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)               # [R, F] each
@@ -325,10 +306,11 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
 
     @classmethod
     def from_backend(cls, local: LocalExpertBackend, mode: QuantMode = "int8",
-                     group_size: int = DEFAULT_GROUP_SIZE, path: str | None = None) -> "QuantizedExpertBackend":
-        """Quantize every expert of `local`, on its device and for its dtype."""
+                     group_size: int = DEFAULT_GROUP_SIZE, path: str | None = None,
+                     dtype: torch.dtype | None = None) -> "QuantizedExpertBackend":
+        """Quantize every expert of `local`, on its device, for activations of `dtype` (default its own)."""
         _check_mode(mode, group_size)
-        return cls({name: QuantizedExpertFFN.from_float(ffn, mode, group_size, path)
+        return cls({name: QuantizedExpertFFN.from_float(ffn, mode, group_size, path, dtype)
                     for name, ffn in local.ffn.items()}, mode, group_size)
 
     def materialize(self) -> "QuantizedExpertBackend":
@@ -344,14 +326,16 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
 
 
 def quantized_copies(local: LocalExpertBackend, modes, group_size: int = DEFAULT_GROUP_SIZE,
-                     materialize: bool | str = "auto") -> dict[str, QuantizedExpertBackend]:
-    """The router's fast-path experts: one quantized copy of `local` per mode. materialize="auto"
-    keeps dequantized weights on CPU (see QuantLinear.materialize), not on GPUs."""
+                     materialize: bool | str = "auto", dtype: torch.dtype | None = None
+                     ) -> dict[str, QuantizedExpertBackend]:
+    """The router's fast-path experts: one quantized copy of `local` per mode, for activations of
+    `dtype`. materialize="auto" caches the float weight of dequant-path layers on CPU (see
+    QuantLinear.materialize), never on GPUs; kernel-path layers keep only their codes."""
     on_cpu = all(p.device.type == "cpu" for p in local.parameters())
     keep = on_cpu if materialize == "auto" else bool(materialize)
     copies = {}
     for mode in modes:
-        copy = QuantizedExpertBackend.from_backend(local, mode, group_size)
+        copy = QuantizedExpertBackend.from_backend(local, mode, group_size, dtype=dtype)
         copies[mode] = copy.materialize() if keep else copy
     return copies
 

@@ -21,6 +21,7 @@ from serve_app.model.attention import (AttentionMetadata, PagedKVCache, apply_ro
 from serve_app.model.config import ModelConfig
 from serve_app.model.moe import (DispatchPlan, ExpertBackend, ExpertsByPrecision, LocalExpertBackend, combine,
                                  restrict_plan, route)
+from serve_app.model.precision import Linear, RowPrecision
 
 
 class RMSNorm(nn.Module):
@@ -30,10 +31,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the weight, exactly as the reference families do.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # Normalise in float32 as the reference families do; torch's fused rms_norm is one op
+        # instead of seven (a decode step calls this 2 x layers + 1 times). The reference then
+        # rounds to x's dtype before the weight: identical in float32, half a bf16 step apart
+        # (and closer to exact) in bf16.
+        if x.dtype == self.weight.dtype:     # torch accumulates a 16-bit input in float32 itself
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 @dataclass
@@ -45,16 +49,17 @@ class StepContext:
     collect_router_logits: bool = False            # training: keep each MoE layer's [T, E] logits
     router_logits: list[torch.Tensor] = field(default_factory=list)
     expert_load: torch.Tensor | None = None        # [layers, E] running count of routed tokens (metrics)
-    # Adaptive precision: (precision, token mask [T]) groups; None = every row at full precision.
-    row_precision: list[tuple[str, torch.Tensor]] | None = None
+    row_precision: RowPrecision | None = None      # adaptive precision; None = every row at full
     _rope: tuple | None = None                     # (key, cos, sin) of the first layer that asked
 
     def rope(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [..., Dh] of the step's positions. Every layer asks the same question, so it is
-        answered once per forward (at batch 1 recomputing it per layer was ~4% of a decode step)."""
+        """cos/signed sin [..., 1, Dh] of the step's positions, with a heads axis to broadcast over.
+        Every layer asks the same question, so it is answered once per forward (at batch 1
+        recomputing it per layer was ~4% of a decode step)."""
         key = (head_dim, theta, dtype)
         if self._rope is None or self._rope[0] != key:
-            self._rope = (key, *rotary(self.positions, head_dim, theta, dtype))
+            cos, sin = rotary(self.positions, head_dim, theta, dtype)
+            self._rope = (key, cos.unsqueeze(-2), sin.unsqueeze(-2))
         return self._rope[1], self._rope[2]
 
 
@@ -63,28 +68,28 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.num_heads, self.num_kv, self.head_dim = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.theta, self.scale = cfg.rope_theta, cfg.head_dim ** -0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        lead = x.shape[:-1]                                          # (B, S) or (T,)
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)  # [..., H, Dh]
-        k = self.k_proj(x).view(*lead, self.num_kv, self.head_dim)     # [..., G, Dh]
-        v = self.v_proj(x).view(*lead, self.num_kv, self.head_dim)     # [..., G, Dh]
+        lead, rows = x.shape[:-1], ctx.row_precision                 # (B, S) or (T,)
+        q = self.q_proj(x, rows).view(*lead, self.num_heads, self.head_dim)  # [..., H, Dh]
+        k = self.k_proj(x, rows).view(*lead, self.num_kv, self.head_dim)     # [..., G, Dh]
+        v = self.v_proj(x, rows).view(*lead, self.num_kv, self.head_dim)     # [..., G, Dh]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = ctx.rope(self.head_dim, self.theta, x.dtype)     # [..., Dh]
+        cos, sin = ctx.rope(self.head_dim, self.theta, x.dtype)     # [..., 1, Dh]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if ctx.meta is None:
             out = causal_attention(q, k, v, self.scale)              # [B, S, H, Dh]
         else:
             out = paged_attention(q, k, v, ctx.kv_cache.k[self.layer], ctx.kv_cache.v[self.layer],
                                   ctx.meta, self.scale)              # [T, H, Dh]
-        return self.o_proj(out.reshape(*lead, -1))                   # [..., D]
+        return self.o_proj(out.reshape(*lead, -1), rows)             # [..., D]
 
 
 class DenseMLP(nn.Module):
@@ -92,12 +97,13 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden: int, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_proj = Linear(hidden, width, bias=False)
+        self.up_proj = Linear(hidden, width, bias=False)
+        self.down_proj = Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: StepContext | None = None, experts=None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        rows = ctx.row_precision if ctx is not None else None
+        return self.down_proj(F.silu(self.gate_proj(x, rows)) * self.up_proj(x, rows), rows)
 
 
 class MoeBlock(nn.Module):
@@ -110,7 +116,7 @@ class MoeBlock(nn.Module):
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
 
     def plan(self, x: torch.Tensor) -> DispatchPlan:
         return route(x, self.gate.weight, self.top_k, self.normalize, self.layer)
@@ -122,17 +128,19 @@ class MoeBlock(nn.Module):
             ctx.router_logits.append(plan.router_logits)
         if ctx.expert_load is not None:
             ctx.expert_load[self.layer] += torch.bincount(plan.topk_ids.flatten(), minlength=ctx.expert_load.shape[1])
-        if ctx.row_precision is None:
-            out = combine(plan, experts.full.run_experts(flat, plan), like=flat)   # [T, D]
+        rows = ctx.row_precision
+        if rows is None or rows.single is not None:              # one precision: the plan as it is
+            backend = experts.full if rows is None else experts.get(rows.single)
+            out = combine(plan, backend.run_experts(flat, plan), like=flat)   # [T, D]
         else:
             # Rows of different precisions are disjoint, so summing the per-group combines adds
             # exact zeros: a row's result is the same as if its group ran alone.
             out = torch.zeros_like(flat)
-            for precision, mask in ctx.row_precision:
+            for precision, mask in zip(rows.precisions, rows.masks):
                 sub = restrict_plan(plan, mask)
                 out += combine(sub, experts.get(precision).run_experts(flat, sub), like=flat)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+            out = out + torch.sigmoid(self.shared_expert_gate(flat, rows)) * self.shared_expert(flat, ctx)
         return out.view_as(x)
 
 
@@ -167,13 +175,16 @@ class MoeForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.local_experts = LocalExpertBackend(expert_keys, cfg.hidden_size, cfg.moe_intermediate_size)
         # Not submodules: a remote backend's weights are not ours to save or move, and quantized
         # copies are derived data.
         object.__setattr__(self, "_backends", ExpertsByPrecision(self.local_experts))
+        # The activation dtype the quantized copies were packed for (precision.add_quantized_lanes);
+        # the fast lane's steps run in it. None: no quantized lanes, or the weights' own dtype.
+        self.reduced_dtype: torch.dtype | None = None
 
     def set_expert_backend(self, backend: ExpertBackend | None, precision: str = "full") -> None:
         """Where MoE layers send rows of `precision` (full: None = the local experts)."""
@@ -192,8 +203,10 @@ class MoeForCausalLM(nn.Module):
     def precisions(self) -> tuple[str, ...]:
         return ("full", *sorted(self._backends.reduced))
 
-    def _hidden(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def _hidden(self, input_ids: torch.Tensor, ctx: StepContext, dtype: torch.dtype | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                             # [..., D]
+        if dtype is not None and dtype != x.dtype:                   # a lane computing in another dtype
+            x = x.to(dtype)
         for layer in self.layers:
             x = layer(x, ctx, self._backends)
         return self.norm(x)
@@ -211,15 +224,18 @@ class MoeForCausalLM(nn.Module):
 
     def forward_paged(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache,
                       logits_indices: torch.Tensor | None = None, expert_load: torch.Tensor | None = None,
-                      row_precision: list[tuple[str, torch.Tensor]] | None = None) -> torch.Tensor:
+                      row_precision: RowPrecision | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One engine step: flat input_ids [T] → logits [N, V] for the rows in logits_indices [N]
         (usually each sequence's last new token; all T when None). `expert_load` [layers, E] is
-        incremented with the tokens routed per expert; `row_precision` groups rows by precision."""
+        incremented with the tokens routed per expert; `row_precision` groups rows by precision;
+        `dtype` is the activation dtype of the step (default: the weights'; the KV cache's must match)."""
         ctx = StepContext(meta.positions, meta, kv_cache, expert_load=expert_load, row_precision=row_precision)
-        hidden = self._hidden(input_ids, ctx)                        # [T, D]
+        hidden = self._hidden(input_ids, ctx, dtype)                 # [T, D]
         if logits_indices is not None:
             hidden = hidden.index_select(0, logits_indices)          # [N, D]
-        return self.lm_head(hidden)                                  # [N, V]
+            if row_precision is not None:
+                row_precision = row_precision.take(logits_indices)
+        return self.lm_head(hidden, row_precision)                   # [N, V]
 
     def new_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKVCache:
         cfg = self.config

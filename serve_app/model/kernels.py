@@ -1,0 +1,182 @@
+"""Kernel and dtype choices, measured on the machine that serves, once per process.
+
+Three choices decide how fast a step runs, and each depends on the hardware, not on the model:
+1. the activation dtype of the quantized (fast) lane: bf16 where torch's packed integer kernels
+   are vectorised for it (CPUs with AVX512-BF16/AMX, CUDA), float32 elsewhere;
+2. per (device, mode, dtype), whether a quantized linear multiplies with torch's packed kernel or
+   with a dequantized float copy;
+3. the dtype attention computes its score/value products in at decode (bf16 SDPA at one query row
+   is 4x slower than float32 on a Zen 4 CPU: 184 vs 42 µs, see docs/benchmarks.md).
+
+Why measured here and not typed into a table: the last table in the source recorded a Zen 4 as
+"AVX2 only" and sent the fast lane down float32 dequantized copies, 4x slower than the kernel it
+had ruled out. Each choice below times the candidates on a shape like the bundled model's (a few
+ms at start-up, interleaved so a burst of load hits every candidate alike) and keeps the faster;
+`bench/quant_kernels.py` prints the same measurement with the CPU's features next to it.
+`MOE_SERVE_KERNELS=fixed` skips the timing and takes the documented defaults (reproducible tests).
+
+Legend: M=rows, N=out features, K=in features, L=context length, H=heads, Dh=head dim.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# A linear of the bundled model's widest dense shape (the fused expert gate_up, 768 x 192), and
+# enough distinct weights (8 MB in float32) that they do not all sit in L2, as in a decode step.
+_PROBE_N, _PROBE_K, _PROBE_WEIGHTS = 768, 192, 12
+
+
+def cpu_features() -> list[str]:
+    """The CPU flags that matter to these choices, read from the machine (Linux /proc/cpuinfo)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "avx512_fp16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [w for w in wanted if w in flags]
+
+
+def _median_us(fns: dict, rounds: int = 7, inner: int = 20) -> dict[str, float]:
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner * 1e6)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _fixed() -> bool:
+    return os.environ.get("MOE_SERVE_KERNELS", "measure") == "fixed"
+
+
+@dataclass(frozen=True)
+class LinearTimes:
+    """µs per M-row matmul on the probe shape, cycling over distinct weights."""
+    float32: float
+    bfloat16: float
+    int8_kernel_bf16: float
+    int8_kernel_f32: float
+
+
+@torch.inference_mode()
+def time_linears(rows: int = 1, device: str = "cpu", weights: int = _PROBE_WEIGHTS, inner: int = 20) -> LinearTimes:
+    """`weights` distinct weights are cycled: their total size decides which cache level feeds the
+    matmul (12: 7 MB in float32, inside L3; 64: 38 MB, the bundled model's float32 size, outside)."""
+    gen = torch.Generator().manual_seed(0)
+    ws = [torch.randn(_PROBE_N, _PROBE_K, generator=gen).to(device) for _ in range(weights)]
+    qs = [(torch.randint(-127, 128, (_PROBE_N, _PROBE_K), generator=gen, dtype=torch.int8).to(device),
+           torch.rand(_PROBE_N, generator=gen).to(device)) for _ in range(weights)]
+    wb = [w.bfloat16() for w in ws]
+    x = torch.randn(rows, _PROBE_K, generator=gen).to(device)
+    xb = x.bfloat16()
+    sb = [s.bfloat16() for _, s in qs]
+
+    def cycle(f):
+        return lambda: [f(i) for i in range(weights)]
+    t = _median_us(inner=inner, fns={
+        "float32": cycle(lambda i: F.linear(x, ws[i])),
+        "bfloat16": cycle(lambda i: F.linear(xb, wb[i])),
+        "int8_kernel_bf16": cycle(lambda i: torch._weight_int8pack_mm(xb, qs[i][0], sb[i])),
+        "int8_kernel_f32": cycle(lambda i: torch._weight_int8pack_mm(x, qs[i][0], qs[i][1])),
+    })
+    return LinearTimes(**{k: v / weights for k, v in t.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def fast_lane_dtype(device_type: str) -> torch.dtype:
+    """Activation dtype of the quantized lane: bf16 if the int8 kernel with bf16 activations beats
+    a float32 matmul at one row (decode) on this device, else float32."""
+    if device_type == "cuda":
+        return torch.bfloat16           # tinygemm (int4) takes bf16 only; int8 mm is bf16-native
+    if _fixed():
+        return torch.bfloat16 if "avx512_bf16" in cpu_features() or "amx_bf16" in cpu_features() else torch.float32
+    try:
+        t = time_linears(1, device_type)
+    except (RuntimeError, NotImplementedError):
+        return torch.float32
+    return torch.bfloat16 if t.int8_kernel_bf16 < 0.8 * t.float32 else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def quant_path(device_type: str, mode: str, dtype: torch.dtype) -> str:
+    """'kernel' or 'dequant' (a cached float copy) for quantized linears of `mode` at `dtype`.
+
+    CUDA: the kernels exist for bandwidth-bound decode, so 'kernel'. CPU: the kernels are
+    vectorised for bf16 activations only; in float32/float16 they lost to a float matmul 5-30x
+    when last measured, so 'kernel' is taken there only when the probe says it wins."""
+    if device_type != "cpu":
+        return "kernel"
+    if dtype == torch.bfloat16:
+        return "kernel" if _fixed() else _kernel_wins(mode, dtype)
+    if _fixed():
+        return "dequant"
+    return _kernel_wins(mode, dtype)
+
+
+def _kernel_wins(mode: str, dtype: torch.dtype) -> str:
+    from serve_app.model.quant import QuantLinear      # quant imports this module
+    gen = torch.Generator().manual_seed(0)
+    try:
+        layers = {}
+        for path in ("kernel", "dequant"):
+            mods = [QuantLinear.from_weight(torch.randn(_PROBE_N, _PROBE_K, generator=gen), mode, 64, dtype,
+                                            "cpu", path=path) for _ in range(_PROBE_WEIGHTS // 2)]
+            if path == "dequant":
+                for m in mods:
+                    m.materialize()
+            layers[path] = mods
+        x = torch.randn(1, _PROBE_K, generator=gen).to(dtype)
+        with torch.inference_mode():
+            t = _median_us({p: (lambda ms=ms: [m(x) for m in ms]) for p, ms in layers.items()})
+    except (RuntimeError, NotImplementedError):
+        return "dequant"
+    return "kernel" if t["kernel"] < t["dequant"] else "dequant"
+
+
+@functools.lru_cache(maxsize=None)
+def attention_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype decode attention computes in for activations of `dtype`: `dtype` itself, or
+    float32 when this device's SDPA is faster there (Q/K/V are cast, the output cast back)."""
+    if dtype == torch.float32 or device_type != "cpu":
+        return dtype
+    if _fixed():
+        return torch.float32
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 1, 32, generator=gen)                   # [B, H, 1, Dh]
+    k, v = torch.randn(1, 3, 512, 32, generator=gen), torch.randn(1, 3, 512, 32, generator=gen)  # [B, G, L, Dh]
+    low = [t.to(dtype) for t in (q, k, v)]
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, enable_gqa=True)
+    with torch.inference_mode():
+        t = _median_us({"native": lambda: sdpa(*low),
+                        "float32": lambda: sdpa(*(x.float() for x in low)).to(dtype)})
+    return torch.float32 if t["float32"] < t["native"] else dtype
+
+
+@functools.lru_cache(maxsize=None)
+def full_precision_dtype(device_type: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """What "full precision" computes in: the checkpoint's own dtype (a bf16 checkpoint is served
+    in bf16, a float32 one in float32), unless this device's matmuls are slower in it than in
+    float32 (CPUs without bf16 units; float16 on any CPU), where float32 is both faster and exact."""
+    if checkpoint_dtype == torch.float32 or device_type == "cuda":
+        return checkpoint_dtype
+    if checkpoint_dtype == torch.float16:
+        return torch.float32
+    if _fixed():
+        return torch.bfloat16 if "avx512_bf16" in cpu_features() or "amx_bf16" in cpu_features() else torch.float32
+    # A model-sized working set: what bf16 buys is half the bytes streamed from memory.
+    t = time_linears(1, device_type, weights=64, inner=2)
+    return torch.bfloat16 if t.bfloat16 < t.float32 else torch.float32
