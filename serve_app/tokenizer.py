@@ -8,8 +8,9 @@ an oracle only.
 
 Streaming: `serve_app/detokenizer.py`.
 
-FIM (fill-in-the-middle), PSM order: prefix-token + prefix + suffix-token + suffix + middle-token,
-with the style detected from the vocabulary (see `FIM_FORMATS`). Special tokens are inserted as
+FIM (fill-in-the-middle): PSM order (prefix-token + prefix + suffix-token + suffix + middle-token),
+or SPM when the checkpoint declares `"fim_order": "spm"` in tokenizer_config.json (serve_app/fim.py
+says why and how long files are fitted), with the style detected from the vocabulary (see `FIM_FORMATS`). Special tokens are inserted as
 single ids; the text parts are encoded separately, so BPE never merges across a boundary.
 CodeLlama follows Meta's reference `infilling_prompt_tokens`: "<PRE> {prefix} <SUF>{suffix} <MID>",
 i.e. a space before the prefix text, none before the suffix text; the spaces in front of <SUF> and
@@ -38,6 +39,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
+from serve_app.fim import FIM_FORMATS, FIM_ORDERS, FimFormat, assemble, fit  # noqa: F401 (re-exported)
+
 
 class TokenizerError(ValueError):
     """The tokenizer files are missing, unreadable or inconsistent (names the file)."""
@@ -48,27 +51,10 @@ class PromptError(TokenizerError):
 
 
 @dataclass(frozen=True)
-class FimFormat:
-    name: str                  # style name: starcoder | qwen | deepseek | codellama
-    prefix_token: str          # goes before the prefix text (DeepSeek calls it "begin")
-    suffix_token: str          # goes before the suffix text (DeepSeek: "hole")
-    middle_token: str          # ends the prompt; the model generates the middle after it (DeepSeek: "end")
-    space_before_prefix: bool = False  # CodeLlama was trained with " " + prefix (SentencePiece dummy prefix)
+class FimPrompt:
+    ids: list[int]              # the prompt, in the checkpoint's FIM order
+    dropped_tokens: int         # prefix/suffix tokens trimmed away to fit (0: nothing was)
 
-    @property
-    def tokens(self) -> tuple[str, str, str]:
-        return (self.prefix_token, self.suffix_token, self.middle_token)
-
-
-# Checked in order; the first whose three tokens are all in the vocabulary wins. Real CodeLlama
-# vocabularies spell the tokens "▁<PRE>" etc.; the bare spelling is kept for byte-level ports.
-FIM_FORMATS: tuple[FimFormat, ...] = (
-    FimFormat("starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-    FimFormat("qwen", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
-    FimFormat("deepseek", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
-    FimFormat("codellama", "▁<PRE>", "▁<SUF>", "▁<MID>", space_before_prefix=True),
-    FimFormat("codellama", "<PRE>", "<SUF>", "<MID>", space_before_prefix=True),
-)
 
 # End-of-turn / end-of-document tokens that end generation when the vocabulary has them, besides
 # eos: GPT/StarCoder/Qwen base, ChatML, Llama 3, Phi, DeepSeek, DeepSeek-Coder instruct, CodeLlama infill.
@@ -203,7 +189,11 @@ class CodeTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, *, eos_token: str | None = None, bos_token: str | None = None,
                  chat_template: str | None = None, extra_eos_ids: Sequence[int] = (),
-                 source: Path = Path("<memory>")) -> None:
+                 source: Path = Path("<memory>"), fim_order: str = "psm") -> None:
+        if fim_order not in FIM_ORDERS:
+            raise TokenizerError(f"{source / 'tokenizer_config.json'}: fim_order {fim_order!r} is not one of "
+                                 f"{', '.join(FIM_ORDERS)}")
+        self.fim_order = fim_order   # the order FIM prompts are built in (the checkpoint's training)
         self._tok = tokenizer
         self.source = source  # model directory, named in error messages
         self.eos_token, self.bos_token = eos_token, bos_token
@@ -232,7 +222,8 @@ class CodeTokenizer:
         extra = gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else []
         return cls(tok, eos_token=_token_content(cfg.get("eos_token")),
                    bos_token=_token_content(cfg.get("bos_token")),
-                   chat_template=_chat_template_source(model_dir, cfg), extra_eos_ids=extra, source=model_dir)
+                   chat_template=_chat_template_source(model_dir, cfg), extra_eos_ids=extra, source=model_dir,
+                   fim_order=cfg.get("fim_order") or "psm")
 
     def _special_id(self, token: str | None, field: str) -> int | None:
         if token is None:
@@ -287,8 +278,31 @@ class CodeTokenizer:
                 return fmt
         return None
 
-    def build_fim_prompt_ids(self, prefix: str, suffix: str, add_special_tokens: bool = True) -> list[int]:
-        """PSM prompt ids; `add_special_tokens` prepends what the post-processor adds (e.g. bos)."""
+    def build_fim_prompt_ids(self, prefix: str, suffix: str, add_special_tokens: bool = True,
+                             order: str | None = None) -> list[int]:
+        """FIM prompt ids in `order` (default: the checkpoint's `fim_order`); `add_special_tokens`
+        prepends what the post-processor adds (e.g. bos)."""
+        return self.build_fim_prompt(prefix, suffix, None, add_special_tokens, order).ids
+
+    def build_fim_prompt(self, prefix: str, suffix: str, max_prompt_tokens: int | None,
+                         add_special_tokens: bool = True, order: str | None = None) -> FimPrompt:
+        """Like build_fim_prompt_ids, trimmed at its far ends to at most `max_prompt_tokens` (fim.fit)."""
+        fmt = self._checked_fim_format(prefix, suffix)
+        order = order or self.fim_order
+        ids = tuple(self._tok.token_to_id(t) for t in fmt.tokens)
+        lead = list(self.leading_special_ids) if add_special_tokens else []
+
+        def prefix_text(text: str) -> str:
+            return " " + text if fmt.space_before_prefix and text else text
+        dropped = 0
+        if max_prompt_tokens is not None:
+            parts = fit(prefix, suffix, max_prompt_tokens - len(lead) - 3,
+                        lambda text: len(self._encode_fragment(text)))
+            prefix, suffix, dropped = parts.prefix, parts.suffix, parts.dropped_tokens
+        return FimPrompt(assemble(order, lead, ids, self._encode_fragment(prefix_text(prefix)),
+                                  self._encode_fragment(suffix)), dropped)
+
+    def _checked_fim_format(self, prefix, suffix) -> FimFormat:
         fmt = self.fim_format
         if fmt is None:
             looked_for = "; ".join(f"{f.name} {' '.join(f.tokens)}" for f in FIM_FORMATS)
@@ -297,10 +311,7 @@ class CodeTokenizer:
         if not isinstance(prefix, str) or not isinstance(suffix, str):
             raise PromptError(f"FIM prefix and suffix must be str, got {type(prefix).__name__}, "
                               f"{type(suffix).__name__}")
-        pre_id, suf_id, mid_id = (self._tok.token_to_id(t) for t in fmt.tokens)
-        prefix_text = " " + prefix if fmt.space_before_prefix and prefix else prefix
-        lead = list(self.leading_special_ids) if add_special_tokens else []
-        return [*lead, pre_id, *self._encode_fragment(prefix_text), suf_id, *self._encode_fragment(suffix), mid_id]
+        return fmt
 
     def _encode_fragment(self, text: str) -> list[int]:
         # Mid-prompt text must not get a SentencePiece dummy-prefix space: Meta's encode_infilling

@@ -45,6 +45,7 @@ class PreparedRequest:
     # (chat's max_completion_tokens / top_logprobs).
     param_aliases: dict[str, str] = field(default_factory=dict)
     client_logprobs: bool = True        # False: logprobs were requested only to rank candidates
+    dropped_prompt_tokens: int = 0      # FIM: prompt tokens trimmed to fit the context (usage reports them)
 
     @property
     def precision(self) -> str:
@@ -65,11 +66,14 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> P
         raise bad_request(f"best_of={req.best_of} is not supported; only best_of == n ({req.n})", "best_of")
     prompt_param = "prompt"
     tok = settings.tokenizer
+    tier = _resolve_tier(req, settings, prefix=req.prompt if isinstance(req.prompt, str) else "",
+                         suffix=req.suffix or "", max_tokens=_max_tokens_sent(req),
+                         kind="fim" if req.suffix is not None else "completion", stop=_stops(req.stop))
+    dropped = 0
     if req.suffix is not None:
         if not isinstance(req.prompt, str):
             raise bad_request("suffix (fill-in-the-middle) needs a text prompt, not token ids", "suffix")
-        prompt_ids = await _tokenize(lambda: tok.build_fim_prompt_ids(req.prompt, req.suffix), "suffix",
-                                     len(req.prompt) + len(req.suffix))
+        prompt_ids, dropped = await _fim_prompt(req.prompt, req.suffix, tier, settings, "suffix")
     elif isinstance(req.prompt, str):
         if not req.prompt:
             raise bad_request("prompt must not be empty", "prompt")
@@ -79,16 +83,14 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> P
         if not req.prompt:
             raise bad_request("prompt must not be an empty list of token ids", "prompt")
         prompt_ids = list(req.prompt)
-    tier = _resolve_tier(req, settings, prefix=req.prompt if isinstance(req.prompt, str) else "",
-                         suffix=req.suffix or "", max_tokens=_max_tokens_sent(req),
-                         kind="fim" if req.suffix is not None else "completion", stop=_stops(req.stop))
     logprobs = req.logprobs if req.logprobs is not None else (0 if tier.rank_by_mean_logprob else None)
     params = _sampling_params({}, max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
                               top_p=req.top_p, top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed,
                               logprobs=logprobs, **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, prompt_param, "max_tokens")
     return PreparedRequest("completion", _new_id("completion"), int(time.time()), model, tier,
-                           prompt_ids, params, req.stream, _include_usage(req), client_logprobs=req.logprobs is not None)
+                           prompt_ids, params, req.stream, _include_usage(req), client_logprobs=req.logprobs is not None,
+                           dropped_prompt_tokens=dropped)
 
 
 async def prepare_chat(req: ChatCompletionRequest, settings: ApiSettings) -> PreparedRequest:
@@ -127,18 +129,29 @@ async def prepare_chat(req: ChatCompletionRequest, settings: ApiSettings) -> Pre
 
 async def prepare_fim(req: FimRequest, settings: ApiSettings) -> PreparedRequest:
     model = check_model(req.model, settings)
-    tok = settings.tokenizer
-    prompt_ids = await _tokenize(lambda: tok.build_fim_prompt_ids(req.prefix, req.suffix), "prefix",
-                                 len(req.prefix) + len(req.suffix))
     tier = _resolve_tier(req, settings, prefix=req.prefix, suffix=req.suffix, max_tokens=_max_tokens_sent(req),
                          kind="fim", stop=_stops(req.stop))
+    prompt_ids, dropped = await _fim_prompt(req.prefix, req.suffix, tier, settings, "prefix")
     params = _sampling_params({}, max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
                               top_p=req.top_p, top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed,
                               logprobs=0 if tier.rank_by_mean_logprob else None, **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, "prefix", "max_tokens")
     # The FIM endpoint returns one completion: the best candidate when the tier ranks several.
     return PreparedRequest("fim", _new_id("fim"), int(time.time()), model, tier, prompt_ids, params,
-                           req.stream, include_usage=False, client_logprobs=False)   # last chunk carries usage
+                           req.stream, include_usage=False, client_logprobs=False,   # last chunk carries usage
+                           dropped_prompt_tokens=dropped)
+
+
+async def _fim_prompt(prefix: str, suffix: str, tier: ResolvedTier, settings: ApiSettings,
+                      param: str) -> tuple[list[int], int]:
+    """The FIM prompt in the checkpoint's order, trimmed at its far ends so that it leaves the
+    tier's max_tokens (the client's, when sent) to generate (serve_app/fim.py)."""
+    room = settings.max_model_len - tier.max_tokens
+    if room <= 0:    # max_tokens alone fills the context: nothing to trim to; _check_context says so
+        room = None
+    prompt = await _tokenize(lambda: settings.tokenizer.build_fim_prompt(prefix, suffix, room), param,
+                             len(prefix) + len(suffix))
+    return prompt.ids, prompt.dropped_tokens
 
 
 def _resolve_tier(req, settings: ApiSettings, **context) -> ResolvedTier:

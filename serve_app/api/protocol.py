@@ -159,6 +159,8 @@ class FimRequest(_Request):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int              # prompt tokens served from the prefix cache (no prefill compute)
+    # FIM: prefix/suffix tokens trimmed away so the file fits the context (ours; OpenAI has no such field)
+    dropped_tokens: int = 0
 
 
 class Usage(BaseModel):

@@ -25,11 +25,12 @@ from serve_app.engine.sampler import TokenLogprobs
 from serve_app.tokenizer import CodeTokenizer
 
 
-def usage_of(out: RequestOutput) -> Usage:
+def usage_of(out: RequestOutput, dropped_tokens: int = 0) -> Usage:
     prompt = len(out.prompt_token_ids)
     completion = sum(len(c.token_ids) for c in out.outputs)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens,
+                                                           dropped_tokens=dropped_tokens))
 
 
 @dataclass
@@ -50,7 +51,8 @@ class Renderer:
     # ---- whole responses -------------------------------------------------------------------------
 
     def response(self, final: RequestOutput) -> BaseModel:
-        p, usage = self.p, usage_of(final)      # usage counts every candidate generated, ranked or not
+        p = self.p
+        usage = usage_of(final, p.dropped_prompt_tokens)      # counts every candidate generated, ranked or not
         tags = dict(precision=p.precision, tier=p.tier.tier.value)
         outputs = self.returned(final.outputs)
         if p.kind == "fim":
@@ -100,20 +102,23 @@ class Renderer:
             chunks.append(self._chunk(out, c, new_lps, first, state))
         return chunks
 
+    def _usage(self, out: RequestOutput) -> Usage:
+        return usage_of(out, self.p.dropped_prompt_tokens)
+
     def usage_chunk(self, final: RequestOutput) -> BaseModel:
         p = self.p
         if p.kind == "chat":
             return ChatCompletionChunk(id=p.request_id, created=p.created, model=p.model, precision=p.precision,
-                                       tier=p.tier.tier.value, choices=[], usage=usage_of(final))
+                                       tier=p.tier.tier.value, choices=[], usage=self._usage(final))
         return CompletionResponse(id=p.request_id, created=p.created, model=p.model, precision=p.precision,
-                                  tier=p.tier.tier.value, choices=[], usage=usage_of(final))
+                                  tier=p.tier.tier.value, choices=[], usage=self._usage(final))
 
     def _chunk(self, out: RequestOutput, c: CompletionOutput, new_lps: list[TokenLogprobs] | None,
                first: bool, state: StreamState) -> BaseModel:
         p = self.p
         finish = c.finish_reason if c.index in state.finished else None
         if p.kind == "fim":
-            usage = usage_of(out) if finish else None      # FIM streams carry usage on their last chunk
+            usage = usage_of(out, p.dropped_prompt_tokens) if finish else None      # FIM streams carry usage on their last chunk
             return FimResponse(id=p.request_id, completion=c.delta_text, finish_reason=finish, usage=usage,
                                precision=p.precision, tier=p.tier.tier.value)
         if p.kind == "chat":

@@ -21,7 +21,9 @@ class LLM:
     already loaded model (then pass `tokenizer` if text prompts are wanted)."""
 
     def __init__(self, model: str | Path | MoeForCausalLM, tokenizer=None,
-                 dtype: torch.dtype | str = torch.float32, **engine_options):
+                 dtype: torch.dtype | str = "auto", **engine_options):
+        """dtype "auto" (as vLLM): the checkpoint's own where this device computes in it fast (the server's
+        full precision); float32 for the parity oracle."""
         if isinstance(model, (str, Path)):
             model_dir = Path(model)
             model = load_model(model_dir, dtype=dtype)

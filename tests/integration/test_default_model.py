@@ -46,7 +46,7 @@ def test_fim_on_held_out_functions_through_the_server_equals_the_engine_and_pars
     report = evaluate_server.run(server, fim, MAX_TOKENS, precision="full")
     assert report["cases"] == CASES and report["statuses"] == {200: CASES}
     assert report["tier_precision"] and all(k.endswith("/full") for k in report["tier_precision"])
-    # The offline engine on the same prompts (the served numerics: float32, full-precision experts),
+    # The offline engine on the same prompts (the served numerics: the checkpoint dtype, full-precision experts),
     # with the penalties the checkpoint's generation_config.json sets: the requests left them out.
     defaults = GenerationDefaults.from_model_dir(MODEL)
     tokenizer = CodeTokenizer.from_dir(MODEL)
