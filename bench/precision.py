@@ -1,10 +1,12 @@
-"""Adaptive precision, measured: quality and speed of INT8/INT4 experts against full precision.
+"""Adaptive precision, measured: quality and speed of the served lanes against float32.
 
 Quality, on held-out code (CPython stdlib files the default model never trained on): for each
-precision, next-token argmax agreement with the full-precision model and perplexity, over the same
-windows. Speed: engine decode step time and tokens/s at batch 1 and 16 per precision, full
-precision measured in the same run as the peer. Only the experts are quantized (the dense layers,
-attention and gates stay in float), exactly as the router serves the fast path.
+lane exactly as the server builds it — full precision in the checkpoint's dtype, INT8 and INT4 with
+every linear quantized and activations in the fast lane's dtype (bf16 where the packed kernels
+win) — next-token argmax agreement with the float32 model (the parity mode) and perplexity, over
+the same windows. Speed: the engine's decode step at batch 1 and 16 per lane, the lanes
+interleaved round by round (bench/decode_step.py's `run_lane`: the real kernels, not dequantized
+copies), with float32 full precision measured in the same run as the peer.
 
     python -m bench.precision [--model DIR] [--windows 24] [--quick]
 """
@@ -12,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from serve_app.config import EngineConfig, default_model_dir
-from serve_app.engine import EngineCore, SamplingParams
+from bench.decode_step import run_lane
+from serve_app.config import default_model_dir
 from serve_app.model import load_model
-from serve_app.model.quant import quantized_copies
+from serve_app.model.precision import add_quantized_lanes, fast_dtype
 from serve_app.tokenizer import CodeTokenizer
 
-PRECISIONS = ("full", "int8", "int4")
+LANES = ("float32", "full", "int8", "int4")     # float32: the parity model; the rest as served
 
 
 def heldout_windows(tokenizer: CodeTokenizer, num: int, length: int) -> torch.Tensor:
@@ -39,51 +40,28 @@ def heldout_windows(tokenizer: CodeTokenizer, num: int, length: int) -> torch.Te
     return torch.tensor(ids[: min(num, usable) * length]).view(-1, length)
 
 
-def with_backends(model, group_size: int, materialize) -> dict[str, object]:
-    """The quantized copies exactly as the router builds them (quantized_copies)."""
-    backends = {"full": model.local_experts, **quantized_copies(model.local_experts, ("int8", "int4"), group_size,
-                                                                materialize)}
-    for mode in ("int8", "int4"):
-        model.set_expert_backend(backends[mode], mode)
-    return backends
+def served_model(model_dir: Path, group_size: int):
+    """The model as the server builds it: checkpoint dtype, quantized lanes in the fast dtype."""
+    model = load_model(model_dir, dtype="auto")
+    add_quantized_lanes(model, model.local_experts, ("int8", "int4"), group_size, fast_dtype("auto"))
+    return model
 
 
 @torch.inference_mode()
-def quality(model, backends: dict, windows: torch.Tensor, batch: int = 4) -> dict[str, dict]:
-    logits_by = {}
-    for precision in PRECISIONS:
-        model.set_expert_backend(backends[precision])           # route every row to this precision
-        logits_by[precision] = torch.cat([model(windows[i:i + batch]) for i in range(0, len(windows), batch)])
-    model.set_expert_backend(None)
+def quality(reference, served, windows: torch.Tensor, batch: int = 4) -> dict[str, dict]:
+    """Per lane: argmax agreement with the float32 reference and perplexity on `windows` [W, S]."""
+    def logits(model, precision: str = "full") -> torch.Tensor:
+        return torch.cat([model(windows[i:i + batch], precision).float() for i in range(0, len(windows), batch)])
+    logits_by = {"float32": logits(reference), **{p: logits(served, p) for p in ("full", "int8", "int4")}}
     targets = windows[:, 1:]
-    ref_argmax = logits_by["full"][:, :-1].argmax(-1)
+    ref_argmax = logits_by["float32"][:, :-1].argmax(-1)
     out = {}
-    for precision, logits in logits_by.items():
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+    for lane, lg in logits_by.items():
+        lp = torch.log_softmax(lg[:, :-1], -1)
         nll = -lp.gather(-1, targets[..., None]).mean().item()
-        agree = (logits[:, :-1].argmax(-1) == ref_argmax).float().mean().item()
-        out[precision] = {"agreement": agree, "perplexity": float(torch.exp(torch.tensor(nll)))}
+        agree = (lg[:, :-1].argmax(-1) == ref_argmax).float().mean().item()
+        out[lane] = {"agreement": agree, "perplexity": float(torch.exp(torch.tensor(nll)))}
     return out
-
-
-def decode_speed(model, tokenizer, precision: str, batch: int, new_tokens: int, prompt_len: int = 64) -> dict:
-    cfg = EngineConfig(num_kv_blocks=max(64, batch * (prompt_len + new_tokens) // 16 + batch * 2),
-                       max_num_seqs=batch, max_num_batched_tokens=max(512, batch * prompt_len))
-    engine = EngineCore(model, cfg, tokenizer)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    gen = torch.Generator().manual_seed(batch)
-    for i in range(batch):
-        prompt = torch.randint(10, model.config.vocab_size, (prompt_len,), generator=gen).tolist()
-        engine.add_request(f"r{i}", prompt, params,
-                           precision=precision)
-    step_times = []
-    while engine.has_unfinished():
-        started = time.perf_counter()
-        engine.step()
-        if engine.last_step.num_batched_tokens == batch:        # a pure decode step of the whole batch
-            step_times.append(time.perf_counter() - started)
-    median = statistics.median(step_times)
-    return {"step_ms": median * 1e3, "tokens_per_s": batch / median}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,30 +70,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--window-len", type=int, default=256)
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="fewer windows and tokens (smoke run)")
-    ap.add_argument("--no-materialize", action="store_true",
-                    help="dequantize on every call (the memory-saving path) instead of the router's default")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer windows and steps (smoke run)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model_dir = Path(args.model)
-    model, tokenizer = load_model(model_dir), CodeTokenizer.from_dir(model_dir)
-    backends = with_backends(model, args.group_size, False if args.no_materialize else "auto")
+    reference, served = load_model(model_dir, dtype="float32"), served_model(model_dir, args.group_size)
+    tokenizer = CodeTokenizer.from_dir(model_dir)
     windows = heldout_windows(tokenizer, 4 if args.quick else args.windows, args.window_len)
-    q = quality(model, backends, windows)
-    new_tokens = 8 if args.quick else 32
-    speed = {(p, b): decode_speed(model, tokenizer, p, b, new_tokens) for p in PRECISIONS for b in (1, 16)}
-    mb = {p: (backends[p].bytes_per_expert() if p != "full" else
-              sum(t.numel() * t.element_size() for t in model.local_experts.ffn["0_0"].parameters()))
-          for p in PRECISIONS}
+    q = quality(reference, served, windows)
+    steps, rounds = (8, 1) if args.quick else (24, args.rounds)
+    lanes = {"float32": (reference, "full", None), "full": (served, "full", None),
+             "int8": (served, "int8", served.reduced_dtype), "int4": (served, "int4", served.reduced_dtype)}
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        for _ in range(rounds):                       # interleaved: a burst of load hits every lane alike
+            for batch in (1, 16):
+                for lane, (model, precision, dtype) in lanes.items():
+                    t, _ = run_lane(model, precision, batch, 256, steps, dtype)
+                    times.setdefault((lane, batch), []).append(t)
+    step = {k: statistics.median(v) for k, v in times.items()}
+    dtypes = {"float32": "float32", "full": str(served.embed_tokens.weight.dtype),
+              "int8": str(served.reduced_dtype), "int4": str(served.reduced_dtype)}
     print(f"model {model_dir}  windows {len(windows)}x{args.window_len}  int4 group {args.group_size}  "
           f"threads {torch.get_num_threads()}")
-    print(f"{'precision':>9} {'agree':>7} {'ppl':>8} {'KB/expert':>10} {'b1 ms':>7} {'b1 tok/s':>9} "
-          f"{'b16 ms':>7} {'b16 tok/s':>9} {'b16 speedup':>11}")
-    for p in PRECISIONS:
-        s1, s16 = speed[(p, 1)], speed[(p, 16)]
-        print(f"{p:>9} {q[p]['agreement']:>7.1%} {q[p]['perplexity']:>8.3f} {mb[p] / 1024:>10.1f} "
-              f"{s1['step_ms']:>7.2f} {s1['tokens_per_s']:>9.1f} {s16['step_ms']:>7.2f} {s16['tokens_per_s']:>9.1f} "
-              f"{s16['tokens_per_s'] / speed[('full', 16)]['tokens_per_s']:>10.2f}x")
+    print(f"{'lane':>8} {'dtype':>15} {'agree':>7} {'ppl':>8} {'b1 ms':>7} {'b16 ms':>7} {'b16 tok/s':>9} "
+          f"{'vs float32':>10}")
+    for lane in LANES:
+        print(f"{lane:>8} {dtypes[lane].removeprefix('torch.'):>15} {q[lane]['agreement']:>7.1%} "
+              f"{q[lane]['perplexity']:>8.3f} {step[(lane, 1)] * 1e3:>7.2f} {step[(lane, 16)] * 1e3:>7.2f} "
+              f"{16 / step[(lane, 16)]:>9.1f} {step[('float32', 16)] / step[(lane, 16)]:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -175,8 +175,8 @@ def full_precision_dtype(device_type: str, checkpoint_dtype: torch.dtype) -> tor
         return checkpoint_dtype
     if checkpoint_dtype == torch.float16:
         return torch.float32
-    if _fixed():
-        return torch.bfloat16 if "avx512_bf16" in cpu_features() or "amx_bf16" in cpu_features() else torch.float32
-    # A model-sized working set: what bf16 buys is half the bytes streamed from memory.
-    t = time_linears(1, device_type, weights=64, inner=2)
-    return torch.bfloat16 if t.bfloat16 < t.float32 else torch.float32
+    # Decided by the CPU's features, not by a timing at start-up: the full lane's numerics must not
+    # flip with a noisy measurement. `time_linears(1, weights=64)` (a model-sized working set) is
+    # the measurement behind it, printed by bench/quant_kernels.py: on a Zen 4 with AVX512-BF16,
+    # bf16 45 µs against float32 88 µs per 768x192 matmul at one row (docs/benchmarks.md).
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(cpu_features()) else torch.float32

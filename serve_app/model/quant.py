@@ -252,16 +252,21 @@ class QuantLinear(nn.Module):
             dense = getattr(self, "dense", None)
             weight = dense.to(x.dtype) if dense is not None else self.dequantize(x.dtype)
             return F.linear(x, weight)                                                   # [R, N]
+        if x.dim() != 2:                                  # the kernels take [R, K] only
+            return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         if self.mode == "int8":
-            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)  # even a no-op .to costs ~1 µs
+            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)  # a no-op .to costs ~1 µs
             return torch._weight_int8pack_mm(x.contiguous(), self.qweight, scales)
         if self.qweight.device.type != self.device_type:
             raise QuantConfigError(f"int4 weights were packed for {self.device_type}, now on "
                                    f"{self.qweight.device.type}; quantize again on the target device")
         act = self.scales_and_zeros.dtype
-        xp = F.pad(x, (0, self.padded_in - self.in_features)).to(act).contiguous()       # [R, Kp]
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))                         # [R, Kp]
+        xp = (x if x.dtype == act else x.to(act)).contiguous()
         mm = _int4_kernel_ops(self.device_type)[1]
-        return mm(xp, self.qweight, self.group_size, self.scales_and_zeros).to(x.dtype)  # [R, N]
+        y = mm(xp, self.qweight, self.group_size, self.scales_and_zeros)                 # [R, N]
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def nbytes(self) -> int:
         """Stored bytes (codes, scales): a materialized dense copy is a cache, not counted here."""

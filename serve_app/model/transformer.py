@@ -211,10 +211,14 @@ class MoeForCausalLM(nn.Module):
             x = layer(x, ctx, self._backends)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Plain causal forward, no cache: input_ids [B, S] → logits [B, S, V]."""
+    def forward(self, input_ids: torch.Tensor, precision: str = "full", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Plain causal forward, no cache: input_ids [B, S] → logits [B, S, V], every row at
+        `precision` with activations of `dtype` (default: the weights'; a quantized lane's own)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.lm_head(self._hidden(input_ids, StepContext(positions)))
+        rows = None if precision == "full" else RowPrecision.uniform(precision, input_ids.numel(), input_ids.device)
+        if rows is not None:
+            dtype = dtype or self.reduced_dtype
+        return self.lm_head(self._hidden(input_ids, StepContext(positions, row_precision=rows), dtype), rows)
 
     def forward_train(self, input_ids: torch.Tensor) -> TrainOutput:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)

@@ -11,10 +11,12 @@ from tests.helpers.checkpoints import build_checkpoint
 from tests.helpers.factories import build_tokenizer
 
 
-def build_model_dir(out_dir: str | Path, family: str = "mixtral", **overrides) -> Path:
+def build_model_dir(out_dir: str | Path, family: str = "mixtral", fim_order: str | None = None,
+                    **overrides) -> Path:
+    """`fim_order`: what the tokenizer config declares (None: nothing, i.e. PSM)."""
     # The test tokenizer's <|endoftext|> is id 0; transformers' default eos (2) would be <fim_suffix>.
     ckpt = build_checkpoint(out_dir, family, **{"eos_token_id": 0, **overrides})
-    build_tokenizer(out_dir)
+    build_tokenizer(out_dir, fim_order=fim_order)
     return ckpt.path
 
 

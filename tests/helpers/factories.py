@@ -23,7 +23,7 @@ _CORPUS = [
 
 
 def build_tokenizer(out_dir: str | Path, fim_style: str = "starcoder", vocab_size: int = 320,
-                    chat_template: str | None = None) -> Path:
+                    chat_template: str | None = None, fim_order: str | None = None) -> Path:
     """A byte-level BPE trained on a few lines of code; writes tokenizer.json (+ tokenizer_config.json)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -40,6 +40,8 @@ def build_tokenizer(out_dir: str | Path, fim_style: str = "starcoder", vocab_siz
     cfg = {"eos_token": "<|endoftext|>", "bos_token": None}
     if chat_template is not None:
         cfg["chat_template"] = chat_template
+    if fim_order is not None:
+        cfg["fim_order"] = fim_order
     (out / "tokenizer_config.json").write_text(json.dumps(cfg))
     return out
 
