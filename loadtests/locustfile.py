@@ -1,11 +1,11 @@
 """Locust users that behave like editors talking to moe-serve.
 
-- `EditorUser`: an inline-completion plugin. Mostly FIM requests at random cursor positions
-  (`/v1/fim/completions`, and the OpenAI form `/v1/completions` with `suffix`), some streamed
-  (the time to the first token is recorded as its own statistic, `TTFT fim-stream`), and
-  keystroke sessions: the same file resent with a few more characters typed, with the pause of a
-  typing human between requests (editors debounce ~100-300 ms).
-- `ChatUser`: the editor's chat panel; rarer, longer answers.
+- `EditorUser`: an inline-completion plugin filling holes (`workloads.hole_session`): the user types
+  into a hole 1-6 characters at a time, pausing 0.2-0.5 s, 8-20 requests, the text after the hole
+  unchanged; then a new hole in another file. Each session uses one request form, as a plugin
+  does: `/v1/fim/completions` (most), the OpenAI form `/v1/completions` with `suffix`, or a
+  streamed FIM (its time to the first token is recorded as its own statistic, `TTFT fim-stream`).
+- `ChatUser`: the editor's chat panel; only with MOE_LT_CHAT_USERS > 0.
 
 Run it through `loadtests/run_slo.py` (which checks the SLO), or directly:
 `locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless -u 8 -r 2 -t 60s`.
@@ -80,7 +80,7 @@ def _sse_lines(resp):
 
 class EditorUser(FastHttpUser):
     weight = 6
-    wait_time = between(0.5, 2.0)      # between bursts of typing
+    wait_time = between(CFG.min_think_s, CFG.max_think_s)    # then a new hole in another file
 
     def on_start(self) -> None:
         self.rng = random.Random()
@@ -89,33 +89,27 @@ class EditorUser(FastHttpUser):
         return {"prefix": cut.prefix, "suffix": cut.suffix, "max_tokens": wl.max_tokens(self.rng, CFG),
                 "temperature": CFG.temperature}
 
-    @task(4)
-    def fim(self) -> None:
-        cut = wl.fim_cut(POOL.text(self.rng), self.rng, CFG)
+    @task
+    def fill_a_hole(self) -> None:
+        send = self.rng.choices([self.fim, self.completions_with_suffix, self.fim_stream], weights=[6, 2, 2])[0]
+        for i, cut in enumerate(wl.hole_session(POOL.text(self.rng), self.rng, CFG)):
+            if i:
+                time.sleep(wl.think_time(self.rng, CFG))
+            send(cut)
+
+    def fim(self, cut: wl.FimCut) -> None:
         with self.client.post("/v1/fim/completions", json=self._fim_body(cut), name=wl.FIM, headers=HEADERS,
                               catch_response=True) as resp:
             _check(resp, "completion")
 
-    @task(2)
-    def completions_with_suffix(self) -> None:
-        cut = wl.fim_cut(POOL.text(self.rng), self.rng, CFG)
+    def completions_with_suffix(self, cut: wl.FimCut) -> None:
         body = {"prompt": cut.prefix, "suffix": cut.suffix, "max_tokens": wl.max_tokens(self.rng, CFG),
                 "temperature": CFG.temperature}
         with self.client.post("/v1/completions", json=body, name=wl.COMPLETIONS_FIM, headers=HEADERS,
                               catch_response=True) as resp:
             _check(resp, "choices")
 
-    @task(3)
-    def keystrokes(self) -> None:
-        for cut in wl.keystroke_session(POOL.text(self.rng), self.rng, CFG):
-            with self.client.post("/v1/fim/completions", json=self._fim_body(cut), name=wl.KEYSTROKE,
-                                  headers=HEADERS, catch_response=True) as resp:
-                _check(resp, "completion")
-            time.sleep(self.rng.uniform(0.1, 0.3))
-
-    @task(2)
-    def fim_stream(self) -> None:
-        cut = wl.fim_cut(POOL.text(self.rng), self.rng, CFG)
+    def fim_stream(self, cut: wl.FimCut) -> None:
         body = {**self._fim_body(cut), "stream": True}
         started, started_wall = time.perf_counter(), time.time()
         ttft_ms, done, error = None, False, None
@@ -145,7 +139,8 @@ class EditorUser(FastHttpUser):
 
 
 class ChatUser(FastHttpUser):
-    weight = 1
+    abstract = CFG.chat_users == 0          # editors only unless asked for
+    weight = max(1, CFG.chat_users)
     wait_time = between(2.0, 6.0)      # reading the previous answer
 
     def on_start(self) -> None:

@@ -42,9 +42,6 @@ sys.path.insert(0, str(HERE))
 import breakdown  # noqa: E402
 import workloads as wl  # noqa: E402
 
-# Prompt windows are counted in the default model's tokens unless --tokenizer says otherwise.
-_SHIPPED = HERE.parent / "serve_app" / "default_model" / "tokenizer.json"
-DEFAULT_TOKENIZER = str(_SHIPPED) if _SHIPPED.is_file() else ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-requests", type=int, default=3,
                    help="FIM requests sent (and not measured) before the run: first forwards are slow")
     for f in fields(wl.WorkloadConfig):
-        default = DEFAULT_TOKENIZER if f.name == "tokenizer" else f.default
+        default = f.default
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=default,
                        help=f"workload: {f.name} (default {default!r})")
     return p.parse_args(argv)

@@ -22,25 +22,24 @@ from pathlib import Path
 # completions an editor shows while the user types (streamed ones measured to their last token).
 FIM = "fim"
 COMPLETIONS_FIM = "completions-fim"
-KEYSTROKE = "fim-keystroke"
 FIM_STREAM = "fim-stream"
 TTFT_FIM_STREAM = "TTFT fim-stream"
 CHAT = "chat"
-INLINE = (FIM, COMPLETIONS_FIM, KEYSTROKE, FIM_STREAM)
+INLINE = (FIM, COMPLETIONS_FIM, FIM_STREAM)
 
 
 @dataclass(frozen=True)
 class WorkloadConfig:
     """Shapes of the requests. Read from MOE_LT_* environment variables, so the runner (a separate
     process that starts Locust) can set them without Locust-specific flags."""
-    # An editor sends a window around the cursor, not the whole file. 1200 + 400 characters is
-    # ~460 tokens (median) with the default model's code tokenizer, inside its 1024-token context.
-    # Byte-level test tokenizers need ~1 token per character: use small windows with tiny models.
-    max_prefix_chars: int = 1200
+    # An editor sends a window around the cursor, not the whole file: 1500 characters before it
+    # and 400 after, as the plugins the fast-path issue measured. Dense files then exceed the
+    # bundled model's 1024 tokens; the server trims such FIM prompts at their far ends.
+    max_prefix_chars: int = 1500
     max_suffix_chars: int = 400
-    # Editors count the window in the model's tokens, so a dense file (unicode tables, base64)
-    # cannot overflow the context: with a tokenizer.json given, the prefix is cut from the left
-    # (whole lines) until prefix + suffix fit. "" = count characters only.
+    # Optional client-side cut, counted in a tokenizer.json's tokens: the prefix is cut from the
+    # left (whole lines) until prefix + suffix fit max_prompt_tokens. "" (default) = the editor
+    # counts characters only and leaves fitting to the server.
     tokenizer: str = ""
     max_prompt_tokens: int = 768
     # Inline completions are a line or two: 16-32 tokens, near-greedy.
@@ -48,9 +47,16 @@ class WorkloadConfig:
     max_tokens: int = 32
     temperature: float = 0.1
     chat_max_tokens: int = 64
-    # Keystroke sessions: characters typed between two requests, and requests per session.
-    keystrokes_per_session: int = 6
-    max_chars_per_keystroke: int = 3
+    # A session fills one hole: the user types 1-6 characters between requests (the text the file
+    # really has there), pausing 0.2-0.5 s (editors debounce ~100-300 ms), 8-20 requests, while
+    # the text after the hole (the suffix) stays as it is. Then a new hole in another file.
+    min_session_requests: int = 8
+    max_session_requests: int = 20
+    max_chars_per_keystroke: int = 6
+    min_think_s: float = 0.2
+    max_think_s: float = 0.5
+    # Chat-panel users next to the editors (0: editors only, the SLO's workload).
+    chat_users: int = 0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "WorkloadConfig":
@@ -163,21 +169,31 @@ def fim_cut(text: str, rng: random.Random, cfg: WorkloadConfig) -> FimCut:
     return FimCut(prefix, text[cursor:end])
 
 
-def keystroke_session(text: str, rng: random.Random, cfg: WorkloadConfig) -> list[FimCut]:
-    """Successive requests of one user typing the file's real next characters: each prefix is the
-    previous one plus 1..max_chars_per_keystroke characters, the suffix what follows the typed text.
-    The prefix window keeps its start (editors slide it only now and then), so every request
-    shares the previous one's leading KV blocks: this is what the prefix cache is for."""
+def hole_session(text: str, rng: random.Random, cfg: WorkloadConfig) -> list[FimCut]:
+    """The requests of one user filling a hole: the cursor starts inside a line, the user types the
+    file's real next characters 1..max_chars_per_keystroke at a time, and every request sends the
+    prefix typed so far and the same suffix — the text after the hole, which typing never moves.
+    The prefix window keeps its start for the session (editors slide it only now and then), so a
+    request shares all but its last few tokens with the previous one: what the prefix cache and
+    SPM prompts are for."""
+    num = rng.randint(cfg.min_session_requests, cfg.max_session_requests)
     cursor = _cursor(text, rng)
+    typed = [rng.randint(1, cfg.max_chars_per_keystroke) for _ in range(num - 1)]
+    hole_end = min(len(text), cursor + sum(typed))
     start, end = _window(text, cursor, cfg)
-    suffix_chars, cuts = end - cursor, []
-    for _ in range(cfg.keystrokes_per_session):
-        if cursor > start:
-            cuts.append(FimCut(text[start:cursor], text[cursor:cursor + suffix_chars]))
-        cursor += rng.randint(1, cfg.max_chars_per_keystroke)
-        if cursor >= len(text):                 # ran out of file: the session ends early
-            break
+    suffix = text[hole_end:hole_end + (end - cursor)]
+    cuts, pos = [], cursor
+    for step in [0, *typed]:
+        pos = min(hole_end, pos + step)
+        if pos > start:
+            cuts.append(FimCut(text[start:pos], suffix))
+        if pos >= hole_end and cuts:
+            break                                  # ran out of file: the session ends early
     return cuts or [fim_cut(text, rng, cfg)]
+
+
+def think_time(rng: random.Random, cfg: WorkloadConfig) -> float:
+    return rng.uniform(cfg.min_think_s, cfg.max_think_s)
 
 
 def chat_messages(text: str, rng: random.Random, cfg: WorkloadConfig) -> list[dict]:

@@ -30,7 +30,7 @@ import workloads as wl  # noqa: E402
 # The tiny test tokenizer is byte-level (~1 token per character) and the tiny model has 512
 # positions: small windows keep prompt + completion inside them.
 SMALL = wl.WorkloadConfig(max_prefix_chars=200, max_suffix_chars=80, min_tokens=4, max_tokens=8,
-                          chat_max_tokens=8, keystrokes_per_session=3)
+                          chat_max_tokens=8, min_session_requests=2, max_session_requests=3, chat_users=1)
 
 
 def test_fim_cuts_are_windows_around_a_cursor_in_real_source():
@@ -42,15 +42,22 @@ def test_fim_cuts_are_windows_around_a_cursor_in_real_source():
         assert cut.prefix + cut.suffix in text                     # contiguous: the cursor sits between them
 
 
-def test_keystroke_sessions_grow_the_prefix_and_keep_its_start():
+def test_hole_sessions_grow_the_prefix_over_a_fixed_suffix():
     rng, pool = random.Random(1), wl.SourcePool(max_files=50)
-    cfg = wl.WorkloadConfig(keystrokes_per_session=6, max_chars_per_keystroke=3)
-    session = wl.keystroke_session(pool.text(rng), rng, cfg)
-    assert len(session) >= 2
-    for before, after in zip(session, session[1:]):
-        assert after.prefix.startswith(before.prefix)               # same window start: prefix-cache reuse
-        assert 1 <= len(after.prefix) - len(before.prefix) <= cfg.max_chars_per_keystroke
-        assert before.suffix.startswith(after.prefix[len(before.prefix):])   # typed what the file says
+    cfg = wl.WorkloadConfig()
+    for _ in range(10):
+        text = pool.text(rng)
+        session = wl.hole_session(text, rng, cfg)
+        assert 1 <= len(session) <= cfg.max_session_requests
+        assert len({cut.suffix for cut in session}) == 1            # typing never moves the text after the hole
+        for before, after in zip(session, session[1:]):
+            assert after.prefix.startswith(before.prefix)           # same window start: prefix-cache reuse
+            assert 1 <= len(after.prefix) - len(before.prefix) <= cfg.max_chars_per_keystroke
+        last = session[-1]
+        assert text.find(last.prefix) >= 0 and last.suffix in text  # typed what the file says there
+        assert text.index(last.suffix, text.find(last.prefix)) >= text.find(last.prefix) + len(last.prefix)
+    sizes = [len(wl.hole_session(pool.text(rng), rng, cfg)) for _ in range(30)]
+    assert max(sizes) >= cfg.min_session_requests
 
 
 def test_prompt_windows_fit_the_token_budget_with_a_tokenizer():
@@ -62,7 +69,7 @@ def test_prompt_windows_fit_the_token_budget_with_a_tokenizer():
     tok, rng, pool = Tokenizer.from_file(path), random.Random(2), wl.SourcePool(max_files=200)
     cfg = wl.WorkloadConfig(tokenizer=path, max_prompt_tokens=120, max_prefix_chars=2000)
     for _ in range(20):
-        for cut in [wl.fim_cut(pool.text(rng), rng, cfg), *wl.keystroke_session(pool.text(rng), rng, cfg)[:1]]:
+        for cut in [wl.fim_cut(pool.text(rng), rng, cfg)]:
             assert len(tok.encode(cut.prefix + cut.suffix).ids) <= cfg.max_prompt_tokens or not cut.prefix.strip()
 
 
