@@ -109,40 +109,53 @@ def fast_lane_dtype(device_type: str) -> torch.dtype:
     return torch.bfloat16 if t.int8_kernel_bf16 < 0.8 * t.float32 else torch.float32
 
 
-@functools.lru_cache(maxsize=None)
+# Row counts probed for the kernel/dense crossover, and the fixed defaults (MOE_SERVE_KERNELS=fixed).
+_PROBE_ROWS = (1, 4, 16, 64)
+_FIXED_ROW_LIMIT = {torch.bfloat16: 8}
+NO_LIMIT = 1 << 30
+
+
 def quant_path(device_type: str, mode: str, dtype: torch.dtype) -> str:
-    """'kernel' or 'dequant' (a cached float copy) for quantized linears of `mode` at `dtype`.
+    """'kernel' or 'dequant' (a cached float copy) for quantized linears of `mode` at `dtype`:
+    'kernel' where the packed kernel beats the float matmul at one row (decode)."""
+    return "kernel" if kernel_row_limit(device_type, mode, dtype) >= 1 else "dequant"
 
-    CUDA: the kernels exist for bandwidth-bound decode, so 'kernel'. CPU: the kernels are
-    vectorised for bf16 activations only; in float32/float16 they lost to a float matmul 5-30x
-    when last measured, so 'kernel' is taken there only when the probe says it wins."""
+
+@functools.lru_cache(maxsize=None)
+def kernel_row_limit(device_type: str, mode: str, dtype: torch.dtype) -> int:
+    """Up to how many rows the packed kernel beats F.linear on the dequantized weight (0: never).
+
+    Why a limit: torch's CPU int8/int4 kernels are GEMV-shaped, their time grows linearly with the
+    rows (768x192, bf16: 12 µs at 1 row, 1.5 ms at 256), while a bf16 GEMM reuses each weight
+    across rows (42 µs at 1 row, 0.4 ms at 256). So decode steps read the packed codes and a
+    prefill chunk multiplies a dense copy of the same dequantized weights: same numerics, the
+    right kernel for each shape. CUDA: the kernels there are tiled, no limit.
+    """
     if device_type != "cpu":
-        return "kernel"
-    if dtype == torch.bfloat16:
-        return "kernel" if _fixed() else _kernel_wins(mode, dtype)
+        return NO_LIMIT
     if _fixed():
-        return "dequant"
-    return _kernel_wins(mode, dtype)
-
-
-def _kernel_wins(mode: str, dtype: torch.dtype) -> str:
+        return _FIXED_ROW_LIMIT.get(dtype, 0)
     from serve_app.model.quant import QuantLinear      # quant imports this module
     gen = torch.Generator().manual_seed(0)
     try:
         layers = {}
         for path in ("kernel", "dequant"):
             mods = [QuantLinear.from_weight(torch.randn(_PROBE_N, _PROBE_K, generator=gen), mode, 64, dtype,
-                                            "cpu", path=path) for _ in range(_PROBE_WEIGHTS // 2)]
-            if path == "dequant":
-                for m in mods:
-                    m.materialize()
+                                            "cpu", path=path, row_limit=NO_LIMIT) for _ in range(_PROBE_WEIGHTS // 2)]
+            for m in mods:
+                m.materialize() if path == "dequant" else None
             layers[path] = mods
-        x = torch.randn(1, _PROBE_K, generator=gen).to(dtype)
+        limit = 0
         with torch.inference_mode():
-            t = _median_us({p: (lambda ms=ms: [m(x) for m in ms]) for p, ms in layers.items()})
+            for rows in _PROBE_ROWS:
+                x = torch.randn(rows, _PROBE_K, generator=gen).to(dtype)
+                t = _median_us({p: (lambda ms=ms: [m(x) for m in ms]) for p, ms in layers.items()}, rounds=3, inner=4)
+                if t["kernel"] >= t["dequant"]:
+                    break
+                limit = rows
     except (RuntimeError, NotImplementedError):
-        return "dequant"
-    return "kernel" if t["kernel"] < t["dequant"] else "dequant"
+        return 0
+    return limit
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from serve_app.model.config import ModelLoadError
-from serve_app.model.kernels import quant_path
+from serve_app.model.kernels import NO_LIMIT, kernel_row_limit, quant_path
 from serve_app.model.moe import ExpertFFN, KeyedExperts, LocalExpertBackend
 
 QuantMode = Literal["int8", "int4"]
@@ -171,15 +171,19 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, mode: str, in_features: int, out_features: int, group_size: int | None,
-                 path: str, device_type: str):
+                 path: str, device_type: str, row_limit: int = 0):
         super().__init__()
         self.mode, self.path, self.device_type = mode, path, device_type
+        # Kernel path: calls with more rows than this multiply the materialized dense copy instead
+        # (kernels.kernel_row_limit: the packed CPU kernels are GEMVs, slow for prefill chunks).
+        self.row_limit = row_limit
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.padded_in = in_features if mode == "int8" else -(-in_features // group_size) * group_size
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
-                    dtype: torch.dtype | None = None, device=None, path: str | None = None) -> "QuantLinear":
+                    dtype: torch.dtype | None = None, device=None, path: str | None = None,
+                    row_limit: int | None = None) -> "QuantLinear":
         """Quantize a float weight [N, K]; dtype/device default to the weight's own."""
         _check_mode(mode, group_size)
         if mode == "int8":
@@ -188,19 +192,23 @@ class QuantLinear(nn.Module):
             v, scales = quantize_int4(w, group_size)
             codes = pack_int4(v)
         return cls.from_codes(codes, scales, mode, w.shape[1], group_size, dtype or w.dtype,
-                              device if device is not None else w.device, path)
+                              device if device is not None else w.device, path, row_limit)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, mode: str, in_features: int,
-                   group_size: int, dtype: torch.dtype, device, path: str | None = None) -> "QuantLinear":
-        """From the portable form (`codes()`): int8 [N, K] or pack_int4 [N, Kp/2], and float scales."""
+                   group_size: int, dtype: torch.dtype, device, path: str | None = None,
+                   row_limit: int | None = None) -> "QuantLinear":
+        """From the portable form (`codes()`): int8 [N, K] or pack_int4 [N, Kp/2], and float scales.
+        `row_limit`: see __init__ (default: measured for this device, mode and dtype)."""
         _check_mode(mode, group_size)
         device = torch.device(device)
         n = codes.shape[0]
         path = path or choose_path(device.type, mode, dtype, group_size, n)
         if path not in ("kernel", "dequant"):
             raise QuantConfigError(f"path {path!r} is not supported; use 'kernel' or 'dequant'")
-        layer = cls(mode, in_features, n, group_size if mode == "int4" else None, path, device.type)
+        if row_limit is None:
+            row_limit = kernel_row_limit(device.type, mode, dtype) if path == "kernel" else 0
+        layer = cls(mode, in_features, n, group_size if mode == "int4" else None, path, device.type, row_limit)
         codes, scales = codes.to(device), scales.to(device)
         if mode == "int8" or path == "dequant":
             layer.register_buffer("qweight", codes)
@@ -241,13 +249,16 @@ class QuantLinear(nn.Module):
         return (v * scales.to(dtype)[..., None]).view(n, -1)[:, :self.in_features]      # [N, K]
 
     def materialize(self) -> None:
-        """Keep the dequantized weight (dequant path only): float speed and float memory, with the
-        quantized numerics. For devices whose integer kernels lose to float matmul (this CPU in
-        float32: 5-30x), where dequantizing on every call would make the fast path the slow one."""
-        if self.path == "dequant":
+        """Keep the dequantized weight: float speed and float memory, with the quantized numerics.
+        Dequant path: for devices whose integer kernels lose to a float matmul (CPUs in float32),
+        where dequantizing on every call would make the fast path the slow one. Kernel path: for
+        calls above `row_limit` rows (prefill chunks), where a GEMM beats the GEMV-shaped kernel."""
+        if self.path == "dequant" or self.row_limit < NO_LIMIT:
             self.register_buffer("dense", self.dequantize(), persistent=False)         # [N, K]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "kernel" and x.numel() > self.row_limit * self.in_features and "dense" in self._buffers:
+            return F.linear(x, self.dense if self.dense.dtype == x.dtype else self.dense.to(x.dtype))
         if self.path == "dequant":
             dense = getattr(self, "dense", None)
             weight = dense.to(x.dtype) if dense is not None else self.dequantize(x.dtype)

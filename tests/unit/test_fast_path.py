@@ -125,3 +125,19 @@ def test_default_model_lanes_agree_with_float32_on_held_out_code():
     assert q["int8"]["agreement"] >= 0.97, q
     assert q["int4"]["agreement"] >= 0.90, q
     assert q["full"]["agreement"] >= 0.97, q
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_kernel_layers_multiply_prefill_chunks_with_their_dense_copy(mode):
+    """The packed CPU kernels are GEMVs: above row_limit rows a GEMM on the same dequantized weight runs."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 128, generator=gen) * 0.08
+    layer = QuantLinear.from_weight(w, mode, 64, BF16, path="kernel", row_limit=4)
+    layer.materialize()
+    few, many = torch.randn(2, 128, generator=gen).to(BF16), torch.randn(16, 128, generator=gen).to(BF16)
+    plain = QuantLinear.from_weight(w, mode, 64, BF16, path="dequant")
+    for x in (few, many):
+        ref = plain(x).float()
+        assert float((layer(x).float() - ref).norm() / ref.norm()) < 1e-2
+    layer.dense.zero_()                                 # which path ran is now visible
+    assert layer(few).abs().sum() > 0 and layer(many).abs().sum() == 0
