@@ -48,6 +48,20 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
 
 
+@dataclass(frozen=True)
+class ProcessSettings:
+    """Per-process knobs of a serving process (Router, ExpertShard, Ingress, embedded); see AppConfig."""
+    torch_threads: int = 1               # torch intra-op threads
+    gil_switch_interval_s: float = 0.0005  # sys.setswitchinterval
+
+    def apply(self) -> None:
+        import sys
+
+        import torch
+        torch.set_num_threads(self.torch_threads)
+        sys.setswitchinterval(self.gil_switch_interval_s)
+
+
 API_KEYS_ENV = "MOE_SERVE_API_KEYS"
 
 
@@ -99,11 +113,23 @@ class AppConfig(BaseModel):
         1.0, ge=0, description="the full-precision lane steps only while the fast lane is idle, or after "
         "waiting this long (its starvation bound); 0 = the lanes run freely side by side. 1.0 kept simple "
         "requests' p80 within 20% under complex load on 2 CPU cores (docs/benchmarks.md)")
+    torch_threads: int = Field(
+        1, ge=1, le=256, description="torch intra-op threads per serving process (Router, shards, embedded). "
+        "1: with torch's default (one per core) the engine threads, the event loop and the shard processes "
+        "fight over OpenMP spin-waits; 8 editors on 2 cores: inline p80 1103 ms with 2 threads, 498 ms with 1 "
+        "(docs/benchmarks.md, 2026-12-01)")
+    gil_switch_interval_s: float = Field(
+        0.0005, gt=0, le=0.1, description="sys.setswitchinterval in serving processes: how long the engine "
+        "thread may hold the GIL while the event loop waits for it (Python's default 5 ms delayed every "
+        "hand-off; 0.5 ms took inline p80 from 498 to 445 ms under 8 editors, docs/benchmarks.md)")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is aborted")
     host: str = Field("127.0.0.1", description="HTTP bind address")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port clients reach")
+
+    def process_settings(self) -> "ProcessSettings":
+        return ProcessSettings(self.torch_threads, self.gil_switch_interval_s)
 
     def engine_config(self) -> EngineConfig:
         try:

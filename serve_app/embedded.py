@@ -21,6 +21,7 @@ from serve_app.tokenizer import CodeTokenizer
 
 
 def build_embedded_app(config: AppConfig) -> FastAPI:
+    config.process_settings().apply()
     metrics = Metrics("prometheus")
     model = load_model(config.model, dtype=config.dtype)
     if config.quantized_precisions:

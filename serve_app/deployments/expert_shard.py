@@ -8,6 +8,7 @@ import ray
 import torch
 from ray import serve
 
+from serve_app.config import ProcessSettings
 from serve_app.model import load_expert_weights
 from serve_app.parallel.placement import ShardSpec
 from serve_app.parallel.transport import ShardRequest, run_shard_request
@@ -16,7 +17,9 @@ from serve_app.parallel.transport import ShardRequest, run_shard_request
 @serve.deployment(name="ExpertShard", max_ongoing_requests=64, health_check_period_s=2,
                   health_check_timeout_s=10)
 class ExpertShard:
-    def __init__(self, model_dir: str, shard: ShardSpec, dtype: str = "float32"):
+    def __init__(self, model_dir: str, shard: ShardSpec, dtype: str = "float32",
+                 process: ProcessSettings = ProcessSettings()):
+        process.apply()
         # A shard given a GPU by Ray uses it; otherwise CPU.
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.shard = shard

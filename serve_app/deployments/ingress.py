@@ -81,6 +81,7 @@ def _node_metrics_url() -> str:
 @serve.ingress()
 class Ingress:
     def __init__(self, router, config: AppConfig):
+        config.process_settings().apply()
         self.client = RouterClient(router)
         self._metrics_url: str | None = None
         # Keys from the environment (e.g. a Kubernetes Secret) are read here, in the replica, so they

@@ -1,11 +1,19 @@
 """Async front of the engine: a background thread runs `step()` while there is work; every request
 gets an async stream of its outputs.
 
-Why a thread and not an asyncio task: a step is a blocking PyTorch forward (it releases the GIL),
-so running it off the event loop keeps the HTTP side answering while the model computes. One lock
-serialises the core: add/abort take it between steps, so `abort` returns only once the request's
-blocks are free. A step that raises fails the streams of every request in flight (no client is
-left hanging) and the loop goes on with a clean engine.
+Why a thread and not an asyncio task: a step is a blocking PyTorch forward, so running it off the
+event loop keeps the HTTP side answering while the model computes.
+
+Adds and aborts go through an inbox that the engine thread applies between steps; they never wait
+for the core's lock. Why: the engine thread held the lock for each whole step and took it again
+at once, and Python locks are not fair, so an add from the event loop (through a worker thread)
+could wait several steps for it; under 8 editors that was ~100 ms of a request's time outside the
+engine (docs/benchmarks.md, "serving path"). Admission errors still reach the caller before any
+output (they are the stream's first item), `abort` still returns only once the request's blocks
+are free (it awaits the engine thread's acknowledgement), and add and abort of one request are
+applied in the order they were posted, so a request cancelled while being added is aborted.
+A step that raises fails the streams of every request in flight (no client is left hanging) and
+the loop goes on with a clean engine. The lock now only guards `snapshot` (metrics, health).
 
 Lanes: engines that share a device can share a `LaneGate` (engine/priority.py); a ``priority``
 engine reports when it has work, the others wait their turn before each step.
@@ -13,8 +21,10 @@ engine reports when it has work, the others wait their turn before each step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -49,6 +59,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        # (callable, args) the engine thread runs between steps; deque append/popleft are atomic.
+        self._inbox: collections.deque = collections.deque()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
@@ -59,7 +71,9 @@ class AsyncEngine:
         spares the event loop one wake-up per token). Admission errors raise before the first item;
         leaving the iteration early (client gone, task cancelled) aborts the request."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), final_only=not stream)
-        await asyncio.to_thread(self._add, request_id, prompt_token_ids, params, tag, precision, stream)
+        if not self.alive:
+            raise EngineStoppedError("the engine loop is not running")
+        self._post(self._add, request_id, prompt_token_ids, params, tag, precision, stream, time.monotonic())
         finished = False
         try:
             while not finished:
@@ -74,7 +88,20 @@ class AsyncEngine:
                 await asyncio.shield(self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
-        await asyncio.to_thread(self._abort, request_id)
+        """Returns once the request's blocks are free (or it was unknown)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if not self.alive:
+            return
+        self._post(self._abort, request_id, lambda: loop.call_soon_threadsafe(_resolve, done))
+        await done
+
+    def _post(self, fn, *args) -> None:
+        self._inbox.append((fn, args))
+        self._report_busy(True)          # the lane gate hears of new work before the engine wakes
+        self._wake.set()
+        if not self._thread.is_alive():  # stopped between the caller's check and now: answer here
+            self._drain_on_stop()
 
     def shutdown(self) -> None:
         self._stop = True
@@ -92,21 +119,28 @@ class AsyncEngine:
 
     # ---- engine thread side --------------------------------------------------------------------
 
-    def _add(self, request_id, prompt_token_ids, params, tag: str, precision: str, stream: _Stream) -> None:
-        if not self.alive:
-            raise EngineStoppedError("the engine loop is not running")
-        with self._lock:
-            self.core.add_request(request_id, prompt_token_ids, params, tag, precision)
-            self._streams[request_id] = stream
-        self._report_busy(True)
-        self._wake.set()
+    def _add(self, request_id, prompt_token_ids, params, tag: str, precision: str, stream: _Stream,
+             arrival: float) -> None:
+        try:
+            self.core.add_request(request_id, prompt_token_ids, params, tag, precision, arrival)
+        except Exception as exc:            # noqa: BLE001 - admission errors go to the caller
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            return
+        self._streams[request_id] = stream
 
-    def _abort(self, request_id: str) -> None:
-        with self._lock:
+    def _abort(self, request_id: str, acknowledge) -> None:
+        try:
             final = self.core.abort(request_id)
             if final is not None:               # a reader still waiting gets the aborted output, not silence
                 self._deliver(request_id, final)
             self._streams.pop(request_id, None)
+        finally:
+            acknowledge()
+
+    def _apply_inbox(self) -> None:
+        while self._inbox:
+            fn, args = self._inbox.popleft()
+            fn(*args)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
@@ -125,6 +159,8 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stop:
             self._wake.clear()                   # clear before checking, so a concurrent add is never missed
+            with self._lock:
+                self._apply_inbox()
             if not self.core.has_unfinished():
                 self._report_busy(False)
                 self._wake.wait()
@@ -133,7 +169,8 @@ class AsyncEngine:
             if self._gate is not None and not self._priority:
                 self._gate.wait_turn()
             with self._lock:
-                if not self.core.has_unfinished():   # aborted while we waited our turn
+                self._apply_inbox()              # what arrived while we waited our turn
+                if not self.core.has_unfinished():   # aborted meanwhile
                     continue
                 try:
                     outputs = self.core.step()
@@ -145,3 +182,21 @@ class AsyncEngine:
                     continue
                 for out in outputs:
                     self._deliver(out.request_id, out)
+        self._drain_on_stop()
+
+    def _drain_on_stop(self) -> None:
+        """After shutdown nothing steps again: fail pending adds, acknowledge pending aborts."""
+        with self._lock:
+            while self._inbox:
+                fn, args = self._inbox.popleft()
+                if fn == self._add:
+                    stream = args[5]
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait,
+                                                     EngineStoppedError("the engine loop is not running"))
+                else:
+                    fn(*args)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -50,15 +50,18 @@ class EngineCore:
     # ---- requests ------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    tag: str = "", precision: str = "full") -> None:
+                    tag: str = "", precision: str = "full", arrival: float | None = None) -> None:
         """Queue a request. `tag` is opaque to the engine and only labels its timings for observers;
-        `precision` picks the experts its rows use ("full", or a quantized copy the model holds)."""
+        `precision` picks the experts its rows use ("full", or a quantized copy the model holds);
+        `arrival` (time.monotonic()) is when the caller received it, default now."""
         self._validate(request_id, prompt_token_ids, params)
         if precision not in self.model.precisions:
             raise RequestRejectedError(f"precision {precision!r} is not served here; available: "
                                        f"{', '.join(self.model.precisions)}", "precision")
         self._admit_or_raise(len(prompt_token_ids))
         req = Request(request_id, list(prompt_token_ids), params, tag=tag, precision=precision)
+        if arrival is not None:
+            req.times.arrival = arrival
         req.sequences.append(self._new_sequence(req, 0, list(prompt_token_ids)))
         self.requests[request_id] = req
         self.scheduler.add(req.sequences[0])

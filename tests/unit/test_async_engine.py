@@ -94,3 +94,41 @@ def test_final_only_stream_yields_one_output_equal_to_the_streamed_final(model_d
     assert len(streamed) == 10 and len(whole) == 1 and whole[0].finished
     assert whole[0].outputs[0].token_ids == streamed[-1].outputs[0].token_ids
     assert whole[0].outputs[0].text == streamed[-1].outputs[0].text
+
+
+def test_a_request_cancelled_while_being_added_is_aborted_and_frees_its_blocks(model_dir):
+    """Editors cancel on every keystroke; a cancel that lands before the first output must not
+    leave the request running (it used to, when the add awaited a worker thread before the try)."""
+    engine = AsyncEngine(create_engine(model_dir))
+
+    async def run():
+        for i in range(20):
+            gen = engine.generate(f"r{i}", [5, 6, 7, 8] * 8, greedy(200))
+            task = asyncio.ensure_future(anext(gen))
+            for _ in range(i % 3):                   # cancel at different points of the add
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await gen.aclose()
+        for _ in range(500):
+            if engine.snapshot(lambda core: not core.requests and not engine._inbox):
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    idle = engine.snapshot(lambda core: (len(core.requests), core.blocks.num_free_blocks == core.blocks.num_blocks))
+    engine.shutdown()
+    assert idle == (0, True)
+
+
+def test_admission_errors_reach_the_caller_before_any_output(model_dir):
+    engine = AsyncEngine(create_engine(model_dir))
+
+    async def run():
+        with pytest.raises(Exception, match="vocabulary"):
+            await anext(engine.generate("bad", [10**6], greedy(4)))
+        return [o async for o in engine.generate("ok", [5, 6], greedy(3))][-1]
+
+    out = asyncio.run(run())
+    engine.shutdown()
+    assert out.finished and len(out.outputs[0].token_ids) == 3
