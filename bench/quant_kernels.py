@@ -5,16 +5,18 @@ for R = 1, 8, 32, 128 rows, in microseconds (median over interleaved rounds, so 
 a shared machine hits every method alike). Methods:
 
 - float:         ExpertFFN, F.linear on float weights. This is also "dequant, cached": a cached
-                 dequantized weight is a float weight, so it runs exactly this code (and holds
-                 the float bytes, which is why serve_app.model.quant never caches it);
+                 (materialized) dequantized weight is a float weight, so it runs exactly this
+                 code — what the server multiplies prefill chunks with;
 - int8 kernel:   torch._weight_int8pack_mm;
 - int8 dequant:  int8 → float weight on every call, then F.linear;
 - int4 kernel:   torch._weight_int4pack_mm_for_cpu (CPU) / _weight_int4pack_mm (CUDA);
 - int4 dequant:  unpack nibbles → float weight on every call, then F.linear.
 
 Every quantized method's output is checked against the float one (relative error printed), and
-the kernel against the dequant path of the same mode. Why: `PATH_CHOICE` in
-serve_app/model/quant.py is filled from this table; rerun it on the device you serve on.
+the kernel against the dequant path of the same mode. Last, the choices serve_app/model/kernels.py
+measures at start-up on this machine (activation dtype per lane, kernel or dense per mode and
+dtype, the row count up to which the kernel wins, the attention dtype), next to the CPU features
+read from /proc/cpuinfo: the table above is the evidence for them.
 
     python bench/quant_kernels.py [--device cpu] [--dtypes float32,bfloat16] [--group-size 64] [--threads 1]
 """
@@ -32,11 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from serve_app.model import kernels  # noqa: E402
 from serve_app.model.moe import ExpertFFN  # noqa: E402
 from serve_app.model.quant import DEFAULT_GROUP_SIZE, QuantizedExpertFFN  # noqa: E402
 
 ROWS = (1, 8, 32, 128)
-SHAPES = ((256, 512), (192, 384))  # (D, F): the default model's expert and a narrower one
+SHAPES = ((192, 384), (256, 512))  # (D, F): the default model's expert and a wider one
 METHODS = ("float", "int8 kernel", "int8 dequant", "int4 kernel", "int4 dequant")
 
 
@@ -122,6 +125,25 @@ def main() -> None:
     print("| dtype    |   D |   F |    R | " + " | ".join(f"{m:>12}" for m in METHODS) + " |")
     print("|" + "---|" * (4 + len(METHODS)))
     print("\n".join(lines))
+    print_choices()
+
+
+def print_choices() -> None:
+    print(f"\nCPU features: {' '.join(kernels.cpu_features()) or '(none read)'}; "
+          f"torch capability {torch.backends.cpu.get_cpu_capability()}")
+    fast = kernels.fast_lane_dtype("cpu")
+    print(f"measured choices: fast lane dtype {fast}; full precision of a bf16 checkpoint "
+          f"{kernels.full_precision_dtype('cpu', torch.bfloat16)}; decode attention in "
+          f"{kernels.attention_dtype('cpu', fast)} for {fast} activations")
+    for dtype in (torch.float32, torch.bfloat16):
+        for mode in ("int8", "int4"):
+            print(f"  {mode} at {dtype}: {kernels.quant_path('cpu', mode, dtype)}, kernel up to "
+                  f"{kernels.kernel_row_limit('cpu', mode, dtype)} rows, dense copy above")
+    t1, t64 = kernels.time_linears(1), kernels.time_linears(1, weights=64, inner=2)
+    print(f"  768x192 at 1 row, µs (7 MB / 38 MB of float32 weights cycled): float32 {t1.float32:.1f} / "
+          f"{t64.float32:.1f}, bf16 {t1.bfloat16:.1f} / {t64.bfloat16:.1f}, int8 kernel bf16 "
+          f"{t1.int8_kernel_bf16:.1f} / {t64.int8_kernel_bf16:.1f}, int8 kernel float32 "
+          f"{t1.int8_kernel_f32:.1f} / {t64.int8_kernel_f32:.1f}")
 
 
 if __name__ == "__main__":
