@@ -119,6 +119,9 @@ def quantize_dense(model: nn.Module, modes, group_size: int, dtype: torch.dtype,
                 copies[mode] = quant
                 total += quant.nbytes()
             module.reduced[lane] = copies[mode]
+    for module in model.modules():            # after the linears: fused layouts built from them
+        if hasattr(module, "fuse_reduced"):
+            module.fuse_reduced(group_size, dtype, materialize)
     return total
 
 
