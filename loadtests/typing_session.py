@@ -1,6 +1,6 @@
 """One editor typing into holes on an idle server: latency per request and the prefix-cache share.
 
-    python loadtests/typing.py --host http://127.0.0.1:8000 [--sessions 20] [--max-tokens 16]
+    python loadtests/typing_session.py --host http://127.0.0.1:8000 [--sessions 20] [--max-tokens 16]
 
 The requests are those of `workloads.hole_session` (the Locust editor's sessions: the suffix fixed,
 the prefix growing by 1-6 characters, 8-20 requests a hole), sent one at a time with the think
