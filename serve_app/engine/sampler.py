@@ -4,10 +4,12 @@ Design:
 - Rows are grouped by what they need, so the common cases cost one kernel each: an all-greedy batch
   is a single `argmax`; random rows share one temperature divide, one (optional) sort for
   top-k/top-p, one softmax and one argmax. Only seeded rows add a per-row RNG fill.
-- Sampling uses the exponential-race trick (as vLLM does): `argmax(probs / q)` with
-  `q ~ Exp(1)` i.i.d. draws token v with probability probs[v]. Unlike `torch.multinomial` it needs
-  no per-row call, and a row's draw depends only on its own generator and the vocab size, so a
-  seeded request reproduces exactly whatever else is in the batch.
+- Sampling inverts each row's CDF: one uniform draw u per row, the token is the first whose
+  cumulative probability exceeds u × (the row's total). One draw per row, not one per vocabulary
+  entry: the exponential race (`argmax(probs / q)`, q ~ Exp(1) per token, vLLM's GPU trick) drew
+  8192 exponentials a row, which on this CPU made sampling 1.5 ms of an 8-row step (0.26 ms at
+  one row); the inverse CDF is one cumsum and one searchsorted for the batch. A row's draw depends
+  only on its own generator, so a seeded request reproduces exactly whatever else is in the batch.
 - Generators: a request with `seed` gets its own `torch.Generator`; candidate i of an n>1 request
   is seeded with `seed + i` (`make_generator`), so candidates differ but each is reproducible.
   Unseeded rows pass `None` and share the device's default RNG (one batched fill).
@@ -116,11 +118,16 @@ def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
     rows = [i for i, p in enumerate(params) if p.penalized and output_ids[i]]
     if not rows:
         return logits
+    dev, V = logits.device, logits.shape[1]
+    # Only the (row, token) pairs a sequence generated change, so the update is sparse: one unique
+    # with counts over row·V + token for every penalized row at once, then one indexed subtract.
+    keys = torch.tensor([i * V + t for i in rows for t in output_ids[i]], device=dev)      # [N]
+    pairs, counts = torch.unique(keys, return_counts=True)                                  # [U], [U]
+    row_of, token_of = pairs // V, pairs % V                                                # [U]
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=dev)  # [B]
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=dev)   # [B]
     out = logits.clone()  # [B, V]
-    for i in rows:
-        ids = torch.tensor(output_ids[i], device=logits.device)
-        counts = torch.bincount(ids, minlength=logits.shape[1]).to(out.dtype)  # [V]
-        out[i] -= params[i].frequency_penalty * counts + params[i].presence_penalty * (counts > 0).to(out.dtype)
+    out[row_of, token_of] -= freq[row_of] * counts.to(logits.dtype) + pres[row_of]
     return out
 
 
@@ -139,16 +146,19 @@ def _sample_random(logits: torch.Tensor, params: Sequence[SamplingParams],
     if top_k is not None or top_p is not None:
         scaled = _apply_top_k_top_p(scaled, top_k, top_p)  # [S, V] dropped tokens at -inf
 
-    probs = scaled.softmax(dim=-1)  # [S, V]
-    q = torch.empty_like(probs)  # [S, V] Exp(1) draws
+    cdf = scaled.softmax(dim=-1).cumsum_(dim=-1)  # [S, V] non-decreasing; masked tokens add 0
+    u = torch.empty(S, 1, dtype=cdf.dtype, device=dev)  # [S, 1] one U[0, 1) draw per row
     if any(g is None for g in generators):
-        q.exponential_()  # shared RNG for unseeded rows (seeded rows are overwritten next)
+        u.uniform_()  # shared RNG for unseeded rows (seeded rows are overwritten next)
     for row, gen in enumerate(generators):
         if gen is not None:
-            q[row].exponential_(generator=gen)  # [V] depends only on this row's generator
-    # A zero draw would turn a masked token's 0/0 into NaN, which argmax treats as the maximum.
-    q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return probs.div_(q).argmax(dim=-1)  # [S]
+            u[row].uniform_(generator=gen)  # depends only on this row's generator
+    # First token whose cumulative mass exceeds the draw: a zero-probability token never is (its
+    # cumulative mass equals its predecessor's). The draw is scaled to the row's own total so
+    # rounding in the cumsum cannot leave it past the end; the clamp covers u × total rounding up.
+    total = cdf[:, -1:]  # [S, 1]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # [S, 1] < total
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # [S]
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
