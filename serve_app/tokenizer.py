@@ -10,8 +10,9 @@ Streaming: `serve_app/detokenizer.py`.
 
 FIM (fill-in-the-middle): PSM order (prefix-token + prefix + suffix-token + suffix + middle-token),
 or SPM when the checkpoint declares `"fim_order": "spm"` in tokenizer_config.json (serve_app/fim.py
-says why and how long files are fitted), with the style detected from the vocabulary (see `FIM_FORMATS`). Special tokens are inserted as
-single ids; the text parts are encoded separately, so BPE never merges across a boundary.
+says why and how long files are fitted), with the style detected from the vocabulary (see
+`FIM_FORMATS`). Special tokens are inserted as single ids; the text parts are encoded separately,
+so BPE never merges across a boundary.
 CodeLlama follows Meta's reference `infilling_prompt_tokens`: "<PRE> {prefix} <SUF>{suffix} <MID>",
 i.e. a space before the prefix text, none before the suffix text; the spaces in front of <SUF> and
 <MID> belong to the real vocabulary's tokens ("▁<SUF>", "▁<MID>"), they are not extra text.

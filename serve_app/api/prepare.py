@@ -89,8 +89,8 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> P
                               logprobs=logprobs, **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, prompt_param, "max_tokens")
     return PreparedRequest("completion", _new_id("completion"), int(time.time()), model, tier,
-                           prompt_ids, params, req.stream, _include_usage(req), client_logprobs=req.logprobs is not None,
-                           dropped_prompt_tokens=dropped)
+                           prompt_ids, params, req.stream, _include_usage(req),
+                           client_logprobs=req.logprobs is not None, dropped_prompt_tokens=dropped)
 
 
 async def prepare_chat(req: ChatCompletionRequest, settings: ApiSettings) -> PreparedRequest:

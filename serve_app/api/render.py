@@ -118,7 +118,7 @@ class Renderer:
         p = self.p
         finish = c.finish_reason if c.index in state.finished else None
         if p.kind == "fim":
-            usage = usage_of(out, p.dropped_prompt_tokens) if finish else None      # FIM streams carry usage on their last chunk
+            usage = self._usage(out) if finish else None      # FIM streams carry usage on their last chunk
             return FimResponse(id=p.request_id, completion=c.delta_text, finish_reason=finish, usage=usage,
                                precision=p.precision, tier=p.tier.tier.value)
         if p.kind == "chat":

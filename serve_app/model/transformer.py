@@ -255,7 +255,8 @@ class MoeForCausalLM(nn.Module):
             x = layer(x, ctx, self._backends)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, precision: str = "full", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, precision: str = "full",
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         """Plain causal forward, no cache: input_ids [B, S] → logits [B, S, V], every row at
         `precision` with activations of `dtype` (default: the weights'; a quantized lane's own)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)

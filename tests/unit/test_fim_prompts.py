@@ -50,7 +50,8 @@ def test_checkpoint_declaring_spm_gets_spm_prompts_and_a_bad_order_is_named(tok_
     t = CodeTokenizer.from_dir(tok_dirs["spm"])
     assert t.fim_order == "spm"
     ids = t.build_fim_prompt_ids(PREFIX, SUFFIX)
-    assert ids == t.build_fim_prompt_ids(PREFIX, SUFFIX, order="spm") != t.build_fim_prompt_ids(PREFIX, SUFFIX, order="psm")
+    assert ids == t.build_fim_prompt_ids(PREFIX, SUFFIX, order="spm")
+    assert ids != t.build_fim_prompt_ids(PREFIX, SUFFIX, order="psm")
     bad = build_tokenizer(tmp_path / "bad")
     cfg = json.loads((bad / "tokenizer_config.json").read_text())
     (bad / "tokenizer_config.json").write_text(json.dumps({**cfg, "fim_order": "msp"}))
