@@ -84,15 +84,17 @@ def test_bf16_lane_of_a_float32_model_is_close_to_float(ckpt):
 
 
 def test_engine_mixed_int8_int4_batch_equals_each_request_alone(ckpt):
-    model = _lanes(ckpt.path)
+    # float32 lanes: bf16 matmuls are not batch-invariant (a kernel call of 9 rows and a dense
+    # GEMM of 20 round differently), and what this checks is that precisions never mix.
+    model = _lanes(ckpt.path, torch.float32)
     cfg = EngineConfig(block_size=4, num_kv_blocks=256, max_num_batched_tokens=64)
     prompts = {f"r{i}": torch.randint(0, 320, (9 + i,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(4)}
     lanes = {rid: ("int8", "int4")[i % 2] for i, rid in enumerate(prompts)}
 
     def run(ids):
-        core = EngineCore(model, cfg, dtype=BF16)
-        assert core.runner.kv.k.dtype == attention_dtype("cpu", BF16)
+        core = EngineCore(model, cfg, dtype=model.reduced_dtype)
+        assert core.runner.kv.k.dtype == attention_dtype("cpu", model.reduced_dtype)
         for rid in ids:
             core.add_request(rid, prompts[rid], greedy(8), precision=lanes[rid])
         return {rid: o.outputs[0].token_ids for rid, o in core.run_until_done(list(ids)).items()}
