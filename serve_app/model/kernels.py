@@ -142,8 +142,9 @@ def kernel_row_limit(device_type: str, mode: str, dtype: torch.dtype) -> int:
         for path in ("kernel", "dequant"):
             mods = [QuantLinear.from_weight(torch.randn(_PROBE_N, _PROBE_K, generator=gen), mode, 64, dtype,
                                             "cpu", path=path, row_limit=NO_LIMIT) for _ in range(_PROBE_WEIGHTS // 2)]
-            for m in mods:
-                m.materialize() if path == "dequant" else None
+            if path == "dequant":
+                for m in mods:
+                    m.materialize()
             layers[path] = mods
         limit = 0
         with torch.inference_mode():

@@ -143,3 +143,20 @@ def test_kernel_layers_multiply_prefill_chunks_with_their_dense_copy(mode):
         assert float((layer(x).float() - ref).norm() / ref.norm()) < 1e-2
     layer.dense.zero_()                                 # which path ran is now visible
     assert layer(few).abs().sum() > 0 and layer(many).abs().sum() == 0
+
+
+def test_fixed_kernel_choices_skip_the_timing_and_follow_the_cpu_features():
+    """MOE_SERVE_KERNELS=fixed: reproducible choices for debugging, from the CPU flags alone."""
+    import os
+    import subprocess
+    import sys
+
+    from serve_app.model.kernels import cpu_features
+
+    code = ("import torch; from serve_app.model import kernels as k; "
+            "print(k.fast_lane_dtype('cpu'), k.kernel_row_limit('cpu', 'int8', torch.bfloat16), "
+            "k.kernel_row_limit('cpu', 'int8', torch.float32), k.attention_dtype('cpu', torch.bfloat16))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MOE_SERVE_KERNELS": "fixed"}).stdout.split()
+    bf16_cpu = bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()))
+    assert out == ["torch.bfloat16" if bf16_cpu else "torch.float32", "8", "0", "torch.float32"]
