@@ -93,7 +93,7 @@ class AsyncEngine:
         done = loop.create_future()
         if not self.alive:
             return
-        self._post(self._abort, request_id, lambda: loop.call_soon_threadsafe(_resolve, done))
+        self._post(self._abort, request_id, lambda: _call_soon(loop, _resolve, done))
         await done
 
     def _post(self, fn, *args) -> None:
@@ -124,7 +124,7 @@ class AsyncEngine:
         try:
             self.core.add_request(request_id, prompt_token_ids, params, tag, precision, arrival)
         except Exception as exc:            # noqa: BLE001 - admission errors go to the caller
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            _send(stream, exc)
             return
         self._streams[request_id] = stream
 
@@ -150,7 +150,9 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
         elif stream.final_only:
             return
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        if not _send(stream, item):          # the reader's event loop is closed: nobody will read
+            self._streams.pop(request_id, None)
+            self.core.abort(request_id)      # free its blocks now; the engine thread goes on
 
     def _report_busy(self, busy: bool) -> None:
         if self._gate is not None and self._priority:
@@ -190,11 +192,23 @@ class AsyncEngine:
             while self._inbox:
                 fn, args = self._inbox.popleft()
                 if fn == self._add:
-                    stream = args[5]
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait,
-                                                     EngineStoppedError("the engine loop is not running"))
+                    _send(args[5], EngineStoppedError("the engine loop is not running"))
                 else:
                     fn(*args)
+
+
+def _send(stream: _Stream, item) -> bool:
+    """Hand an item to the stream's event loop; False when that loop is closed (its reader is gone)."""
+    return _call_soon(stream.loop, stream.queue.put_nowait, item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """call_soon_threadsafe that never raises: a delivery failing must not kill the engine thread."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:                     # "Event loop is closed"
+        return False
 
 
 def _resolve(future: asyncio.Future) -> None:

@@ -11,6 +11,7 @@ prompt from the prefix cache.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterable
 
@@ -25,6 +26,8 @@ from serve_app.engine.sequence import (CompletionOutput, EngineOverloadedError, 
 from serve_app.engine.stats import EngineObserver, StepStats, TokenTiming
 from serve_app.engine.stop import StopChecker
 from serve_app.model import MoeForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -145,7 +148,10 @@ class EngineCore:
         touched = self._sample_and_update(samplers, logits) if samplers else []
         outputs = [self._output(req) for req in touched]
         if self.observer is not None:
-            self.observer.on_step(self._step_stats(batch, time.perf_counter() - started, outputs))
+            try:
+                self.observer.on_step(self._step_stats(batch, time.perf_counter() - started, outputs))
+            except Exception:               # noqa: BLE001 - metrics must never fail the requests of a step
+                log.exception("engine observer failed; the step's outputs are delivered anyway")
         return outputs
 
     def _step_stats(self, batch: SchedulerOutput, duration_s: float, outputs: list[RequestOutput]) -> StepStats:

@@ -132,3 +132,46 @@ def test_admission_errors_reach_the_caller_before_any_output(model_dir):
     out = asyncio.run(run())
     engine.shutdown()
     assert out.finished and len(out.outputs[0].token_ids) == 3
+
+
+def test_a_reader_whose_event_loop_closed_neither_kills_the_engine_nor_keeps_its_blocks(model_dir):
+    """A delivery into a closed event loop used to raise in the engine thread and end it."""
+    engine = AsyncEngine(create_engine(model_dir))
+
+    async def start_and_leave():
+        gen = engine.generate("orphan", [5, 6, 7, 8] * 4, greedy(300))
+        await anext(gen)                         # running; then this loop closes with the stream open
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start_and_leave())
+    loop.close()
+
+    async def later():
+        for _ in range(1000):
+            if engine.snapshot(lambda core: not core.requests):
+                break
+            await asyncio.sleep(0.01)
+        return [o async for o in engine.generate("next", [5, 6], greedy(3))][-1]
+
+    out = asyncio.run(later())
+    idle = engine.snapshot(lambda core: core.blocks.num_free_blocks == core.blocks.num_blocks)
+    alive = engine.alive
+    engine.shutdown()
+    assert alive and out.finished and idle
+
+
+def test_an_observer_that_raises_does_not_fail_the_requests(model_dir):
+    class Broken:
+        def on_step(self, stats):
+            raise RuntimeError("metrics backend down")
+
+    core = create_engine(model_dir)
+    core.observer = Broken()
+    engine = AsyncEngine(core)
+
+    async def run():
+        return [o async for o in engine.generate("a", [5, 6, 7], greedy(5))][-1]
+
+    out = asyncio.run(run())
+    engine.shutdown()
+    assert out.finished and len(out.outputs[0].token_ids) == 5
