@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +182,12 @@ async def test_wrong_method_names_the_allowed_one(app):
 async def test_full_engine_queue_answers_429_with_retry_after(api_model_dir, tokenizer):
     # One running slot and one waiting slot: A runs, B waits, so the HTTP request C is refused.
     engine = start_engine(api_model_dir, max_num_seqs=1, max_waiting_requests=1, retry_after_s=2.5)
+    step = engine.core.step
+
+    def slow_step():                # A's 400 tokens must outlast C's round trip however fast steps get
+        time.sleep(0.005)
+        return step()
+    engine.core.step = slow_step
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     ids = tokenizer.encode("x = 1")
     a = engine.generate("a", ids, long)
