@@ -13,7 +13,8 @@ output (they are the stream's first item), `abort` still returns only once the r
 are free (it awaits the engine thread's acknowledgement), and add and abort of one request are
 applied in the order they were posted, so a request cancelled while being added is aborted.
 A step that raises fails the streams of every request in flight (no client is left hanging) and
-the loop goes on with a clean engine. The lock now only guards `snapshot` (metrics, health).
+the loop goes on with a clean engine. The lock keeps `snapshot` readers (metrics, health,
+tests) out of a step; they never block on it (see `snapshot`).
 
 Lanes: engines that share a device can share a `LaneGate` (engine/priority.py); a ``priority``
 engine reports when it has work, the others wait their turn before each step.
@@ -96,9 +97,10 @@ class AsyncEngine:
         self._post(self._abort, request_id, lambda: _call_soon(loop, _resolve, done))
         await done
 
-    def _post(self, fn, *args) -> None:
+    def _post(self, fn, *args, work: bool = True) -> None:
         self._inbox.append((fn, args))
-        self._report_busy(True)          # the lane gate hears of new work before the engine wakes
+        if work:
+            self._report_busy(True)      # the lane gate hears of new work before the engine wakes
         self._wake.set()
         if not self._thread.is_alive():  # stopped between the caller's check and now: answer here
             self._drain_on_stop()
@@ -113,9 +115,32 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._stop
 
     def snapshot(self, fn):
-        """Run fn(core) under the lock (for metrics and health) and return its result."""
-        with self._lock:
+        """fn(core) between two steps (for metrics, health and tests), its result returned here:
+        at once when the core's lock is free, else run by the engine thread after its current
+        step. Never a blocking wait for the lock: a thread waiting for it could wait out a whole
+        request while the engine re-took it step after step."""
+        if threading.current_thread() is self._thread:
             return fn(self.core)
+        if self._lock.acquire(blocking=False):   # idle, or waiting its lane's turn: run it here
+            try:
+                return fn(self.core)
+            finally:
+                self._lock.release()
+        result: dict = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                result["value"] = fn(self.core)
+            except BaseException as exc:     # noqa: BLE001 - re-raised in the caller's thread
+                result["error"] = exc
+            finally:
+                done.set()
+        self._post(run, work=False)
+        done.wait()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
 
     # ---- engine thread side --------------------------------------------------------------------
 
