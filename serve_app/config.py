@@ -105,8 +105,9 @@ class AppConfig(BaseModel):
         "empty = every request at full precision")
     int4_group_size: Literal[32, 64, 128] = Field(64, description="INT4 quantization group along the input dim")
     quant_materialize: bool | Literal["auto"] = Field(
-        "auto", description="keep dequantized float copies of quantized weights that run on the dequant path "
-        "(float speed, quantized numerics); 'auto' = on CPU. Kernel-path weights keep only their codes")
+        "auto", description="keep dequantized float copies of quantized weights (quantized numerics): every "
+        "call of a dequant-path weight uses it, and kernel-path weights use it for calls above their row "
+        "limit (prefill chunks); 'auto' = on CPU")
     fast_lane_kv_fraction: float = Field(
         0.5, gt=0, lt=1, description="share of the KV blocks for the fast (quantized) lane's engine")
     full_lane_max_defer_s: float = Field(

@@ -44,6 +44,11 @@ def cpu_features() -> list[str]:
     return [w for w in wanted if w in flags]
 
 
+def has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 natively."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()))
+
+
 def _median_us(fns: dict, rounds: int = 7, inner: int = 20) -> dict[str, float]:
     samples = {name: [] for name in fns}
     for fn in fns.values():
@@ -101,7 +106,7 @@ def fast_lane_dtype(device_type: str) -> torch.dtype:
     if device_type == "cuda":
         return torch.bfloat16           # tinygemm (int4) takes bf16 only; int8 mm is bf16-native
     if _fixed():
-        return torch.bfloat16 if "avx512_bf16" in cpu_features() or "amx_bf16" in cpu_features() else torch.float32
+        return torch.bfloat16 if has_bf16_units() else torch.float32
     try:
         t = time_linears(1, device_type)
     except (RuntimeError, NotImplementedError):
@@ -193,4 +198,4 @@ def full_precision_dtype(device_type: str, checkpoint_dtype: torch.dtype) -> tor
     # flip with a noisy measurement. `time_linears(1, weights=64)` (a model-sized working set) is
     # the measurement behind it, printed by bench/quant_kernels.py: on a Zen 4 with AVX512-BF16,
     # bf16 45 µs against float32 88 µs per 768x192 matmul at one row (docs/benchmarks.md).
-    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(cpu_features()) else torch.float32
+    return torch.bfloat16 if has_bf16_units() else torch.float32

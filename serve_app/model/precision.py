@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.model.quant import DEFAULT_GROUP_SIZE, QuantLinear, quantized_copies
+from serve_app.model.quant import DEFAULT_GROUP_SIZE, QuantLinear, quantized_copies, wants_dense_copy
 
 
 @dataclass
@@ -25,8 +25,11 @@ class RowPrecision:
     """The precision of every row of one step; groups are disjoint and cover all rows."""
     precisions: list[str]       # one per group, sorted
     codes: torch.Tensor | None  # [T] int64 group of each row; None when there is one group
-    masks: list[torch.Tensor]   # [T] bool per group: restricts a DispatchPlan to the group's rows
-    index: list[torch.Tensor]   # [Tg] int64 per group: gathers the group's rows for a dense linear
+    # With several groups, per group: [T] bool restricting a DispatchPlan to its rows, and [Tg]
+    # int64 gathering its rows for a dense linear. With one group nothing is restricted or
+    # gathered, so both are empty (no tensor is built for the common single-precision step).
+    masks: list[torch.Tensor]
+    index: list[torch.Tensor]
 
     @classmethod
     def of_rows(cls, precisions: list[str], device) -> "RowPrecision | None":
@@ -35,13 +38,13 @@ class RowPrecision:
             return None
         names = sorted(set(precisions))
         if len(names) == 1:
-            return cls.uniform(names[0], len(precisions), device)
+            return cls.uniform(names[0])
         return cls._of_codes(names, torch.tensor([names.index(p) for p in precisions], device=device))
 
     @classmethod
-    def uniform(cls, precision: str, num_rows: int, device) -> "RowPrecision":
-        """Every one of num_rows rows at `precision`."""
-        return cls([precision], None, [torch.ones(num_rows, dtype=torch.bool, device=device)], [])
+    def uniform(cls, precision: str) -> "RowPrecision":
+        """Every row of the step at `precision`."""
+        return cls([precision], None, [], [])
 
     @classmethod
     def _of_codes(cls, names: list[str], codes: torch.Tensor) -> "RowPrecision":
@@ -51,7 +54,7 @@ class RowPrecision:
     def take(self, rows: torch.Tensor) -> "RowPrecision":
         """The precisions of rows [N] of this step (the rows that reach the LM head)."""
         if self.codes is None:
-            return RowPrecision.uniform(self.precisions[0], len(rows), rows.device)
+            return self
         return RowPrecision._of_codes(self.precisions, self.codes.index_select(0, rows))
 
     @property
@@ -114,8 +117,8 @@ def quantize_dense(model: nn.Module, modes, group_size: int, dtype: torch.dtype,
             mode = DENSE_MODE[lane]
             if mode not in copies:
                 quant = QuantLinear.from_weight(module.weight.detach(), mode, group_size, dtype, module.weight.device)
-                if materialize is True or (materialize == "auto" and module.weight.device.type == "cpu"):
-                    quant.materialize()          # a no-op on the kernel path
+                if wants_dense_copy(materialize, module.weight.device.type):
+                    quant.materialize()
                 copies[mode] = quant
                 total += quant.nbytes()
             module.reduced[lane] = copies[mode]

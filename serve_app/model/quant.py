@@ -20,10 +20,12 @@ Two ways to multiply (`QuantLinear.path`): "kernel" — torch's packed-integer m
 weight rebuilt from the codes. Which is faster depends on the device and the activation dtype, so
 `serve_app.model.kernels.quant_path` measures it in this process (bench/quant_kernels.py prints
 the same comparison); a kernel missing from this torch build, or unable to take a shape, falls
-back to "dequant". On the dequant path `materialize()` caches the rebuilt weight: float memory
-and float speed with the quantized numerics, for devices whose kernels lose (CPUs in float32).
+back to "dequant". `materialize()` caches the rebuilt weight (float memory and float speed with
+the quantized numerics): every call uses it on the dequant path (CPUs in float32, where the
+kernels lose), calls above `row_limit` rows use it on the kernel path (prefill chunks: the CPU
+kernels are GEMVs). Saving and loading: serve_app/model/quant_io.py.
 
-Not only experts: `quantize_dense` gives every dense linear of the model (q/k/v/o, dense MLPs,
+Not only experts: `precision.quantize_dense` gives every dense linear of the model (q/k/v/o, dense MLPs,
 the LM head) a copy per mode, so a fast-lane step reads INT8/INT4 weights only (W8A16 / W4A16).
 
 Legend: R=rows of one expert, D=hidden, F=expert FFN width, N=out features, K=in features,
@@ -32,17 +34,12 @@ Kp=K padded to a multiple of G, G=int4 group size, Q=Kp/G groups per row.
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from serve_app.model.config import ModelLoadError
 from serve_app.model.kernels import NO_LIMIT, kernel_row_limit, quant_path
 from serve_app.model.moe import ExpertFFN, KeyedExperts, LocalExpertBackend
 
@@ -342,60 +339,22 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
         return max(ffn.nbytes() for ffn in self.ffn.values())
 
 
+def wants_dense_copy(materialize: bool | str, device_type: str) -> bool:
+    """AppConfig.quant_materialize for weights on `device_type`: "auto" = on CPU, never on GPUs."""
+    return device_type == "cpu" if materialize == "auto" else bool(materialize)
+
+
 def quantized_copies(local: LocalExpertBackend, modes, group_size: int = DEFAULT_GROUP_SIZE,
                      materialize: bool | str = "auto", dtype: torch.dtype | None = None
                      ) -> dict[str, QuantizedExpertBackend]:
     """The router's fast-path experts: one quantized copy of `local` per mode, for activations of
-    `dtype`. materialize="auto" caches the float weight of dequant-path layers on CPU (see
-    QuantLinear.materialize), never on GPUs; kernel-path layers keep only their codes."""
+    `dtype`. `materialize` (see wants_dense_copy) keeps the dequantized weight where
+    QuantLinear.materialize says it pays: every call on the dequant path, prefill chunks on the
+    kernel path."""
     on_cpu = all(p.device.type == "cpu" for p in local.parameters())
-    keep = on_cpu if materialize == "auto" else bool(materialize)
+    keep = wants_dense_copy(materialize, "cpu" if on_cpu else "cuda")
     copies = {}
     for mode in modes:
         copy = QuantizedExpertBackend.from_backend(local, mode, group_size, dtype=dtype)
         copies[mode] = copy.materialize() if keep else copy
     return copies
-
-
-# --- save / load ------------------------------------------------------------------------------
-
-FORMAT = "moe-serve-quant/1"
-
-
-def save_quantized(backend: QuantizedExpertBackend, file: str | Path) -> None:
-    """One safetensors file in the portable layout (`QuantLinear.codes`), loadable on any device."""
-    tensors, in_features = {}, {}
-    for name, ffn in backend.ffn.items():
-        for part in ("gate_up", "down"):
-            layer: QuantLinear = getattr(ffn, part)
-            codes, scales = layer.codes()
-            tensors[f"{name}.{part}.codes"] = codes.contiguous().cpu()
-            tensors[f"{name}.{part}.scales"] = scales.contiguous().cpu()
-            in_features[part] = layer.in_features
-    meta = {"format": FORMAT, "mode": backend.mode, "group_size": str(backend.group_size),
-            "in_features": json.dumps(in_features)}
-    save_file(tensors, str(file), metadata=meta)
-
-
-def load_quantized(file: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-                   path: str | None = None) -> QuantizedExpertBackend:
-    """The backend `save_quantized` wrote, packed for `device` and activations of `dtype`."""
-    try:
-        handle = safe_open(str(file), framework="pt")
-    except Exception as exc:  # safetensors raises its own error types for missing or corrupt files
-        raise ModelLoadError(f"{file}: not a readable safetensors file: {exc}") from exc
-    with handle:
-        meta = handle.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ModelLoadError(f"{file}: format {meta.get('format')!r} is not {FORMAT!r}")
-        mode, group_size = meta["mode"], int(meta["group_size"])
-        in_features = json.loads(meta["in_features"])
-        names = sorted({key.split(".")[0] for key in handle.keys()})
-        ffns = {}
-        for name in names:
-            parts = [QuantLinear.from_codes(handle.get_tensor(f"{name}.{part}.codes"),
-                                            handle.get_tensor(f"{name}.{part}.scales"), mode,
-                                            in_features[part], group_size, dtype, device, path)
-                     for part in ("gate_up", "down")]
-            ffns[name] = QuantizedExpertFFN(*parts)
-    return QuantizedExpertBackend(ffns, mode, group_size)

@@ -22,7 +22,7 @@ from serve_app.model.config import ModelConfig
 from serve_app.model.moe import (DispatchPlan, ExpertBackend, ExpertsByPrecision, LocalExpertBackend, combine,
                                  restrict_plan, route)
 from serve_app.model.precision import Linear, RowPrecision
-from serve_app.model.quant import QuantLinear
+from serve_app.model.quant import QuantLinear, wants_dense_copy
 
 
 class RMSNorm(nn.Module):
@@ -89,7 +89,7 @@ class Attention(nn.Module):
         for lane, q in self.q_proj.reduced.items():
             if q.mode not in fused:
                 fused[q.mode] = QuantLinear.from_weight(w, q.mode, group_size, dtype, w.device)
-                if materialize is True or (materialize == "auto" and w.device.type == "cpu"):
+                if wants_dense_copy(materialize, w.device.type):
                     fused[q.mode].materialize()
             self.qkv_reduced[lane] = fused[q.mode]
         if self.q_proj.bias is not None:
@@ -260,7 +260,7 @@ class MoeForCausalLM(nn.Module):
         """Plain causal forward, no cache: input_ids [B, S] → logits [B, S, V], every row at
         `precision` with activations of `dtype` (default: the weights'; a quantized lane's own)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        rows = None if precision == "full" else RowPrecision.uniform(precision, input_ids.numel(), input_ids.device)
+        rows = None if precision == "full" else RowPrecision.uniform(precision)
         if rows is not None:
             dtype = dtype or self.reduced_dtype
         return self.lm_head(self._hidden(input_ids, StepContext(positions, row_precision=rows), dtype), rows)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from serve_app.model import ModelLoadError, load_model
 from serve_app.model.moe import ExpertFFN, route
 from serve_app.model.quant import (QuantConfigError, QuantizedExpertBackend, QuantizedExpertFFN, QuantLinear,
-                                   load_quantized, pack_int4, quantize_int4, save_quantized, unpack_int4)
+                                   pack_int4, quantize_int4, unpack_int4)
+from serve_app.model.quant_io import load_quantized, save_quantized
 from tests.helpers.checkpoints import build_checkpoint
 
 INT4_CASES = [("int4", 32), ("int4", 64), ("int4", 128)]
