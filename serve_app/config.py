@@ -50,9 +50,10 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ProcessSettings:
-    """Per-process knobs of a serving process (Router, ExpertShard, Ingress, embedded); see AppConfig."""
-    torch_threads: int = 1               # torch intra-op threads
-    gil_switch_interval_s: float = 0.0005  # sys.setswitchinterval
+    """Per-process knobs of a serving process (Router, ExpertShard, Ingress, embedded); the values
+    and why they are what they are: AppConfig's fields of the same names."""
+    torch_threads: int                   # torch intra-op threads
+    gil_switch_interval_s: float         # sys.setswitchinterval
 
     def apply(self) -> None:
         import sys

@@ -8,8 +8,9 @@ import ray
 import torch
 from ray import serve
 
-from serve_app.config import ProcessSettings
+from serve_app.config import AppConfig, ProcessSettings
 from serve_app.model import load_expert_weights
+from serve_app.model.loader import resolve_dtype
 from serve_app.parallel.placement import ShardSpec
 from serve_app.parallel.transport import ShardRequest, run_shard_request
 
@@ -18,20 +19,21 @@ from serve_app.parallel.transport import ShardRequest, run_shard_request
                   health_check_timeout_s=10)
 class ExpertShard:
     def __init__(self, model_dir: str, shard: ShardSpec, dtype: str = "float32",
-                 process: ProcessSettings = ProcessSettings()):
-        process.apply()
+                 process: ProcessSettings | None = None):
+        (process or AppConfig().process_settings()).apply()
         # A shard given a GPU by Ray uses it; otherwise CPU.
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.shard = shard
         self.backend = load_expert_weights(model_dir, shard.experts, dtype=dtype, device=device)
         self.device = device
+        self.dtype = resolve_dtype(dtype, model_dir, device)          # what this shard computes in
 
     @torch.inference_mode()
     def run(self, req: ShardRequest) -> torch.Tensor:
         # Rows come back in the dtype they came in, whatever this shard computes in.
-        dtype = next(iter(self.backend.parameters())).dtype
-        return run_shard_request(self.backend, ShardRequest(req.layer, req.experts, req.counts,
-                                                            req.x.to(self.device, dtype))).to("cpu", req.x.dtype)
+        x = req.x.to(self.device, self.dtype)
+        out = run_shard_request(self.backend, ShardRequest(req.layer, req.experts, req.counts, x))
+        return out.to("cpu", req.x.dtype)
 
     def info(self) -> dict:
         """Where this shard runs and what it loaded (placement checks, /health)."""

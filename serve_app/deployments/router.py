@@ -18,7 +18,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
-from serve_app.config import EngineConfig, ProcessSettings
+from serve_app.config import AppConfig, EngineConfig, ProcessSettings
 from serve_app.engine import RequestOutput, SamplingParams
 from serve_app.engine.lanes import Lanes
 from serve_app.metrics import EngineMetricsObserver, Metrics
@@ -37,8 +37,8 @@ class Router:
                  quantized_precisions: tuple[str, ...] = (), int4_group_size: int = 64,
                  fast_lane_kv_fraction: float = 0.5, quant_materialize: bool | str = "auto",
                  full_lane_max_defer_s: float = 1.0, fast_lane_dtype: str = "auto",
-                 process: ProcessSettings = ProcessSettings()):
-        process.apply()
+                 process: ProcessSettings | None = None):
+        (process or AppConfig().process_settings()).apply()
         model = load_model(model_dir, dtype=dtype, expert_ids=placement.local)
         observer = EngineMetricsObserver(Metrics("ray"))
         if placement.num_shards:
