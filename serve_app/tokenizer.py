@@ -295,13 +295,13 @@ class CodeTokenizer:
 
         def prefix_text(text: str) -> str:
             return " " + text if fmt.space_before_prefix and text else text
-        dropped = 0
-        if max_prompt_tokens is not None:
-            parts = fit(prefix, suffix, max_prompt_tokens - len(lead) - 3,
-                        lambda text: len(self._encode_fragment(text)))
-            prefix, suffix, dropped = parts.prefix, parts.suffix, parts.dropped_tokens
-        return FimPrompt(assemble(order, lead, ids, self._encode_fragment(prefix_text(prefix)),
-                                  self._encode_fragment(suffix)), dropped)
+        pre, suf = self._encode_fragment(prefix_text(prefix)), self._encode_fragment(suffix)
+        room = None if max_prompt_tokens is None else max_prompt_tokens - len(lead) - 3
+        if room is None or len(pre) + len(suf) <= room:       # the common case: encoded once
+            return FimPrompt(assemble(order, lead, ids, pre, suf), 0)
+        parts = fit(prefix, suffix, room, lambda text: len(self._encode_fragment(text)))
+        return FimPrompt(assemble(order, lead, ids, self._encode_fragment(prefix_text(parts.prefix)),
+                                  self._encode_fragment(parts.suffix)), parts.dropped_tokens)
 
     def _checked_fim_format(self, prefix, suffix) -> FimFormat:
         fmt = self.fim_format
