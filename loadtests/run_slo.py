@@ -102,12 +102,6 @@ def run_locust(args: argparse.Namespace, workload: wl.WorkloadConfig) -> int:
     return subprocess.run(cmd, env=env, cwd=HERE).returncode
 
 
-def nearest_rank(sorted_ms: list[float], q: float) -> float:
-    if not sorted_ms:
-        return math.nan
-    return sorted_ms[max(0, math.ceil(q * len(sorted_ms)) - 1)]
-
-
 def read_requests(path: Path) -> list[dict]:
     with path.open() as f:
         return [{"name": r["name"], "start": float(r["start_s"]), "ms": float(r["ms"]), "ok": r["ok"] == "1"}
@@ -124,7 +118,7 @@ def summarize(requests: list[dict]) -> dict:
         ms = sorted(r["ms"] for r in rows)
         out[name] = {"count": len(rows), "failures": sum(not r["ok"] for r in rows),
                      "rps": len(rows) / span if span else math.nan,
-                     **{f"p{int(q * 100)}": nearest_rank(ms, q) for q in (0.5, 0.8, 0.95, 0.99)},
+                     **{f"p{int(q * 100)}": wl.nearest_rank(ms, q) for q in (0.5, 0.8, 0.95, 0.99)},
                      "max": ms[-1] if ms else math.nan}
     return out
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -31,10 +30,6 @@ def post(url: str, body: dict) -> tuple[float, dict]:
     with urllib.request.urlopen(req, timeout=60) as resp:
         out = json.loads(resp.read())
     return (time.perf_counter() - started) * 1000, out
-
-
-def pct(sorted_ms: list[float], q: float) -> float:
-    return sorted_ms[max(0, math.ceil(q * len(sorted_ms)) - 1)] if sorted_ms else math.nan
 
 
 def main(argv=None) -> int:
@@ -68,10 +63,10 @@ def main(argv=None) -> int:
           f"{args.max_tokens}, one at a time")
     print("| requests                     |    n |  p50 ms |  p90 ms |  p99 ms | cached share of prompt tokens |")
     print("|------------------------------|------|---------|---------|---------|-------------------------------|")
-    print(f"| keystrokes (after the first) | {len(rest):4} | {pct(rest, .5):7.1f} | {pct(rest, .9):7.1f} | "
-          f"{pct(rest, .99):7.1f} | {cached / max(1, prompt):29.1%} |")
-    print(f"| first request of a session   | {len(first):4} | {pct(first, .5):7.1f} | {pct(first, .9):7.1f} | "
-          f"{pct(first, .99):7.1f} | {'-':>29} |")
+    for label, ms, share in (("keystrokes (after the first)", rest, f"{cached / max(1, prompt):.1%}"),
+                             ("first request of a session", first, "-")):
+        p50, p90, p99 = (wl.nearest_rank(ms, q) for q in (0.5, 0.9, 0.99))
+        print(f"| {label:<28} | {len(ms):4} | {p50:7.1f} | {p90:7.1f} | {p99:7.1f} | {share:>29} |")
     print(f"prompt tokens dropped to fit the context: {dropped}")
     return 0
 

@@ -12,6 +12,7 @@ The source is CPython's standard library of the interpreter running the test (fo
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import sysconfig
@@ -207,3 +208,9 @@ def chat_messages(text: str, rng: random.Random, cfg: WorkloadConfig) -> list[di
 
 def max_tokens(rng: random.Random, cfg: WorkloadConfig) -> int:
     return rng.randint(cfg.min_tokens, cfg.max_tokens)
+
+
+def nearest_rank(sorted_ms: list[float], q: float) -> float:
+    if not sorted_ms:
+        return math.nan
+    return sorted_ms[max(0, math.ceil(q * len(sorted_ms)) - 1)]
