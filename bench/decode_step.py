@@ -29,12 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from serve_app.config import EngineConfig, default_model_dir  # noqa: E402
+from serve_app.config import AppConfig, EngineConfig, default_model_dir  # noqa: E402
+from serve_app.embedded import load_served_model  # noqa: E402
 from serve_app.engine.core import EngineCore  # noqa: E402
 from serve_app.engine.sampling_params import SamplingParams  # noqa: E402
-from serve_app.model import load_model  # noqa: E402
 from serve_app.model.kernels import cpu_features  # noqa: E402
-from serve_app.model.precision import add_quantized_lanes, fast_dtype  # noqa: E402
 
 
 def bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
@@ -102,8 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=default_model_dir())
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype="auto")
-    add_quantized_lanes(model, model.local_experts, ("int8", "int4"), 64, fast_dtype("auto"))
+    model = load_served_model(AppConfig(model=args.model))
     lanes = {"full": None, "int8": model.reduced_dtype, "int4": model.reduced_dtype}
     gbs = bandwidth_gbs()
     print(f"machine: {os.cpu_count()} cpus, features {' '.join(cpu_features())}, torch {torch.__version__} "

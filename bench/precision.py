@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from bench.decode_step import run_lane
-from serve_app.config import default_model_dir
+from serve_app.config import AppConfig, default_model_dir
+from serve_app.embedded import load_served_model
 from serve_app.model import load_model
-from serve_app.model.precision import add_quantized_lanes, fast_dtype
 from serve_app.tokenizer import CodeTokenizer
 
 LANES = ("float32", "full", "int8", "int4")     # float32: the parity model; the rest as served
@@ -42,9 +42,7 @@ def heldout_windows(tokenizer: CodeTokenizer, num: int, length: int) -> torch.Te
 
 def served_model(model_dir: Path, group_size: int):
     """The model as the server builds it: checkpoint dtype, quantized lanes in the fast dtype."""
-    model = load_model(model_dir, dtype="auto")
-    add_quantized_lanes(model, model.local_experts, ("int8", "int4"), group_size, fast_dtype("auto"))
-    return model
+    return load_served_model(AppConfig(model=str(model_dir), int4_group_size=group_size))
 
 
 @torch.inference_mode()

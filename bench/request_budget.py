@@ -34,11 +34,10 @@ for p in (ROOT, ROOT / "loadtests"):
 
 import workloads as wl  # noqa: E402
 from serve_app.api.settings import GenerationDefaults  # noqa: E402
-from serve_app.config import AppConfig, default_model_dir  # noqa: E402
+from serve_app.config import AppConfig  # noqa: E402
+from serve_app.embedded import load_served_model  # noqa: E402
 from serve_app.engine.core import EngineCore  # noqa: E402
 from serve_app.engine.sampling_params import SamplingParams  # noqa: E402
-from serve_app.model import load_model  # noqa: E402
-from serve_app.model.precision import add_quantized_lanes, fast_dtype  # noqa: E402
 from serve_app.tokenizer import CodeTokenizer  # noqa: E402
 
 
@@ -51,11 +50,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     config = AppConfig()
     config.process_settings().apply()
-    model_dir = default_model_dir()
+    model_dir = config.model
     tok = CodeTokenizer.from_dir(model_dir)
-    model = load_model(model_dir, dtype=config.dtype)
-    add_quantized_lanes(model, model.local_experts, config.quantized_precisions, config.int4_group_size,
-                        fast_dtype(config.fast_dtype))
+    model = load_served_model(config)
     engine_cfg = config.engine_config()
     core = EngineCore(model, engine_cfg, tok, dtype=model.reduced_dtype)
     penalty = GenerationDefaults.from_model_dir(model_dir).frequency_penalty

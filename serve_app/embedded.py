@@ -20,13 +20,20 @@ from serve_app.model.precision import add_quantized_lanes, fast_dtype
 from serve_app.tokenizer import CodeTokenizer
 
 
-def build_embedded_app(config: AppConfig) -> FastAPI:
-    config.process_settings().apply()
-    metrics = Metrics("prometheus")
+def load_served_model(config: AppConfig):
+    """The model with every expert local and its quantized lanes, as this server (and the benchmarks
+    that measure it: bench/decode_step.py, precision.py, request_budget.py) serves it."""
     model = load_model(config.model, dtype=config.dtype)
     if config.quantized_precisions:
         add_quantized_lanes(model, model.local_experts, config.quantized_precisions, config.int4_group_size,
                             fast_dtype(config.fast_dtype), config.quant_materialize)
+    return model
+
+
+def build_embedded_app(config: AppConfig) -> FastAPI:
+    config.process_settings().apply()
+    metrics = Metrics("prometheus")
+    model = load_served_model(config)
     tokenizer = CodeTokenizer.from_dir(config.model)
     engine_config = config.engine_config()
     # The same precision lanes as the Ray Router: inline completions never share a batch with, nor
