@@ -133,7 +133,7 @@ def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 def _sample_random(logits: torch.Tensor, params: Sequence[SamplingParams],
                    generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Temperature, top-k, top-p, then an exponential race per row. logits [S, V] -> tokens [S]."""
+    """Temperature, top-k, top-p, then one inverse-CDF draw per row. logits [S, V] -> tokens [S]."""
     S, V = logits.shape
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)  # [S]
