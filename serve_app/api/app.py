@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.api.batch import BatchCompletion, batch_parts
 from serve_app.api.body import read_json_object
 from serve_app.api.client import EngineClient
 from serve_app.api.errors import ApiError, bad_request, from_exception, from_validation_error, internal_error
@@ -94,7 +95,37 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         body = await self._parse(request, CompletionRequest)
-        return await self._serve(request, await prepare_completion(body, self.settings))
+        if body.batch is None:
+            return await self._serve(request, await prepare_completion(body, self.settings))
+        parts = []
+        for i, prompt in enumerate(body.batch):
+            try:
+                parts.append(await prepare_completion(body.model_copy(update={"prompt": prompt}), self.settings))
+            except ApiError as exc:      # name the prompt: "prompt" → "prompt[2]"
+                if exc.param == "prompt":
+                    exc.param = f"prompt[{i}]"
+                raise
+        return await self._serve_batch(request, *batch_parts(parts))
+
+    async def _serve_batch(self, request: Request, response_id: str, parts: list[PreparedRequest]) -> Response:
+        timeout_s = self.settings.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        batch = BatchCompletion(self.client, parts, response_id, self.settings.tokenizer)
+        headers = {"X-Request-Id": batch.response_id, "x-moe-tier": parts[0].tier.tier.value,
+                   "x-moe-precision": parts[0].precision}
+        try:
+            if parts[0].stream:
+                firsts = await batch.first_outputs(request, deadline, timeout_s)
+            else:
+                return _json(await batch.response(request, deadline, timeout_s), headers)
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except ApiError:
+            raise
+        except Exception as exc:         # noqa: BLE001 - engine errors keep their status (429, 503, 400)
+            raise from_exception(exc) from exc
+        return EventStreamResponse(batch.events(firsts, deadline, timeout_s),
+                                   headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._parse(request, ChatCompletionRequest)

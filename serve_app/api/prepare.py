@@ -46,6 +46,8 @@ class PreparedRequest:
     param_aliases: dict[str, str] = field(default_factory=dict)
     client_logprobs: bool = True        # False: logprobs were requested only to rank candidates
     dropped_prompt_tokens: int = 0      # FIM: prompt tokens trimmed to fit the context (usage reports them)
+    echo_text: str = ""                 # completions with echo: the prompt's text, put before each choice's
+    best_of: int | None = None          # completions: candidates generated, the n best (cumulative logprob) returned
 
     @property
     def precision(self) -> str:
@@ -62,13 +64,15 @@ def check_model(model: str | None, settings: ApiSettings) -> str:
 async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> PreparedRequest:
     model = check_model(req.model, settings)
     _check_stream_options(req.stream, req.stream_options is not None)
-    if req.best_of is not None and req.best_of != req.n:
-        raise bad_request(f"best_of={req.best_of} is not supported; only best_of == n ({req.n})", "best_of")
+    _check_echo_and_best_of(req)
     prompt_param = "prompt"
     tok = settings.tokenizer
     tier = _resolve_tier(req, settings, prefix=req.prompt if isinstance(req.prompt, str) else "",
                          suffix=req.suffix or "", max_tokens=_max_tokens_sent(req),
                          kind="fim" if req.suffix is not None else "completion", stop=_stops(req.stop))
+    if req.best_of is not None and req.best_of > req.n:     # OpenAI's best_of replaces any tier ranking
+        tier = replace(tier, n=req.n, num_candidates=req.best_of, rank_by_mean_logprob=False,
+                       reasons=(*tier.reasons, "best_of"))
     dropped = 0
     if req.suffix is not None:
         if not isinstance(req.prompt, str):
@@ -83,14 +87,33 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> P
         if not req.prompt:
             raise bad_request("prompt must not be an empty list of token ids", "prompt")
         prompt_ids = list(req.prompt)
-    logprobs = req.logprobs if req.logprobs is not None else (0 if tier.rank_by_mean_logprob else None)
-    params = _sampling_params({}, max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
+    ranks = tier.rank_by_mean_logprob or (req.best_of or 0) > req.n     # ranking needs the tokens' logprobs
+    logprobs = req.logprobs if req.logprobs is not None else (0 if ranks else None)
+    params = _sampling_params({"n": "best_of"} if req.best_of is not None else {},
+                              max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
                               top_p=req.top_p, top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed,
                               logprobs=logprobs, **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, prompt_param, "max_tokens")
+    echo = (req.prompt if isinstance(req.prompt, str) else tok.decode(prompt_ids)) if req.echo else ""
     return PreparedRequest("completion", _new_id("completion"), int(time.time()), model, tier,
                            prompt_ids, params, req.stream, _include_usage(req),
-                           client_logprobs=req.logprobs is not None, dropped_prompt_tokens=dropped)
+                           client_logprobs=req.logprobs is not None, dropped_prompt_tokens=dropped,
+                           echo_text=echo, best_of=req.best_of)
+
+
+def _check_echo_and_best_of(req: CompletionRequest) -> None:
+    """What OpenAI's legacy completions refuse too, and what we do not serve (prompt logprobs)."""
+    if req.echo and req.suffix is not None:
+        raise bad_request("echo cannot be combined with suffix (fill-in-the-middle)", "echo")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo with logprobs would need the prompt tokens' logprobs, which this server does "
+                          "not compute; send echo or logprobs", "echo")
+    if req.best_of is not None:
+        if req.best_of < req.n:
+            raise bad_request(f"best_of ({req.best_of}) must be at least n ({req.n})", "best_of")
+        if req.stream and req.best_of > req.n:
+            raise bad_request("best_of > n cannot be streamed: the best candidates are known only at the end",
+                              "best_of")
 
 
 async def prepare_chat(req: ChatCompletionRequest, settings: ApiSettings) -> PreparedRequest:
@@ -208,11 +231,12 @@ async def _tokenize(build: Callable[[], list[int]], param: str, num_chars: int) 
         raise bad_request(str(exc), param, "invalid_prompt") from exc
 
 
-def _penalties(req, settings: ApiSettings) -> dict[str, float]:
-    """The request's penalties; the checkpoint's defaults for those it leaves out."""
+def _penalties(req, settings: ApiSettings) -> dict:
+    """The request's penalties (the checkpoint's defaults for those it leaves out) and logit bias."""
     defaults = settings.generation_defaults
-    return {name: getattr(req if name in req.model_fields_set else defaults, name)
-            for name in ("frequency_penalty", "presence_penalty")}
+    values = {name: getattr(req if name in req.model_fields_set else defaults, name)
+              for name in ("frequency_penalty", "presence_penalty")}
+    return {**values, "logit_bias": getattr(req, "logit_bias", None)}
 
 
 def _sampling_params(aliases: dict[str, str], **values) -> SamplingParams:

@@ -3,8 +3,7 @@
 Why strict: editors and SDKs send JSON, and a `"max_tokens": "16"` or `"temperature": true` is a
 client bug we should name, not guess at. So numbers are strict (an int is accepted where a float is
 expected, never a string or a bool), NaN/Infinity are refused, and unknown top-level fields are a
-400 naming the field (OpenAI does the same), except the known OpenAI fields we accept only at their
-neutral value (`echo: false`, `logit_bias: {}`, ...), so common clients work unchanged.
+400 naming the field (OpenAI does the same).
 Chat messages ignore unknown keys: SDKs echo assistant messages back with `refusal`, `annotations`.
 
 Value ranges (temperature, top_p, n, stop, logprobs, seed, penalties) are not repeated here: `SamplingParams`
@@ -74,41 +73,43 @@ class _SamplingFields(_Request):
     precision: Precision = "auto"   # "auto": the tier classifier decides; otherwise this precision
     frequency_penalty: Float = 0.0  # [-2, 2], checked by SamplingParams
     presence_penalty: Float = 0.0
-    logit_bias: dict[str, float] | None = None   # accepted only when empty
+    # token id (a decimal string, as OpenAI's clients send it) → bias in [-100, 100]; checked by
+    # SamplingParams (keys, range, count) and the engine (ids inside the vocabulary)
+    logit_bias: dict[str, Float] | None = None
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias_is_empty(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise PydanticCustomError("unsupported", "logit_bias is not supported; send null or {{}}")
-        return value
+
+# Prompts in one /v1/completions batch: each is an engine request of its own (api/batch.py).
+MAX_BATCH_PROMPTS = 32
 
 
 class CompletionRequest(_SamplingFields):
-    """POST /v1/completions. One prompt per request; `suffix` turns it into fill-in-the-middle."""
-    prompt: str | list[Int]         # text, or token ids
+    """POST /v1/completions. `prompt`: text, token ids, or a batch of either (api/batch.py);
+    `suffix` turns it into fill-in-the-middle."""
+    prompt: str | list[Int] | list[str] | list[list[Int]]
     suffix: str | None = None       # FIM: `prompt` is the prefix; built with the model's FIM tokens
     logprobs: Int | None = None     # k: the chosen token's logprob plus the k most likely alternatives
-    echo: Bool = False              # accepted only when false
-    best_of: Int | None = None      # accepted only when null or equal to n
+    echo: Bool = False              # put the prompt's text before each choice's text (not with suffix/logprobs)
+    best_of: Int | None = None      # generate best_of >= n candidates, return the n best by cumulative logprob
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _single_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
-            raise PydanticCustomError("batch_unsupported", "a batch of {count} prompts is not supported; "
-                                      "send one prompt (a string or a list of token ids) per request",
-                                      {"count": len(value)})
+    def _prompt_shape(cls, value: Any) -> Any:
         if isinstance(value, str) or (isinstance(value, list) and all(_is_int(t) for t in value)):
             return value
-        raise PydanticCustomError("prompt_type", "prompt must be a string or a list of token ids")
+        if isinstance(value, list) and (all(isinstance(p, str) for p in value) or all(
+                isinstance(p, list) and all(_is_int(t) for t in p) for p in value)):
+            if len(value) > MAX_BATCH_PROMPTS:
+                raise PydanticCustomError("batch_too_large", "a batch holds at most {limit} prompts, got {count}",
+                                          {"limit": MAX_BATCH_PROMPTS, "count": len(value)})
+            return value
+        raise PydanticCustomError("prompt_type", "prompt must be a string, a list of token ids, or a list "
+                                                 "of either (a batch)")
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise PydanticCustomError("unsupported", "echo is not supported; send false or leave it out")
-        return value
+    @property
+    def batch(self) -> list[str] | list[list[int]] | None:
+        """The prompts of a batch request; None for a single prompt."""
+        p = self.prompt
+        return p if isinstance(p, list) and p and not _is_int(p[0]) else None
 
 
 class ChatMessageIn(BaseModel):

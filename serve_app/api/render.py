@@ -65,16 +65,20 @@ class Renderer:
                        for c in outputs]
             return ChatCompletionResponse(id=p.request_id, created=p.created, model=p.model, choices=choices,
                                           usage=usage, **tags)
-        choices = [CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
+        choices = [CompletionChoice(index=c.index, text=p.echo_text + c.text, finish_reason=c.finish_reason,
                                     logprobs=self._completion_logprobs(c.logprobs, 0)) for c in outputs]
         return CompletionResponse(id=p.request_id, created=p.created, model=p.model, choices=choices, usage=usage,
                                   **tags)
 
     def returned(self, outputs: list[CompletionOutput]) -> list[CompletionOutput]:
-        """The candidates the client gets: when the tier ranks, the n best by mean token logprob
-        (length-fair, unlike the sum), re-indexed; logprobs only if the client asked for them."""
+        """The candidates the client gets: with OpenAI's best_of, the n best by cumulative logprob
+        (OpenAI's and vLLM's rule); when the tier ranks, the n best by mean token logprob
+        (length-fair, unlike the sum); re-indexed; logprobs only if the client asked for them."""
         p = self.p
-        if p.tier.rank_by_mean_logprob:
+        if p.best_of is not None and p.best_of > p.tier.n:
+            ranked = sorted(outputs, key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
+            outputs = [replace(c, index=i) for i, c in enumerate(ranked[:p.tier.n])]
+        elif p.tier.rank_by_mean_logprob:
             ranked = sorted(outputs, key=lambda c: (c.cumulative_logprob or 0.0) / max(1, len(c.token_ids)),
                             reverse=True)
             outputs = [replace(c, index=i) for i, c in enumerate(ranked[:p.tier.n])]
@@ -131,7 +135,8 @@ class Renderer:
         logprobs = self._completion_logprobs(new_lps, offset)
         if logprobs is not None:
             state.text_offset[c.index] = offset + sum(len(t) for t in logprobs.tokens)
-        choice = CompletionChoice(index=c.index, text=c.delta_text, logprobs=logprobs, finish_reason=finish)
+        text = p.echo_text + c.delta_text if first else c.delta_text       # echo: the prompt opens each choice
+        choice = CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=finish)
         return CompletionResponse(id=p.request_id, created=p.created, model=p.model, precision=p.precision,
                                   tier=p.tier.tier.value, choices=[choice], usage=None)
 

@@ -94,6 +94,10 @@ class EngineCore:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise RequestRejectedError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+        biased = [t for t, _ in params.logit_bias if t >= vocab]
+        if biased:      # the sampler indexes the logits with these: refuse here, never fail a step
+            raise RequestRejectedError(f"logit_bias token id {biased[0]} is outside the vocabulary [0, {vocab})",
+                                       "logit_bias")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise RequestRejectedError(

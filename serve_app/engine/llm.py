@@ -13,7 +13,8 @@ from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import EngineOverloadedError, RequestOutput
 from serve_app.model import MoeForCausalLM, load_model
 
-PromptLike = str | Sequence[int]
+# Text, token ids, or vLLM's TokensPrompt dict {"prompt_token_ids": [...]} (also {"prompt": "..."}).
+PromptLike = str | Sequence[int] | dict
 
 
 class LLM:
@@ -35,6 +36,14 @@ class LLM:
         self._ids = itertools.count()
 
     def _prompt_ids(self, prompt: PromptLike) -> list[int]:
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt_token_ids", "prompt"}
+            if unknown or len(prompt) != 1:
+                raise ValueError(f"a prompt dict holds exactly one of 'prompt_token_ids' or 'prompt', got "
+                                 f"{sorted(prompt)}")
+            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+            if not isinstance(prompt, (str, list, tuple)):
+                raise ValueError(f"prompt_token_ids must be a list of ints, got {type(prompt).__name__}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token id lists instead")
@@ -44,7 +53,7 @@ class LLM:
     def generate(self, prompts: PromptLike | Sequence[PromptLike],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; one RequestOutput per prompt, in order."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        single = isinstance(prompts, (str, dict)) or (len(prompts) > 0 and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         params = sampling_params or SamplingParams()
         per_prompt = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)

@@ -22,6 +22,8 @@ Design:
   too: a token's logit drops by frequency × (times this sequence generated it) + presence × (it did
   at all). Prompt tokens do not count, as in OpenAI's definition. Only rows that ask pay for it
   (one bincount each), on a copy of the logits.
+- `logit_bias` (OpenAI's) is added right after the penalties, to greedy rows too; like them it
+  costs only rows that ask (one indexed add on the same copy).
 - Logprobs come from `log_softmax` of the raw (un-tempered, unfiltered, unpenalized) logits, like
   vLLM's default and OpenAI: they describe the model, not the sampling transform.
 
@@ -113,11 +115,22 @@ def _check_inputs(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
                      output_ids: Sequence[Sequence[int]] | None) -> torch.Tensor:
-    """logits [B, V] with each penalized row lowered on the tokens it generated; the input when
-    no row is penalized (no copy)."""
+    """logits [B, V] with each penalized row lowered on the tokens it generated and each biased
+    row's logit_bias added; the input when no row asks for either (no copy)."""
     rows = [i for i, p in enumerate(params) if p.penalized and output_ids[i]]
-    if not rows:
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows and not biased:
         return logits
+    out = logits.clone()  # [B, V]
+    if biased:
+        # (row, token) pairs of every biased row at once; ids were checked against V at admission.
+        row_of = torch.tensor([i for i in biased for _ in params[i].logit_bias], device=logits.device)  # [N]
+        token_of = torch.tensor([t for i in biased for t, _ in params[i].logit_bias], device=logits.device)
+        bias = torch.tensor([b for i in biased for _, b in params[i].logit_bias], dtype=logits.dtype,
+                            device=logits.device)                                                # [N]
+        out[row_of, token_of] += bias
+    if not rows:
+        return out
     dev, V = logits.device, logits.shape[1]
     # Only the (row, token) pairs a sequence generated change, so the update is sparse: one unique
     # with counts over row·V + token for every penalized row at once, then one indexed subtract.
@@ -126,7 +139,6 @@ def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
     row_of, token_of = pairs // V, pairs % V                                                # [U]
     freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=dev)  # [B]
     pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=dev)   # [B]
-    out = logits.clone()  # [B, V]
     out[row_of, token_of] -= freq[row_of] * counts.to(logits.dtype) + pres[row_of]
     return out
 

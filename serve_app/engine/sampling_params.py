@@ -13,6 +13,9 @@ Bounds are chosen to be sane for a latency-bound code-completion server, not to 
 - stop: at most 8 non-empty strings: the stop checker scans each on every delta.
 - logprobs in [0, 20]: 0 = chosen token only, k = also the k most likely alternatives (OpenAI's cap).
 - seed in [0, 2**63): candidate i of an n>1 request uses seed + i (see sampler.make_generator).
+- logit_bias: at most 300 token ids (OpenAI's cap), each bias in [-100, 100] (OpenAI's range: -100
+  bans a token in practice, 100 all but forces it); ids are checked against the vocabulary by the
+  engine (`EngineCore.add_request`), which knows it.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ MAX_STOP_STRINGS = 8
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0  # OpenAI's range for frequency_penalty and presence_penalty
 MAX_SEED = 2**63  # exclusive; leaves room for seed + candidate index in torch's 64-bit seed
+MAX_LOGIT_BIAS_TOKENS = 300
+MAX_LOGIT_BIAS = 100.0
 
 
 class SamplingParamsError(ValueError):
@@ -52,9 +57,13 @@ class SamplingParams:
     # drops by frequency_penalty per earlier occurrence, and by presence_penalty once if it occurred.
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # OpenAI's logit_bias: (token id, bias) pairs added to the logits before any sampling transform,
+    # greedy rows included; a {id: bias} dict (ids as ints or decimal strings) is normalised, sorted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
         _check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, low=0.0, high=MAX_TEMPERATURE)
@@ -95,6 +104,32 @@ def _normalise_stop(stop: Any) -> tuple[str, ...]:
         if not isinstance(s, str) or not s:
             raise SamplingParamsError("stop", f"stop strings must be non-empty strings, got {s!r}")
     return tuple(stop)
+
+
+def _normalise_logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    if bias is None:
+        return ()
+    items = bias.items() if isinstance(bias, dict) else bias
+    try:
+        items = list(items)
+    except TypeError:
+        raise SamplingParamsError("logit_bias", f"logit_bias must map token ids to numbers, got {bias!r}") from None
+    if len(items) > MAX_LOGIT_BIAS_TOKENS:
+        raise SamplingParamsError("logit_bias", f"logit_bias allows at most {MAX_LOGIT_BIAS_TOKENS} tokens, "
+                                                f"got {len(items)}")
+    out: dict[int, float] = {}
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise SamplingParamsError("logit_bias", f"logit_bias must map token ids to numbers, got {item!r}")
+        key, value = item
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            raise SamplingParamsError("logit_bias", f"logit_bias keys must be token ids (non-negative "
+                                                    f"integers), got {item[0]!r}")
+        _check_float("logit_bias", value, low=-MAX_LOGIT_BIAS, high=MAX_LOGIT_BIAS)
+        out[key] = float(value)
+    return tuple(sorted(out.items()))
 
 
 def _normalise_stop_token_ids(ids: Any) -> tuple[int, ...]:

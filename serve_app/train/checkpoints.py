@@ -44,7 +44,7 @@ def warm_start(path: Path, model: MoeForCausalLM, opt: torch.optim.Optimizer, to
 
 # Fields a warm start may change: those of the optimisation, not of the model or the data.
 WARM_START_FIELDS = frozenset({"batch_size", "lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay",
-                               "grad_clip", "aux_loss_coef"})
+                               "grad_clip", "aux_loss_coef", "autocast"})
 
 
 def warm_start_config(old: TrainConfig, overrides: dict) -> TrainConfig:

@@ -8,8 +8,9 @@ Training (``iter_training_samples``): every file is, by a per-file coin with pro
   does not always pair the same neighbours. ``<file_sep>`` is not used here: it is reserved for
   multi-file prompts, which the stdlib (no repository structure worth teaching) cannot supply;
 * **FIM**: ``ceil(file tokens / max_len)`` holes (so FIM and plain get comparable token shares), each
-  one statement or block cut at line boundaries (``spans.py``), each its own sample in PSM order:
-  ``<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>{middle}<|endoftext|>``. Prefix and suffix
+  one statement or block cut at line boundaries (``spans.py``), each its own sample in PSM order,
+  ``<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>{middle}<|endoftext|>``, or, with
+  probability ``spm_rate``, SPM: ``<fim_prefix><fim_suffix>{suffix}<fim_middle>{prefix}{middle}<|endoftext|>``. Prefix and suffix
   are trimmed to the token budget left around the middle, at line starts, nearest lines kept;
   the prefix gets at least three quarters of the budget when both do not fit, because the code
   before the cursor predicts the middle best. A FIM sample is padded to ``max_len``;
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 from tokenizers import Encoding, Tokenizer
 
+from serve_app.fim import assemble
 from serve_app.train.corpus import SourceFile
 from serve_app.train.spans import (
     FimParts,
@@ -51,6 +53,9 @@ class DataConfig:
 
     max_len: int = 512  # tokens per sample; the small default model's context
     fim_rate: float = 0.5  # share of files turned into FIM samples (FIM paper: 0.5 costs no L2R skill)
+    # Share of FIM samples in SPM order (suffix first, the prefix running into the middle; see
+    # serve_app/fim.py): 0 for the first two releases; the FIM paper trains both orders jointly.
+    spm_rate: float = 0.0
     # None: a quarter of max_len; a longer hole leaves too little context around it.
     max_middle_tokens: int | None = None
     max_middle_lines: int = 30  # candidate filter before tokenizing: whole classes are not completions
@@ -59,8 +64,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.middle_limit < 1 or self.middle_limit + 4 >= self.max_len:  # 4 specials frame a FIM sample
             raise ValueError(f"max_middle_tokens {self.middle_limit} does not fit max_len {self.max_len}")
-        if not 0.0 <= self.fim_rate <= 1.0:
-            raise ValueError(f"fim_rate must be in [0, 1], got {self.fim_rate}")
+        for name in ("fim_rate", "spm_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def middle_limit(self) -> int:
@@ -74,7 +80,7 @@ class TrainingSample:
 
     input_ids: tuple[int, ...]  # exactly max_len ids; positions >= num_tokens are padding (eos id)
     num_tokens: int  # real tokens; the loss must ignore positions >= num_tokens
-    is_fim: bool  # PSM-formatted FIM sample, or a window of the plain stream
+    is_fim: bool  # a FIM sample (PSM or SPM), or a window of the plain stream
     rel_name: str  # FIM: the file holding the hole; plain: the file the window starts in
 
 
@@ -143,11 +149,12 @@ def fim_ids(tokenizer: Tokenizer, parts: FimParts, config: DataConfig) -> FimIds
     return FimIds(prefix=prefix, suffix=suffix, middle=middle)
 
 
-def format_fim(tokenizer: Tokenizer, ids: FimIds, max_len: int, rel_name: str = "") -> TrainingSample:
-    """PSM layout, padded with eos to ``max_len``."""
+def format_fim(tokenizer: Tokenizer, ids: FimIds, max_len: int, rel_name: str = "",
+               order: str = "psm") -> TrainingSample:
+    """PSM or SPM layout (the one the server builds: ``fim.assemble``), padded with eos to ``max_len``."""
     special = {t: tokenizer.token_to_id(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, EOS)}
-    row = ([special[FIM_PREFIX], *ids.prefix, special[FIM_SUFFIX], *ids.suffix,
-            special[FIM_MIDDLE], *ids.middle, special[EOS]])
+    marks = (special[FIM_PREFIX], special[FIM_SUFFIX], special[FIM_MIDDLE])
+    row = [*assemble(order, [], marks, ids.prefix, ids.suffix), *ids.middle, special[EOS]]
     if len(row) > max_len:
         raise ValueError(f"FIM sample of {len(row)} tokens exceeds max_len {max_len}")
     return TrainingSample(input_ids=tuple(row + [special[EOS]] * (max_len - len(row))),
@@ -167,7 +174,9 @@ def _fim_samples(file: SourceFile, tokenizer: Tokenizer, config: DataConfig, rng
             continue
         ids = fim_ids(tokenizer, parts, config)
         if ids is not None:
-            out.append(format_fim(tokenizer, ids, config.max_len, file.rel_name))
+            # Drawn only when SPM is on, so spm_rate 0 reproduces the earlier releases' samples.
+            order = "spm" if config.spm_rate and rng.random() < config.spm_rate else "psm"
+            out.append(format_fim(tokenizer, ids, config.max_len, file.rel_name, order))
     return out
 
 

@@ -9,7 +9,8 @@ What is measured, all on the held-out files of ``corpus.load_split`` (never trai
 * **next-line exact match**: ``data.build_eval_set`` next-line cases, greedy, stop at "\\n";
   the completion must equal the target line character for character;
 * **FIM exact match** on its FIM cases (PSM prompt from ``CodeTokenizer.build_fim_prompt_ids``,
-  greedy, stop at eos) and **syntactic validity**: share of completions with which the *whole file*
+  greedy, stop at eos; part ``fim_spm``: the same cases with SPM prompts, for checkpoints trained
+  on both orders; ``fim_defaults`` uses the checkpoint's own ``fim_order``, as the server does) and **syntactic validity**: share of completions with which the *whole file*
   (untrimmed prefix + completion + suffix) parses. Deleting the hole is the reference point:
   ``parse_rate_empty_middle`` says how often that alone parses, and ``parse_rate_nonempty`` counts
   only completions with code in them (an empty completion cannot pass for a fill);
@@ -230,9 +231,12 @@ def next_line_metrics(llm: "Generator", budget: Budget, cases, window: int, opts
 
 
 def fim_metrics(llm: "Generator", code_tok: CodeTokenizer, budget: Budget, cases, files: dict, window: int,
-                opts: EvalOptions, penalties: GenerationDefaults) -> dict:
+                opts: EvalOptions, penalties: GenerationDefaults, order: str | None = None) -> dict:
+    """FIM scores with prompts in ``order`` ("psm"/"spm"; None: the checkpoint's ``fim_order``)."""
+    order = order or code_tok.fim_order
     prompt_tokens = window - opts.fim_max_tokens - 8                    # 3 FIM tokens + slack
-    prompts = [code_tok.build_fim_prompt_ids(*fim_prompt_parts(budget, c.prefix, c.suffix, prompt_tokens))
+    prompts = [code_tok.build_fim_prompt_ids(*fim_prompt_parts(budget, c.prefix, c.suffix, prompt_tokens),
+                                             order=order)
                for c in cases]
     errors_before = llm.engine_errors
     texts = llm.texts(prompts, SamplingParams(temperature=0.0, max_tokens=opts.fim_max_tokens,
@@ -255,7 +259,7 @@ def fim_metrics(llm: "Generator", code_tok: CodeTokenizer, budget: Budget, cases
             examples.append({"file": case.rel_name, "line": case.span.start_line + 1,
                              "expected": case.middle, "completion": text})
     n = max(len(cases), 1)
-    return {"cases": len(cases), "frequency_penalty": penalties.frequency_penalty,
+    return {"cases": len(cases), "order": order, "frequency_penalty": penalties.frequency_penalty,
             "presence_penalty": penalties.presence_penalty,
             "exact_match": round(exact / n, 4), "edit_similarity": round(similarity / n, 4),
             "parse_rate": round(parses / n, 4), "parse_rate_nonempty": round(nonempty_parses / n, 4),
@@ -300,7 +304,7 @@ def latency_only(model_dir: Path, opts: EvalOptions) -> dict:
     return {"params": count_params(model), "latency": latency_metrics(llm, prompt, opts)}
 
 
-PARTS = ("heldout", "next_line", "fim", "fim_defaults", "fim_sweep", "latency")
+PARTS = ("heldout", "next_line", "fim", "fim_spm", "fim_defaults", "fim_sweep", "latency")
 
 
 def heldout_files(cache: Path | None) -> list[SourceFile]:
@@ -334,8 +338,10 @@ def evaluate(model_dir: Path, opts: EvalOptions, parts: tuple[str, ...] = PARTS,
         report["next_line"] = next_line_metrics(llm, budget, eval_set.next_line, window, opts)
     files = {f.rel_name: f.text for f in heldout}
     fim = functools.partial(fim_metrics, llm, code_tok, budget, eval_set.fim, files, window, opts)
-    if "fim" in parts:
-        report["fim"] = fim(GenerationDefaults(frequency_penalty=opts.fim_frequency_penalty))
+    if "fim" in parts:                                                  # PSM: comparable across releases
+        report["fim"] = fim(GenerationDefaults(frequency_penalty=opts.fim_frequency_penalty), "psm")
+    if "fim_spm" in parts:
+        report["fim_spm"] = fim(GenerationDefaults(frequency_penalty=opts.fim_frequency_penalty), "spm")
     if "fim_defaults" in parts:                                         # what the server does by default
         report["fim_with_shipped_defaults"] = fim(GenerationDefaults.from_model_dir(model_dir))
     if "fim_sweep" in parts:

@@ -21,6 +21,9 @@ class TrainConfig:
     moe_intermediate_size: int = 512
     max_len: int = 1024               # training context = max_position_embeddings of the export
     fim_rate: float = 0.5
+    spm_rate: float = 0.0             # share of FIM samples in SPM order (v3: 0.5, see data.py)
+    # Training text: "stdlib" (releases 1-2) or "stdlib+packages" (v3: train/mixture.py).
+    corpus: str = "stdlib"
     # Optimisation
     batch_size: int = 8
     lr: float = 2e-3                  # small models tolerate (and need, in few steps) a high lr
@@ -31,6 +34,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01       # Switch/Mixtral load balancing
     seed: int = 0
+    # "bfloat16": forward and backward under CPU/CUDA autocast (weights and Adam stay float32);
+    # "" = float32. bench/train_step.py measured 1.33x the tokens/s on the 2-core Zen 4 box
+    # (AVX512-BF16) at an equal loss after the same steps (MODEL_CARD.md, "Training speed").
+    autocast: str = ""
 
     def model_config(self, eos_id: int) -> ModelConfig:
         return ModelConfig(

@@ -44,10 +44,14 @@ class SampleTensors:
         return self.input_ids.shape[0]
 
 
-def samples_key(tokenizer_path: Path, data_cfg: DataConfig, split: str, max_samples: int | None) -> str:
-    """What the cached samples depend on: tokenizer, data config, which split, corpus version."""
+def samples_key(tokenizer_path: Path, data_cfg: DataConfig, split: str, max_samples: int | None,
+                corpus_id: str = "stdlib") -> str:
+    """What the cached samples depend on: tokenizer, data config, which split, corpus version
+    (this stdlib, and ``corpus_id``: what else the corpus holds, e.g. the installed packages)."""
     digest = hashlib.sha256(tokenizer_path.read_bytes())
-    corpus = [split, str(stdlib_root()), platform.python_version()]  # the corpus is this stdlib
+    corpus = [split, str(stdlib_root()), platform.python_version()]
+    if corpus_id != "stdlib":                # the stdlib-only key stays that of earlier releases
+        corpus.append(corpus_id)
     digest.update(json.dumps([asdict(data_cfg), max_samples, corpus]).encode())
     return digest.hexdigest()
 

@@ -25,6 +25,7 @@ Legend: B=batch, S=sequence length (max_len), V=vocab, E=experts, K=top-k, N=sam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -82,6 +83,21 @@ def count_params(model: MoeForCausalLM) -> dict[str, int]:
     return {"total": total, "active": active, "embedding": model.embed_tokens.weight.numel()}
 
 
+def load_exported_weights(model: MoeForCausalLM, model_dir: Path) -> None:
+    """Copy an exported checkpoint's weights (read in float32) into ``model``; shapes must match."""
+    from serve_app.model.loader import load_model
+
+    source = load_model(model_dir, dtype=torch.float32)
+    mine, theirs = model.state_dict(), source.state_dict()
+    wrong = sorted(k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape)
+    if wrong or set(theirs) - set(mine):
+        raise SystemExit(f"--init-weights {model_dir}: the checkpoint's shape differs from the recipe's "
+                         f"({', '.join(wrong[:4]) or sorted(set(theirs) - set(mine))[:4]})")
+    with torch.no_grad():
+        for name, tensor in mine.items():
+            tensor.copy_(theirs[name])
+
+
 # --- loss ------------------------------------------------------------------------------------
 
 
@@ -113,9 +129,15 @@ class StepLosses:
     aux: float            # load-balancing loss (1.0 = balanced)
 
 
+def autocast_to(dtype: str, device: str):
+    """The forward's autocast context for TrainConfig.autocast ("" = none: float32)."""
+    return torch.autocast(device, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext()
+
+
 def compute_loss(model: MoeForCausalLM, input_ids: torch.Tensor, num_tokens: torch.Tensor,
-                 aux_coef: float) -> StepLosses:
-    out = model.forward_train(input_ids)                                 # logits [B, S, V]
+                 aux_coef: float, autocast: str = "") -> StepLosses:
+    with autocast_to(autocast, input_ids.device.type):
+        out = model.forward_train(input_ids)                             # logits [B, S, V]
     lm = lm_loss(out.logits, input_ids, num_tokens)
     real = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
             < num_tokens[:, None]).flatten()                             # [B*S]
@@ -158,6 +180,9 @@ class RunOptions:
     eval_rows: int = 32                  # held-out rows scored at each log step (0 = none)
     stop_after: int | None = None        # stop (checkpointed) at this step: tests interrupt runs here
     init_from: Path | None = None        # a finished run's checkpoint.pt to warm-start from
+    # An exported model dir (config.json + model.safetensors) to start from: weights only (the
+    # repository holds no optimizer state), so a fresh AdamW under the recipe's warmup.
+    init_weights: Path | None = None
 
 
 @torch.no_grad()
@@ -201,6 +226,8 @@ def train(cfg: TrainConfig, opts: RunOptions, data: SampleTensors, eos_id: int,
         state = load_checkpoint(ckpt_path, model, opt)
     elif opts.init_from is not None:
         state = warm_start(opts.init_from, model, opt, cfg.max_steps)
+    elif opts.init_weights is not None:
+        load_exported_weights(model, opts.init_weights)
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
@@ -212,7 +239,7 @@ def train(cfg: TrainConfig, opts: RunOptions, data: SampleTensors, eos_id: int,
         ids, num_tokens = next_batch(data, state, cfg)
         for group in opt.param_groups:
             group["lr"] = lr_at(state.step, cfg, state.total_steps)
-        step_losses = compute_loss(model, ids.to(device), num_tokens.to(device), cfg.aux_loss_coef)
+        step_losses = compute_loss(model, ids.to(device), num_tokens.to(device), cfg.aux_loss_coef, cfg.autocast)
         opt.zero_grad(set_to_none=True)
         step_losses.total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
@@ -242,13 +269,19 @@ def train(cfg: TrainConfig, opts: RunOptions, data: SampleTensors, eos_id: int,
     return model, state, losses
 
 
-def export(model: MoeForCausalLM, out_dir: Path, tokenizer_dir: Path) -> Path:
-    """bf16 HF checkpoint (config.json + model.safetensors) with the tokenizer files beside it."""
+def export(model: MoeForCausalLM, out_dir: Path, tokenizer_dir: Path, fim_order: str | None = None) -> Path:
+    """bf16 HF checkpoint (config.json + model.safetensors) with the tokenizer files beside it;
+    ``fim_order`` "spm" declares SPM training in tokenizer_config.json (serve_app/fim.py)."""
     save_model(model.cpu(), out_dir, dtype="bfloat16")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         src, dst = tokenizer_dir / name, out_dir / name
         if src.is_file() and not dst.exists():
             shutil.copyfile(src, dst)
+    config_path = out_dir / "tokenizer_config.json"
+    if fim_order and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["fim_order"] = fim_order
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
@@ -262,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR)
     parser.add_argument("--export", type=Path, help="write the bf16 HF checkpoint here when done")
     parser.add_argument("--resume", action="store_true", help="continue from the run dir's checkpoint")
+    parser.add_argument("--init-weights", type=Path,
+                        help="start from an exported model dir's weights (fresh optimizer and schedule)")
     parser.add_argument("--init-from", type=Path,
                         help="warm-start from another run's checkpoint.pt (same model shape; new schedule)")
     parser.add_argument("--time-budget-min", type=float, help="fit the step count to this training time")
@@ -277,9 +312,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def training_files(corpus: str):
+    """(train files, held-out files, corpus id for the sample cache key, package manifest)."""
     from serve_app.train.corpus import load_split  # heavy: only on a sample-cache miss
+    from serve_app.train.mixture import load_mixture
 
+    if corpus == "stdlib":
+        split = load_split()
+        return split.train, split.heldout, []
+    if corpus == "stdlib+packages":
+        mix = load_mixture()
+        return mix.train, mix.heldout, mix.packages
+    raise SystemExit(f"unknown corpus {corpus!r}: stdlib or stdlib+packages")
+
+
+def corpus_id(corpus: str) -> str:
+    """What the corpus is on this machine, cheaply: the installed distributions for packages."""
+    if corpus == "stdlib":
+        return corpus
+    import importlib.metadata as md
+    from serve_app.train.packages import PackageConfig
+
+    dists = sorted(f"{d.metadata['Name']}=={d.version}" for d in md.distributions())
+    return json.dumps([corpus, dists, asdict(PackageConfig())])
+
+
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,16 +351,21 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(TrainConfig(), **overrides)
     tok_path = args.tokenizer_dir / "tokenizer.json"
     eos_id = Tokenizer.from_file(str(tok_path)).token_to_id(EOS)
-    data_cfg = DataConfig(max_len=cfg.max_len, fim_rate=cfg.fim_rate, seed=cfg.seed)
-    split = functools.cache(load_split)
+    data_cfg = DataConfig(max_len=cfg.max_len, fim_rate=cfg.fim_rate, spm_rate=cfg.spm_rate, seed=cfg.seed)
+    # The held-out probe keeps the earlier releases' PSM-only samples: one curve across releases.
+    heldout_cfg = replace(data_cfg, spm_rate=0.0)
+    files = functools.cache(lambda: training_files(cfg.corpus))
     data_dir = args.data_dir or args.run_dir
     t0 = time.perf_counter()
-    data = prepare_samples(data_dir / "train_samples.pt", lambda: split().train, tok_path, data_cfg,
-                           samples_key(tok_path, data_cfg, "train", None))
-    heldout = prepare_samples(data_dir / "heldout_samples.pt", lambda: split().heldout, tok_path, data_cfg,
-                              samples_key(tok_path, data_cfg, "heldout", 256), max_samples=256)
+    data = prepare_samples(data_dir / "train_samples.pt", lambda: files()[0], tok_path, data_cfg,
+                           samples_key(tok_path, data_cfg, "train", None, corpus_id(cfg.corpus)))
+    heldout = prepare_samples(data_dir / "heldout_samples.pt", lambda: files()[1], tok_path, heldout_cfg,
+                              samples_key(tok_path, heldout_cfg, "heldout", 256), max_samples=256)
     print(f"samples: train {len(data)} heldout {len(heldout)} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    opts = RunOptions(args.run_dir, resume=args.resume, init_from=args.init_from,
+    if cfg.corpus != "stdlib" and not (args.run_dir / "packages.json").is_file():
+        manifest = [asdict(p) for p in files()[2]]
+        (args.run_dir / "packages.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    opts = RunOptions(args.run_dir, resume=args.resume, init_from=args.init_from, init_weights=args.init_weights,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, eval_rows=args.eval_rows,
                       budget_clock=args.budget_clock,
                       time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None)
@@ -313,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), flush=True)
     if args.export:
-        export(model, args.export, args.tokenizer_dir)
+        export(model, args.export, args.tokenizer_dir, fim_order="spm" if cfg.spm_rate > 0 else None)
 
 
 if __name__ == "__main__":

@@ -238,3 +238,28 @@ def test_penalty_out_of_range_is_rejected(field, value):
     with pytest.raises(SamplingParamsError) as err:
         SamplingParams(**{field: value})
     assert err.value.param == field
+
+
+def test_logit_bias_moves_only_its_rows_tokens_and_applies_to_greedy_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    best = logits.argmax(dim=-1)
+    target = int(logits[1].argmin())
+    params = [SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, logit_bias={str(target): 100}),
+              SamplingParams(temperature=0.0, logit_bias={int(best[2]): -100})]
+    before = logits.clone()
+    out = sample(logits, params, [None] * 3, output_ids=[[], [], []])
+    assert out.token_ids[0] == int(best[0]) and out.token_ids[1] == target and out.token_ids[2] != int(best[2])
+    assert torch.equal(logits, before)                         # the caller's logits are not modified
+    # Random rows see the bias too: +100 dominates any temperature-1 draw.
+    hot = sample(logits[:1], [SamplingParams(temperature=1.0, seed=3, logit_bias={7: 100})], [None])
+    assert hot.token_ids == [7]
+
+
+def test_logit_bias_and_penalties_combine():
+    logits = torch.zeros(1, 10)
+    logits[0, 4] = 5.0
+    params = [SamplingParams(temperature=0.0, frequency_penalty=2.0, logit_bias={4: -2.0, 6: 1.5})]
+    # token 4: 5 - 2 (bias) - 2 * 1 (one earlier occurrence) = 1 < token 6: 1.5
+    assert sample(logits, params, [None], output_ids=[[4]]).token_ids == [6]

@@ -15,7 +15,8 @@ def test_defaults_match_the_documented_contract():
     assert (p.frequency_penalty, p.presence_penalty, p.penalized) == (0.0, 0.0, False)
     assert [f.name for f in dataclasses.fields(SamplingParams)] == [
         "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-        "ignore_eos", "n", "logprobs", "frequency_penalty", "presence_penalty"]
+        "ignore_eos", "n", "logprobs", "frequency_penalty", "presence_penalty", "logit_bias"]
+    assert p.logit_bias == ()
 
 
 def test_params_are_frozen():
@@ -90,3 +91,14 @@ def test_boundary_values_are_accepted(kwargs):
     p = SamplingParams(**kwargs)
     for name, value in kwargs.items():
         assert getattr(p, name) == (tuple(value) if isinstance(value, list) else value)
+
+
+def test_logit_bias_is_normalised_from_openai_string_keys_and_checked():
+    params = SamplingParams(logit_bias={"50": 1, 3: -100.0, "7": 2.5})
+    assert params.logit_bias == ((3, -100.0), (7, 2.5), (50, 1.0))
+    assert SamplingParams(logit_bias=None).logit_bias == () == SamplingParams().logit_bias
+    for bad in ({"x": 1}, {"-1": 1}, {"1.5": 1}, {"1": 100.5}, {"1": float("nan")}, {True: 1}, {"1": "2"},
+                {str(i): 1 for i in range(301)}, [1, 2], 5):
+        with pytest.raises(SamplingParamsError) as err:
+            SamplingParams(logit_bias=bad)
+        assert err.value.param == "logit_bias"

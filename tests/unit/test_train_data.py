@@ -5,6 +5,8 @@ not depend on the artifact; the artifact in serve_app/default_model/ is checked 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import ast
 import json
 import textwrap
@@ -289,6 +291,34 @@ def test_fim_samples_have_psm_layout_and_whole_statement_middles(code_tok):
         assert prefix + middle + suffix == SOURCE  # nothing trimmed at this length
         assert middle_parses(middle) and middle.endswith("\n")
         assert ast.dump(ast.parse(prefix + middle + suffix)) == ast.dump(ast.parse(SOURCE))
+
+
+def _spm_layout(tok, sample):
+    """(prefix, suffix, middle) of an SPM row: <PRE><SUF>suffix<MID>prefix middle<EOS>."""
+    ids = list(sample.input_ids[: sample.num_tokens])
+    p, s, m = (tok.token_to_id(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
+    assert ids[:2] == [p, s] and ids.count(m) == 1 and ids[-1] == tok.token_to_id(EOS)
+    return tok.decode(ids[2:ids.index(m)]), tok.decode(ids[ids.index(m) + 1:-1])
+
+
+def test_spm_share_of_fim_samples_follows_spm_rate_and_matches_the_servers_layout(code_tok):
+    files = _files({f"f{i}.py": SOURCE for i in range(40)})
+    config = DataConfig(max_len=2048, fim_rate=1.0, max_middle_tokens=256, spm_rate=0.5)
+    samples = list(iter_training_samples(files, code_tok, config))
+    p, s = code_tok.token_to_id(FIM_PREFIX), code_tok.token_to_id(FIM_SUFFIX)
+    spm = [x for x in samples if x.input_ids[:2] == (p, s)]   # (a hole at the file's start reads alike in both)
+    assert 0.3 < len(spm) / len(samples) < 0.75
+    for sample in spm:
+        suffix, prefix_and_middle = _spm_layout(code_tok, sample)
+        assert SOURCE.endswith(suffix) and prefix_and_middle + suffix == SOURCE
+    # The same layout the server builds for an SPM checkpoint (serve_app.fim.assemble).
+    from serve_app.fim import assemble
+    head = list(spm[0].input_ids[: spm[0].input_ids.index(code_tok.token_to_id(FIM_MIDDLE)) + 1])
+    assert assemble("spm", [], (p, s, code_tok.token_to_id(FIM_MIDDLE)), [], head[2:-1]) == head
+    # spm_rate 0 draws nothing extra: the earlier releases' samples are reproduced exactly.
+    psm_only = list(iter_training_samples(files, code_tok, replace(config, spm_rate=0.0)))
+    before = list(iter_training_samples(files, code_tok, DataConfig(max_len=2048, fim_rate=1.0, max_middle_tokens=256)))
+    assert psm_only == before
 
 
 def test_fim_trimming_respects_budget_and_line_starts(code_tok):

@@ -234,3 +234,39 @@ def test_edit_similarity_is_graded_between_miss_and_exact():
     assert edit_similarity(None, target) == 0.0 and edit_similarity("", target) == 0.0
     near, far = edit_similarity("return self.exception\n", target), edit_similarity("pass\n", target)
     assert 0.9 < near < 1.0 and 0.0 < far < near
+
+
+def test_init_weights_starts_from_an_exported_model_with_a_fresh_optimizer(tmp_path):
+    cfg = tiny_config(max_steps=12)
+    trained, _, _ = run(cfg, tmp_path, "first")
+    export(trained, tmp_path / "exported", tmp_path / "no_tokenizer")
+    _, state, losses = run(replace(cfg, max_steps=2), tmp_path, "second", init_weights=tmp_path / "exported")
+    _, _, cold = run(replace(cfg, max_steps=2), tmp_path, "cold")
+    assert state.step == 2 and losses[0] < 0.7 * cold[0]         # it starts where the export ended
+    with pytest.raises(SystemExit, match="shape differs"):
+        run(replace(cfg, hidden_size=48, max_steps=1), tmp_path, "wrong", init_weights=tmp_path / "exported")
+
+
+def test_bf16_autocast_trains_float32_weights_and_the_loss_tracks_float32():
+    cfg = tiny_config()
+    data = synthetic_samples()
+    results = {}
+    for autocast in ("", "bfloat16"):
+        model = build_model(cfg, EOS)
+        results[autocast] = compute_loss(model, data.input_ids, data.num_tokens, cfg.aux_loss_coef, autocast)
+        results[autocast].total.backward()
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert results["bfloat16"].lm == pytest.approx(results[""].lm, rel=2e-2)
+    assert results["bfloat16"].lm != results[""].lm               # autocast really ran in bf16
+
+
+def test_export_declares_spm_in_the_tokenizer_config(tmp_path):
+    import json
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    model = build_model(tiny_config(), EOS)
+    export(model, tmp_path / "psm", tokenizer_dir)
+    export(model, tmp_path / "spm", tokenizer_dir, fim_order="spm")
+    assert "fim_order" not in json.loads((tmp_path / "psm" / "tokenizer_config.json").read_text())
+    assert json.loads((tmp_path / "spm" / "tokenizer_config.json").read_text())["fim_order"] == "spm"
