@@ -8,6 +8,7 @@ so a client cannot make a replica buffer gigabytes. Parsing errors are 400 in Op
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -17,6 +18,8 @@ from serve_app.api.errors import ApiError, bad_request
 # What we accept as JSON. No Content-Type at all is accepted too: curl users forget it, and the
 # body is still parsed as JSON; an explicit other type is almost always a client bug (form posts).
 _JSON_TYPES = ("application/json",)
+# \uD800-\uDFFF written as a JSON escape; a valid pair decodes to one character, a lone one does not.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -37,10 +40,44 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                           code="invalid_json") from exc
+    except RecursionError as exc:        # thousands of nested [ or {: no API body is like that
+        raise bad_request("the request body is nested too deeply", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got a JSON {type(body).__name__}",
                           code="invalid_json")
+    _check_depth(body, MAX_DEPTH)
+    _check_encodable(text, body)
     return body
+
+
+# The deepest body the API defines is 4 levels (chat content parts); 32 leaves room for clients'
+# extra fields and stays far below what validation (pydantic, recursive) or json.dumps can take.
+MAX_DEPTH = 32
+
+
+def _check_depth(value: Any, limit: int) -> None:
+    """400 when containers nest deeper than ``limit`` (iterative: a deep body cannot overflow this)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise bad_request(f"the request body nests deeper than {limit} levels", code="invalid_json")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+
+
+def _check_encodable(text: str, body: dict) -> None:
+    """400 for a lone UTF-16 surrogate escape (``"\\ud800"``): JSON allows it, but the string is not
+    Unicode text; tokenizers and every later ``encode`` would fail on it (a 500 before this)."""
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return                           # no surrogate escape at all: the common case costs one scan
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request("the request body holds a lone UTF-16 surrogate escape (e.g. \\ud800 without its "
+                          "pair), which is not valid Unicode text", code="invalid_encoding") from exc
 
 
 def _check_content_type(content_type: str | None) -> None:

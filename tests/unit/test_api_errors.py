@@ -49,7 +49,21 @@ def _chat(**kw) -> dict[str, Any]:
 
 
 JSON = {"Content-Type": "application/json"}
+DEEP = b"[" * 5000 + b"]" * 5000
 BAD_INPUTS = [
+    # Found by hand probes (issue 17): each was a 500 before body.py refused it.
+    BadInput("5000-deep array as the body", 400, content=DEEP, headers=JSON),
+    BadInput("5000-deep array as the prompt", 400, content=b'{"prompt": ' + DEEP + b'}', headers=JSON),
+    BadInput("40-deep array as the prompt", 400, content=b'{"prompt": ' + b"[" * 40 + b"]" * 40 + b'}', headers=JSON),
+    BadInput("5000-deep chat body", 400, path=CHAT, content=b'{"messages": ' + DEEP + b'}', headers=JSON),
+    BadInput("lone surrogate in the prompt", 400, content=b'{"prompt": "\\ud800x"}', headers=JSON),
+    BadInput("lone low surrogate in a stop string", 400, content=b'{"prompt": "x", "stop": ["\\uDFFF"]}', headers=JSON),
+    BadInput("lone surrogate in chat content", 400, path=CHAT,
+             content=b'{"messages": [{"role": "user", "content": "\\ud800"}]}', headers=JSON),
+    BadInput("lone surrogate in a FIM prefix", 400, path=FIM, content=b'{"prefix": "\\ud800", "suffix": "a"}',
+             headers=JSON),
+    BadInput("lone surrogate in a logit_bias key", 400, content=b'{"prompt": "x", "logit_bias": {"\\ud800": 1}}',
+             headers=JSON),
     BadInput("malformed json", 400, content=b'{"prompt": "x",', headers=JSON),
     BadInput("json array body", 400, content=b"[1, 2]", headers=JSON),
     BadInput("empty body", 400, content=b"", headers=JSON),
@@ -152,6 +166,16 @@ async def test_bad_input_gets_its_status_and_an_openai_error_then_service_goes_o
         ok = await client.post("/v1/completions", json=_ok(max_tokens=1))
         assert ok.status_code == 200, ok.text
     assert engine_is_idle(engine)
+
+
+async def test_escaped_surrogate_pairs_and_moderate_nesting_are_fine(app):
+    # An emoji written as its JSON surrogate pair is one valid character, unlike a lone half.
+    async with http_client(app, API_KEY) as client:
+        pair = await client.post("/v1/completions", content=b'{"prompt": "x = \\ud83d\\ude00", "max_tokens": 1}',
+                                 headers=JSON)
+        chat = await client.post(CHAT, json=_chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]))
+    assert pair.status_code == 200, pair.text
+    assert chat.status_code == 200, chat.text
 
 
 def test_the_bad_input_table_is_big_enough():
