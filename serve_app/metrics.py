@@ -154,11 +154,15 @@ class EngineMetricsObserver:
         m.observe("moe_step_seconds", stats.duration_s)
         m.observe("moe_batch_size", stats.num_seqs)
         m.observe("moe_batch_tokens", stats.num_tokens)
-        self._gauges[lane] = (stats.num_running, stats.num_waiting, stats.kv_blocks_used, stats.kv_blocks_total)
-        totals = [sum(g[i] for g in self._gauges.values()) for i in range(4)]
-        for name, value in zip(("moe_requests_running", "moe_requests_waiting", "moe_kv_blocks_used",
-                                "moe_kv_blocks_total"), totals):
-            m.set(name, value)
+        # Update and publish under one lock: lanes step in their own threads, and a lane that summed
+        # the totals before the other's update must not publish after it (the gauges would stay
+        # stale once both go idle).
+        with self._lock:
+            self._gauges[lane] = (stats.num_running, stats.num_waiting, stats.kv_blocks_used, stats.kv_blocks_total)
+            totals = [sum(g[i] for g in self._gauges.values()) for i in range(4)]
+            for name, value in zip(("moe_requests_running", "moe_requests_waiting", "moe_kv_blocks_used",
+                                    "moe_kv_blocks_total"), totals):
+                m.set(name, value)
         m.inc("moe_prefix_cache_queries_total", stats.prefix_queries)
         m.inc("moe_prefix_cache_hits_total", stats.prefix_hits)
         for t in stats.token_timings:

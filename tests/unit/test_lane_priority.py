@@ -142,15 +142,23 @@ def test_lanes_send_quantized_requests_to_the_fast_engine_and_full_ones_to_the_f
     lanes = Lanes(model, EngineConfig(block_size=4, num_kv_blocks=128), CodeTokenizer.from_dir(model_dir))
     assert set(lanes.engines) == {"fast", "full"} and lanes.gate is not None
 
-    async def run():
-        async def final(rid, precision):
-            return [o async for o in lanes.generate(rid, [5, 6, 7], greedy(5), precision=precision)][-1]
-        return await asyncio.gather(final("q", "int8"), final("f", "full"))
+    async def final(rid, precision):
+        return [o async for o in lanes.generate(rid, [5, 6, 7], greedy(5), precision=precision)][-1]
+
+    def steps() -> dict[str, int]:
+        return {name: engine.core.num_steps for name, engine in lanes.engines.items()}
 
     try:
-        quantized, full = asyncio.run(asyncio.wait_for(run(), timeout=120))
-        steps = {name: engine.core.num_steps for name, engine in lanes.engines.items()}
-        assert quantized.finished and full.finished and steps["fast"] >= 5 and steps["full"] >= 5
+        # One at a time, so each request's steps can only have come from the lane that ran it
+        # (both engines share the model and accept either precision: only the step counts tell).
+        before = steps()
+        quantized = asyncio.run(asyncio.wait_for(final("q", "int8"), timeout=120))
+        after_q = steps()
+        full = asyncio.run(asyncio.wait_for(final("f", "full"), timeout=120))
+        after_f = steps()
+        assert quantized.finished and full.finished
+        assert after_q["fast"] - before["fast"] >= 5 and after_q["full"] == before["full"]
+        assert after_f["full"] - after_q["full"] >= 5 and after_f["fast"] == after_q["fast"]
         assert lanes.alive and lanes.dead_lanes() == []
         assert sum(lanes.snapshot(lambda core: core.blocks.num_used_blocks)) == 0
     finally:

@@ -77,3 +77,48 @@ def test_embedded_metrics_count_requests_tokens_cache_hits_and_experts(app):
 def test_descriptions_are_ascii_because_ray_metrics_reject_anything_else():
     for d in DEFINITIONS:
         d.description.encode("ascii")
+
+
+def test_lane_gauges_are_never_left_stale_when_two_lanes_step_at_once():
+    """Issue 17, race 3: both lane threads wrote the summed gauges without a lock, so a lane could
+    overwrite the other's newer totals with stale ones; if both then went idle, the gauges stayed
+    wrong (KV blocks "in use" on an idle server). Forced interleaving: lane A is held inside its
+    gauge update while lane B reports idle; A must not publish a total that misses B's update."""
+    import threading
+
+    from serve_app.engine.stats import StepStats
+    from serve_app.metrics import EngineMetricsObserver, Metrics
+
+    metrics = Metrics("prometheus")
+    observer = EngineMetricsObserver(metrics)
+    fast, full = observer.lane("fast"), observer.lane("full")
+    full.on_step(StepStats(0.01, 1, 1, num_running=1, num_waiting=0, kv_blocks_used=7, kv_blocks_total=10,
+                           prefix_queries=0, prefix_hits=0))
+    b_done, a_inside = threading.Event(), threading.Event()
+    real_set = metrics.set
+
+    def slow_set(name, value, **tags):      # lane A, once: wait (bounded) for lane B to finish
+        if threading.current_thread().name == "lane-a" and not a_inside.is_set():
+            a_inside.set()
+            b_done.wait(timeout=0.5)
+        real_set(name, value, **tags)
+    metrics.set = slow_set
+
+    def lane_a():
+        fast.on_step(StepStats(0.01, 1, 1, num_running=0, num_waiting=0, kv_blocks_used=0, kv_blocks_total=10,
+                               prefix_queries=0, prefix_hits=0))
+
+    def lane_b():
+        a_inside.wait(timeout=5)
+        full.on_step(StepStats(0.01, 1, 1, num_running=0, num_waiting=0, kv_blocks_used=0, kv_blocks_total=10,
+                               prefix_queries=0, prefix_hits=0))
+        b_done.set()
+
+    threads = [threading.Thread(target=lane_a, name="lane-a"), threading.Thread(target=lane_b, name="lane-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    text = metrics.exposition().decode()
+    assert "moe_kv_blocks_used 0.0" in text and "moe_requests_running 0.0" in text, text
+    assert "moe_kv_blocks_total 20.0" in text
