@@ -31,6 +31,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+import string
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+_PUNCTUATION = frozenset(string.punctuation)   # ASCII: the brackets and operators of code
 _PROBE_TEXT = "x"  # any plain text; encoding it shows what the post-processor adds around a text
 
 
@@ -268,6 +270,22 @@ class CodeTokenizer:
         """eos, generation_config eos ids, and the end-of-turn tokens of STOP_TOKEN_CANDIDATES in the vocabulary."""
         found = [self.eos_token_id, *self._extra_eos_ids, *(self._tok.token_to_id(t) for t in STOP_TOKEN_CANDIDATES)]
         return tuple(sorted({i for i in found if i is not None}))
+
+    @cached_property
+    def structural_token_ids(self) -> tuple[int, ...]:
+        """Ids whose text is only whitespace and ASCII punctuation (indents, newlines, brackets,
+        colons, commas): what code repeats by nature, which a penalty with
+        `penalty_skips_structural` leaves alone. Special tokens are not structural. One decode per
+        vocabulary entry, on first use (~1 s for a 150k vocabulary)."""
+        special = set(self._tok.get_added_tokens_decoder())
+        out = []
+        for token_id in range(self.vocab_size):
+            if token_id in special:
+                continue
+            text = self._tok.decode([token_id], skip_special_tokens=False)
+            if text and all(c.isspace() or c in _PUNCTUATION for c in text):
+                out.append(token_id)
+        return tuple(out)
 
     # -- FIM ------------------------------------------------------------------------------------
 

@@ -232,11 +232,14 @@ async def _tokenize(build: Callable[[], list[int]], param: str, num_chars: int) 
 
 
 def _penalties(req, settings: ApiSettings) -> dict:
-    """The request's penalties (the checkpoint's defaults for those it leaves out) and logit bias."""
+    """The request's penalties (the checkpoint's defaults for those it leaves out) and logit bias.
+    A checkpoint's `penalty_skips_structural` applies while its default penalties do: a client that
+    sends a penalty gets OpenAI's."""
     defaults = settings.generation_defaults
-    values = {name: getattr(req if name in req.model_fields_set else defaults, name)
-              for name in ("frequency_penalty", "presence_penalty")}
-    return {**values, "logit_bias": getattr(req, "logit_bias", None)}
+    names = ("frequency_penalty", "presence_penalty")
+    values = {name: getattr(req if name in req.model_fields_set else defaults, name) for name in names}
+    skips = defaults.penalty_skips_structural and not any(name in req.model_fields_set for name in names)
+    return {**values, "penalty_skips_structural": skips, "logit_bias": getattr(req, "logit_bias", None)}
 
 
 def _sampling_params(aliases: dict[str, str], **values) -> SamplingParams:

@@ -25,10 +25,14 @@ class GenerationDefaults:
     because, greedy, it loops on one line until ``max_tokens`` (its MODEL_CARD has the numbers)."""
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # The default penalties leave whitespace/punctuation tokens alone (SamplingParams'
+    # penalty_skips_structural); penalties a client sends keep OpenAI's meaning.
+    penalty_skips_structural: bool = False
 
     def __post_init__(self) -> None:
         try:
-            SamplingParams(frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
+            SamplingParams(frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                           penalty_skips_structural=self.penalty_skips_structural)
         except SamplingParamsError as exc:
             raise ValueError(f"generation_config.json: {exc}") from exc
 

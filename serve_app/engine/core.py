@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Iterable
 
+import torch
+
 from serve_app.config import EngineConfig
 from serve_app.engine.block_manager import BlockManager, OutOfBlocksError
 from serve_app.engine.runner import ModelRunner
@@ -49,6 +51,7 @@ class EngineCore:
         self.eos_token_ids = frozenset(eos)
         self.num_steps = 0
         self.last_step: SchedulerOutput | None = None
+        self._structural: torch.Tensor | None = None   # [V] bool, see _structural_mask
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -158,6 +161,16 @@ class EngineCore:
                 log.exception("engine observer failed; the step's outputs are delivered anyway")
         return outputs
 
+    def _structural_mask(self, logits) -> torch.Tensor:
+        """[V] bool of the tokenizer's structural tokens, built on first use (penalty_skips_structural)."""
+        if self._structural is None:
+            mask = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+            if self.tokenizer is not None:
+                ids = [t for t in self.tokenizer.structural_token_ids if t < logits.shape[1]]
+                mask[ids] = True
+            self._structural = mask
+        return self._structural
+
     def _step_stats(self, batch: SchedulerOutput, duration_s: float, outputs: list[RequestOutput]) -> StepStats:
         prefix = self.blocks.prefix_cache_stats
         queries, hits = prefix.queries - self._prefix_seen[0], prefix.hits - self._prefix_seen[1]
@@ -187,7 +200,8 @@ class EngineCore:
         if len(row_of) != len(seqs):
             logits = logits[row_of]
         output_ids = [c.output_token_ids for c in targets] if any(p.penalized for p in params) else None
-        result = sample(logits, params, generators, output_ids)
+        structural = self._structural_mask(logits) if any(p.penalty_skips_structural for p in params) else None
+        result = sample(logits, params, generators, output_ids, structural)
         touched: dict[str, Request] = {}
         for cand, token, lp in zip(targets, result.token_ids, result.logprobs):
             self._append_token(cand, token, lp)

@@ -22,6 +22,8 @@ Design:
   too: a token's logit drops by frequency × (times this sequence generated it) + presence × (it did
   at all). Prompt tokens do not count, as in OpenAI's definition. Only rows that ask pay for it
   (one bincount each), on a copy of the logits.
+- `penalty_skips_structural` (ours) drops the (row, token) pairs of whitespace/punctuation tokens
+  from that sparse update: indents and brackets recur in correct code.
 - `logit_bias` (OpenAI's) is added right after the penalties, to greedy rows too; like them it
   costs only rows that ask (one indexed add on the same copy).
 - Logprobs come from `log_softmax` of the raw (un-tempered, unfiltered, unpenalized) logits, like
@@ -72,15 +74,17 @@ def make_generator(params: SamplingParams, candidate_index: int = 0,
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None],
-           output_ids: Sequence[Sequence[int]] | None = None) -> SamplerOutput:
+           output_ids: Sequence[Sequence[int]] | None = None,
+           structural: torch.Tensor | None = None) -> SamplerOutput:
     """Pick one token per row of `logits` [B, V] with that row's params and generator.
     `output_ids`: the tokens each row's sequence generated so far; needed only when a row's
-    params are `penalized`."""
+    params are `penalized`. `structural` [V] bool: the tokens that rows with
+    `penalty_skips_structural` do not penalize (needed only for such rows)."""
     _check_inputs(logits, params, generators, output_ids)
     B, V = logits.shape
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     raw = logits
-    logits = _apply_penalties(logits, params, output_ids)  # [B, V] raw unless a row is penalized
+    logits = _apply_penalties(logits, params, output_ids, structural)  # [B, V] raw unless a row asks
 
     if len(random_rows) < B:
         token_ids = logits.argmax(dim=-1)  # [B] greedy rows are final; random rows overwritten below
@@ -114,7 +118,8 @@ def _check_inputs(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
-                     output_ids: Sequence[Sequence[int]] | None) -> torch.Tensor:
+                     output_ids: Sequence[Sequence[int]] | None,
+                     structural: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] with each penalized row lowered on the tokens it generated and each biased
     row's logit_bias added; the input when no row asks for either (no copy)."""
     rows = [i for i, p in enumerate(params) if p.penalized and output_ids[i]]
@@ -137,6 +142,14 @@ def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
     keys = torch.tensor([i * V + t for i in rows for t in output_ids[i]], device=dev)      # [N]
     pairs, counts = torch.unique(keys, return_counts=True)                                  # [U], [U]
     row_of, token_of = pairs // V, pairs % V                                                # [U]
+    skips = [i for i in rows if params[i].penalty_skips_structural]
+    if skips:
+        if structural is None:
+            raise SamplerError("rows with penalty_skips_structural need the structural token mask")
+        skip_row = torch.zeros(len(params), dtype=torch.bool, device=dev)
+        skip_row[skips] = True
+        keep = ~(skip_row[row_of] & structural[token_of])                                   # [U]
+        pairs, counts, row_of, token_of = pairs[keep], counts[keep], row_of[keep], token_of[keep]
     freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=dev)  # [B]
     pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=dev)   # [B]
     out[row_of, token_of] -= freq[row_of] * counts.to(logits.dtype) + pres[row_of]

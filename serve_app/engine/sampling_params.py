@@ -57,6 +57,10 @@ class SamplingParams:
     # drops by frequency_penalty per earlier occurrence, and by presence_penalty once if it occurred.
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # Ours: the penalties leave "structural" tokens alone (only whitespace and punctuation:
+    # indents, newlines, brackets; the tokenizer's `structural_token_ids`). Code repeats those by
+    # nature, so OpenAI's penalty, which counts them too, pushes a code model off correct code.
+    penalty_skips_structural: bool = False
     # OpenAI's logit_bias: (token id, bias) pairs added to the logits before any sampling transform,
     # greedy rows included; a {id: bias} dict (ids as ints or decimal strings) is normalised, sorted.
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -71,8 +75,9 @@ class SamplingParams:
         _check_int("top_k", self.top_k, low=-1)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=MAX_SEED - 1)
-        if not isinstance(self.ignore_eos, bool):
-            raise SamplingParamsError("ignore_eos", f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for flag in ("ignore_eos", "penalty_skips_structural"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SamplingParamsError(flag, f"{flag} must be a bool, got {getattr(self, flag)!r}")
         _check_int("n", self.n, low=1, high=MAX_N)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)

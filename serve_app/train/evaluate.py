@@ -74,7 +74,9 @@ class EvalOptions:
     latency_repeats: int = 5
     num_examples: int = 3              # FIM completions copied into the report for a reader
     fim_frequency_penalty: float = 0.0  # OpenAI frequency_penalty for the FIM completions (0 = plain greedy)
-    fim_penalty_sweep: str = "0.5,1.0,1.5,2.0"  # frequency penalties of the ``fim_sweep`` part
+    # frequency penalties of the ``fim_sweep`` part; "0.5s": the same penalty skipping whitespace and
+    # punctuation tokens (SamplingParams.penalty_skips_structural)
+    fim_penalty_sweep: str = "0.5,1.0,1.5,2.0,0.5s,1.0s,1.5s,2.0s"
 
 
 # --- prompt fitting --------------------------------------------------------------------------
@@ -241,7 +243,8 @@ def fim_metrics(llm: "Generator", code_tok: CodeTokenizer, budget: Budget, cases
     errors_before = llm.engine_errors
     texts = llm.texts(prompts, SamplingParams(temperature=0.0, max_tokens=opts.fim_max_tokens,
                                               frequency_penalty=penalties.frequency_penalty,
-                                              presence_penalty=penalties.presence_penalty))
+                                              presence_penalty=penalties.presence_penalty,
+                                              penalty_skips_structural=penalties.penalty_skips_structural))
     exact = parses = nonempty_parses = empty_parses = 0
     similarity = 0.0
     examples = []
@@ -260,6 +263,7 @@ def fim_metrics(llm: "Generator", code_tok: CodeTokenizer, budget: Budget, cases
                              "expected": case.middle, "completion": text})
     n = max(len(cases), 1)
     return {"cases": len(cases), "order": order, "frequency_penalty": penalties.frequency_penalty,
+            "penalty_skips_structural": penalties.penalty_skips_structural,
             "presence_penalty": penalties.presence_penalty,
             "exact_match": round(exact / n, 4), "edit_similarity": round(similarity / n, 4),
             "parse_rate": round(parses / n, 4), "parse_rate_nonempty": round(nonempty_parses / n, 4),
@@ -346,7 +350,9 @@ def evaluate(model_dir: Path, opts: EvalOptions, parts: tuple[str, ...] = PARTS,
         report["fim_with_shipped_defaults"] = fim(GenerationDefaults.from_model_dir(model_dir))
     if "fim_sweep" in parts:
         report["fim_frequency_penalty_sweep"] = {
-            p: {k: v for k, v in fim(GenerationDefaults(frequency_penalty=float(p))).items() if k != "examples"}
+            p: {k: v for k, v in fim(GenerationDefaults(frequency_penalty=float(p.rstrip("s")),
+                                                       penalty_skips_structural=p.endswith("s"))).items()
+                if k != "examples"}
             for p in opts.fim_penalty_sweep.split(",") if p}
     if "latency" in parts:
         longest = max(heldout, key=lambda f: len(f.text))

@@ -110,6 +110,25 @@ async def test_checkpoint_penalty_defaults_fill_only_what_the_request_leaves_out
     assert explicit["choices"][0]["text"] == plain
 
 
+async def test_a_checkpoints_structural_skipping_penalty_applies_only_with_its_default_penalty(
+        engine, tokenizer, llm, tmp_path):
+    from serve_app.api.settings import GenerationDefaults
+
+    (tmp_path / "generation_config.json").write_text('{"frequency_penalty": 2.0, "penalty_skips_structural": true}')
+    defaults = GenerationDefaults.from_model_dir(tmp_path)
+    assert defaults.penalty_skips_structural
+
+    def offline(**penalties) -> str:
+        return llm.generate(PROMPT, SamplingParams(max_tokens=32, temperature=0.0, **penalties))[0].outputs[0].text
+    skipping = offline(frequency_penalty=2.0, penalty_skips_structural=True)
+    async with http_client(make_app(engine, tokenizer, generation_defaults=defaults)) as c:
+        implicit = (await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0})).json()
+        explicit = (await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0,
+                                                          "frequency_penalty": 2.0})).json()
+    assert implicit["choices"][0]["text"] == skipping
+    assert explicit["choices"][0]["text"] == offline(frequency_penalty=2.0)    # a client's penalty is OpenAI's
+
+
 def test_generation_defaults_are_checked_when_the_model_loads(tmp_path):
     from serve_app.api.settings import GenerationDefaults
 

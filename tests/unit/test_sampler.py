@@ -263,3 +263,17 @@ def test_logit_bias_and_penalties_combine():
     params = [SamplingParams(temperature=0.0, frequency_penalty=2.0, logit_bias={4: -2.0, 6: 1.5})]
     # token 4: 5 - 2 (bias) - 2 * 1 (one earlier occurrence) = 1 < token 6: 1.5
     assert sample(logits, params, [None], output_ids=[[4]]).token_ids == [6]
+
+
+def test_penalty_skips_structural_tokens_only_for_rows_that_ask():
+    logits = torch.zeros(2, 6)
+    logits[:, 2] = 1.0                                  # token 2 (say "    ") leads, token 5 next
+    logits[:, 5] = 0.5
+    structural = torch.tensor([False, False, True, False, False, False])
+    params = [SamplingParams(temperature=0.0, frequency_penalty=1.0),
+              SamplingParams(temperature=0.0, frequency_penalty=1.0, penalty_skips_structural=True)]
+    out = sample(logits, params, [None, None], output_ids=[[2], [2, 5]], structural=structural)
+    # Row 0: token 2 pays 1.0 → 0.0 < token 5's 0.5. Row 1: token 2 keeps 1.0; token 5 pays → -0.5.
+    assert out.token_ids == [5, 2]
+    with pytest.raises(SamplerError, match="structural"):
+        sample(logits, params, [None, None], output_ids=[[2], [2]])

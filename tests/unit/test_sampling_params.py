@@ -15,7 +15,8 @@ def test_defaults_match_the_documented_contract():
     assert (p.frequency_penalty, p.presence_penalty, p.penalized) == (0.0, 0.0, False)
     assert [f.name for f in dataclasses.fields(SamplingParams)] == [
         "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-        "ignore_eos", "n", "logprobs", "frequency_penalty", "presence_penalty", "logit_bias"]
+        "ignore_eos", "n", "logprobs", "frequency_penalty", "presence_penalty", "penalty_skips_structural",
+        "logit_bias"]
     assert p.logit_bias == ()
 
 

@@ -397,6 +397,19 @@ def shipped_tok():
     return Tokenizer.from_file(str(path))
 
 
+def test_structural_tokens_are_whitespace_and_punctuation_only():
+    from serve_app.config import default_model_dir
+    from serve_app.tokenizer import CodeTokenizer
+
+    tok = CodeTokenizer.from_dir(default_model_dir())
+    structural = set(tok.structural_token_ids)
+    for text in ("    ", "\n", "(", "):", "\n        "):
+        assert set(tok.encode(text)) <= structural, text
+    for text in ("def", "self", "x", "return"):
+        assert not set(tok.encode(text)) & structural, text
+    assert not structural & set(tok.stop_token_ids) and tok.token_to_id("<fim_middle>") not in structural
+
+
 def test_shipped_tokenizer_has_contract(shipped_tok):
     assert shipped_tok.get_vocab_size() == 8192
     assert [shipped_tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
