@@ -130,7 +130,9 @@ def engine_config(w: Workload, scheduling: str, whole_batch: bool = False) -> En
     per_request = -(-(w.prompt_len[1] + w.new_tokens[1]) // block)
     budget = dict(max_num_batched_tokens=w.concurrency * w.prompt_len[1],
                   long_prefill_chunk=w.prompt_len[1]) if whole_batch else {}
+    # No load shedding: the queue is the workload here (every request must run).
     return EngineConfig(max_num_seqs=w.concurrency, num_kv_blocks=w.concurrency * per_request + 64,
+                        max_queue_delay_s=None,
                         scheduling=scheduling, **budget)
 
 

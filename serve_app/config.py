@@ -33,6 +33,11 @@ class EngineConfig:
     # Retry-After) instead of growing a queue whose tail latency nobody wants.
     max_waiting_requests: int = 256
     max_waiting_tokens: int = 65536
+    # Shed load by queue delay (CoDel's signal: how long the head of the queue has waited, not how
+    # long the queue is): while the oldest waiting request has waited longer than this, new ones
+    # are refused. A count limit alone lets a queue of short-lived requests grow to seconds of wait
+    # at 5x overload; an inline completion that waited 1 s is stale before it starts. None = off.
+    max_queue_delay_s: float | None = 1.0
     # What a rejected client is told to wait before retrying.
     retry_after_s: float = 1.0
     # "continuous" admits work every step; "static" only when the running batch has drained
@@ -44,6 +49,8 @@ class EngineConfig:
                      "long_prefill_chunk", "max_waiting_requests", "max_waiting_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_delay_s is not None and not self.max_queue_delay_s > 0:
+            raise ValueError(f"EngineConfig.max_queue_delay_s must be > 0 or None, got {self.max_queue_delay_s}")
         if self.scheduling not in ("continuous", "static"):
             raise ValueError(f"EngineConfig.scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
 

@@ -122,6 +122,12 @@ class EngineCore:
         if queued + num_prompt_tokens > self.cfg.max_waiting_tokens:
             raise EngineOverloadedError(f"{queued} prompt tokens are already waiting (limit "
                                         f"{self.cfg.max_waiting_tokens})", self.cfg.retry_after_s)
+        limit = self.cfg.max_queue_delay_s
+        if limit is not None and waiting:
+            waited = time.monotonic() - waiting[0].request.times.arrival
+            if waited > limit:
+                raise EngineOverloadedError(f"the oldest waiting request has waited {waited:.2f} s "
+                                            f"(limit {limit:g} s)", self.cfg.retry_after_s)
 
     def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         detok = None

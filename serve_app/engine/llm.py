@@ -32,6 +32,8 @@ class LLM:
                 from serve_app.tokenizer import CodeTokenizer
                 tokenizer = CodeTokenizer.from_dir(model_dir)
         self.model, self.tokenizer = model, tokenizer
+        # Offline work has no latency to protect: no load shedding by queue delay unless asked.
+        engine_options.setdefault("max_queue_delay_s", None)
         self.engine = EngineCore(model, EngineConfig(**engine_options), tokenizer)
         self._ids = itertools.count()
 

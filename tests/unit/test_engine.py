@@ -169,6 +169,32 @@ def test_backpressure_rejects_beyond_limits_and_accepts_again(model_dir):
     assert engine.blocks.num_used_blocks == 0
 
 
+def test_queue_delay_limit_sheds_new_requests_while_the_queue_head_is_stale(model_dir):
+    import time
+
+    engine = create_engine(model_dir, max_num_seqs=1, max_queue_delay_s=0.05)
+    rng = random.Random(8)
+    engine.add_request("a", _prompt(rng, 5), greedy(20))
+    engine.step()                                    # a runs; the one running slot is taken
+    engine.add_request("b", _prompt(rng, 5), greedy(2))
+    engine.add_request("c", _prompt(rng, 5), greedy(2))   # b waited < 50 ms: still admitted
+    time.sleep(0.08)
+    with pytest.raises(EngineOverloadedError, match="oldest waiting request has waited") as exc:
+        engine.add_request("d", _prompt(rng, 5), greedy(2))
+    assert exc.value.retry_after_s > 0
+    engine.run_until_done(["a", "b", "c"])            # the queue drains: admission opens again
+    engine.add_request("d", _prompt(rng, 5), greedy(2))
+    engine.run_until_done()
+    assert engine.blocks.num_used_blocks == 0
+    off = create_engine(model_dir, max_num_seqs=1, max_queue_delay_s=None)
+    off.add_request("a", _prompt(rng, 5), greedy(5))
+    off.step()
+    off.add_request("b", _prompt(rng, 5), greedy(2))
+    time.sleep(0.08)
+    off.add_request("c", _prompt(rng, 5), greedy(2))      # no delay limit: only the count limits apply
+    off.run_until_done()
+
+
 def test_waiting_token_limit_rejects(model_dir):
     engine = create_engine(model_dir, max_waiting_tokens=20)
     engine.add_request("a", _prompt(random.Random(7), 15), greedy(2))
