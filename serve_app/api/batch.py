@@ -2,7 +2,8 @@
 
 Each prompt becomes its own engine request (`{response id}-{i}`): its own tier and precision, its
 own prefix-cache hits, batched with everything else by the engine. The response has one choice
-per prompt and candidate, `index = prompt * n + candidate` (OpenAI's rule), usage summed over the
+per prompt and candidate, `index = prompt * n + candidate` (OpenAI's rule; a running sum of the
+earlier prompts' choices when a tier returns more), usage summed over the
 prompts, and, for the tier and precision fields, those of the first prompt (each prompt was
 classified on its own; a response has one such field).
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+
+import anyio
 from dataclasses import replace
 from typing import AsyncIterator
 
@@ -48,18 +51,32 @@ class BatchCompletion:
         self.outputs = [client.generate(p.request_id, p.prompt_token_ids, p.params, tag=p.tier.tier.value,
                                         precision=p.precision, stream=p.stream) for p in parts]
         self.finished = [False] * len(parts)
+        # Choice index of each prompt's first candidate: prompts may return different numbers of
+        # choices (an unranked tier returns all its candidates), so offsets are a running sum.
+        self.offsets = [sum(p.tier.n for p in parts[:i]) for i in range(len(parts))]
 
     # ---- whole response ------------------------------------------------------------------------
 
     async def response(self, request: Request, deadline: float, timeout_s: float) -> CompletionResponse:
         try:
-            finals = await run_guarded(request, asyncio.gather(*(last_output(o) for o in self.outputs)),
-                                       deadline, timeout_s)
+            finals = await run_guarded(request, self._all(last_output), deadline, timeout_s)
             self.finished = [True] * len(self.parts)
         finally:
             await self.abort_all()
         bodies = [r.response(f) for r, f in zip(self.renderers, finals)]
         return self._merge(bodies, [b.usage for b in bodies])
+
+    async def _all(self, read) -> list:
+        """read(outputs) for every prompt at once; when one fails (a 429 for prompt 2), the others
+        are cancelled and awaited before the error goes on, so no iterator is left running."""
+        tasks = [asyncio.ensure_future(read(o)) for o in self.outputs]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- stream --------------------------------------------------------------------------------
 
@@ -67,8 +84,7 @@ class BatchCompletion:
         """Every prompt's first output: admission errors of any prompt surface here, before the
         response starts (the status can still say what went wrong)."""
         try:
-            firsts = await run_guarded(request, asyncio.gather(*(anext(o, None) for o in self.outputs)),
-                                       deadline, timeout_s)
+            firsts = await run_guarded(request, self._all(lambda o: anext(o, None)), deadline, timeout_s)
         except BaseException:
             await self.abort_all()
             raise
@@ -104,11 +120,12 @@ class BatchCompletion:
                 yield sse(self._merge([], usages).model_dump_json())
         except Exception as exc:         # noqa: BLE001 - the status is sent; report in-band
             error = from_exception(exc)
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            await self.abort_all()
+        finally:                         # a disconnect cancels us here: the clean-up must still finish
+            with anyio.CancelScope(shield=True):
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+                await self.abort_all()
         if error is not None:
             yield sse(json.dumps(error.body()))
         yield DONE_EVENT
@@ -131,11 +148,11 @@ class BatchCompletion:
             finally:
                 if not self.finished[i]:
                     await self.client.abort(self.parts[i].request_id)
-        await asyncio.shield(asyncio.gather(*(close(i) for i in range(len(self.parts))), return_exceptions=True))
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*(close(i) for i in range(len(self.parts))), return_exceptions=True)
 
     def _reindex(self, body: CompletionResponse, prompt: int) -> CompletionResponse:
-        n = self.parts[prompt].tier.n
-        choices = [c.model_copy(update={"index": prompt * n + c.index}) for c in body.choices]
+        choices = [c.model_copy(update={"index": self.offsets[prompt] + c.index}) for c in body.choices]
         return body.model_copy(update={"id": self.response_id, "choices": choices})
 
     def _merge(self, bodies: list[CompletionResponse], usages: list[Usage | None]) -> CompletionResponse:

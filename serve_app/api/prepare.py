@@ -70,7 +70,7 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> P
     tier = _resolve_tier(req, settings, prefix=req.prompt if isinstance(req.prompt, str) else "",
                          suffix=req.suffix or "", max_tokens=_max_tokens_sent(req),
                          kind="fim" if req.suffix is not None else "completion", stop=_stops(req.stop))
-    if req.best_of is not None and req.best_of > req.n:     # OpenAI's best_of replaces any tier ranking
+    if req.best_of is not None:         # OpenAI's best_of: exactly that many candidates, no tier ranking
         tier = replace(tier, n=req.n, num_candidates=req.best_of, rank_by_mean_logprob=False,
                        reasons=(*tier.reasons, "best_of"))
     dropped = 0
@@ -234,11 +234,13 @@ async def _tokenize(build: Callable[[], list[int]], param: str, num_chars: int) 
 def _penalties(req, settings: ApiSettings) -> dict:
     """The request's penalties (the checkpoint's defaults for those it leaves out) and logit bias.
     A checkpoint's `penalty_skips_structural` applies while its default penalties do: a client that
-    sends a penalty gets OpenAI's."""
+    sends a non-zero penalty gets OpenAI's."""
     defaults = settings.generation_defaults
     names = ("frequency_penalty", "presence_penalty")
     values = {name: getattr(req if name in req.model_fields_set else defaults, name) for name in names}
-    skips = defaults.penalty_skips_structural and not any(name in req.model_fields_set for name in names)
+    # Skipping holds while every penalty in force is the checkpoint's (a client's 0 just turns one off).
+    skips = defaults.penalty_skips_structural and not any(
+        name in req.model_fields_set and getattr(req, name) != 0 for name in names)
     return {**values, "penalty_skips_structural": skips, "logit_bias": getattr(req, "logit_bias", None)}
 
 

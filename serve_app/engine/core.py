@@ -52,6 +52,8 @@ class EngineCore:
         self.num_steps = 0
         self.last_step: SchedulerOutput | None = None
         self._structural: torch.Tensor | None = None   # [V] bool, see _structural_mask
+        if tokenizer is not None:       # decoded once here, not on the engine thread mid-traffic
+            _ = tokenizer.structural_token_ids
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -123,8 +125,11 @@ class EngineCore:
             raise EngineOverloadedError(f"{queued} prompt tokens are already waiting (limit "
                                         f"{self.cfg.max_waiting_tokens})", self.cfg.retry_after_s)
         limit = self.cfg.max_queue_delay_s
-        if limit is not None and waiting:
-            waited = time.monotonic() - waiting[0].request.times.arrival
+        # The oldest request that has never run: a preempted one back at the head of the queue
+        # keeps its old arrival and would otherwise close admission until it runs again.
+        oldest = next((s.request.times.arrival for s in waiting if s.request.times.first_scheduled is None), None)
+        if limit is not None and oldest is not None:
+            waited = time.monotonic() - oldest
             if waited > limit:
                 raise EngineOverloadedError(f"the oldest waiting request has waited {waited:.2f} s "
                                             f"(limit {limit:g} s)", self.cfg.retry_after_s)

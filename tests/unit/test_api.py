@@ -125,7 +125,10 @@ async def test_a_checkpoints_structural_skipping_penalty_applies_only_with_its_d
         implicit = (await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0})).json()
         explicit = (await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0,
                                                           "frequency_penalty": 2.0})).json()
+        zero = (await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 32, "temperature": 0,
+                                                      "presence_penalty": 0})).json()
     assert implicit["choices"][0]["text"] == skipping
+    assert zero["choices"][0]["text"] == skipping      # a client's 0 turns a penalty off, not the skipping
     assert explicit["choices"][0]["text"] == offline(frequency_penalty=2.0)    # a client's penalty is OpenAI's
 
 

@@ -86,6 +86,27 @@ async def test_a_batch_whose_prompt_is_refused_runs_nothing(client, engine):
     assert engine_is_idle(engine)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_batch_whose_prompt_the_engine_refuses_aborts_the_others(api_model_dir, tokenizer, stream):
+    small = start_engine(api_model_dir, max_num_seqs=1, max_waiting_requests=1)
+    try:
+        async with http_client(make_app(small, tokenizer)) as c:
+            r = await c.post("/v1/completions", json={"prompt": PROMPTS, "max_tokens": 30, "temperature": 0,
+                                                       "precision": "full", "stream": stream})
+            assert r.status_code == 429 and r.headers["retry-after"], r.text
+            assert r.json()["error"]["code"] == "engine_overloaded"
+            assert engine_is_idle(small)
+            ok = await c.post("/v1/completions", json={"prompt": PROMPTS[:1], **GREEDY})
+            assert ok.status_code == 200
+    finally:
+        small.shutdown()
+
+
+async def test_best_of_equal_to_n_generates_exactly_that_many(client):
+    r = await _complete(client, prompt=PROMPTS[0], best_of=1, max_tokens=4, temperature=1.0, seed=2)
+    assert len(r["choices"]) == 1 and r["usage"]["completion_tokens"] <= 4
+
+
 async def test_echo_puts_the_prompt_before_each_choice_streamed_or_not(client):
     plain = await _complete(client, prompt=PROMPTS[0], **GREEDY)
     echoed = await _complete(client, prompt=PROMPTS[0], echo=True, **GREEDY)

@@ -186,6 +186,15 @@ def test_queue_delay_limit_sheds_new_requests_while_the_queue_head_is_stale(mode
     engine.add_request("d", _prompt(rng, 5), greedy(2))
     engine.run_until_done()
     assert engine.blocks.num_used_blocks == 0
+    # A preempted request back at the head of the queue keeps its old arrival; it must not close
+    # admission (only requests that never ran count).
+    engine.add_request("p", _prompt(rng, 5), greedy(20))
+    engine.step()
+    time.sleep(0.08)
+    victim = engine.scheduler.running.pop()
+    engine.scheduler._preempt(victim)
+    engine.add_request("q", _prompt(rng, 5), greedy(2))
+    engine.run_until_done()
     off = create_engine(model_dir, max_num_seqs=1, max_queue_delay_s=None)
     off.add_request("a", _prompt(rng, 5), greedy(5))
     off.step()
