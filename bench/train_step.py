@@ -11,7 +11,6 @@ of load hits every variant alike; it prints tokens/s per variant and the loss af
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -41,24 +40,24 @@ def batches(args, cfg: TrainConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.full((args.batch_size,), cfg.max_len)) for _ in range(args.steps)]
 
 
-def run(variant: str, cfg: TrainConfig, data, compiled: dict) -> tuple[float, float]:
+def run(variant: str, cfg: TrainConfig, data, device: str) -> tuple[float, float]:
     """(seconds for the steps after the first, loss of the last step) for a fresh seeded model."""
-    model = build_model(cfg, eos_id=0)
+    model = build_model(cfg, eos_id=0).to(device)
     model.train()
     opt = make_optimizer(model, cfg)
     if variant.endswith("compile"):
         model.forward_train = torch.compile(model.forward_train, dynamic=False)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if variant.startswith("bf16")
-                else contextlib.nullcontext())
+    autocast = "bfloat16" if variant.startswith("bf16") else ""
     times, loss = [], float("nan")
     for ids, num in data:
         t0 = time.perf_counter()
-        with autocast:
-            losses = compute_loss(model, ids, num, cfg.aux_loss_coef)
+        losses = compute_loss(model, ids.to(device), num.to(device), cfg.aux_loss_coef, autocast)
         opt.zero_grad(set_to_none=True)
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         loss = losses.lm
     return sum(times[1:]), loss       # the first step pays one-off costs (allocation, compilation)
@@ -72,18 +71,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
     parser.add_argument("--samples", type=Path, help="a train_samples.pt cache: real batches")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(**SHAPE, batch_size=args.batch_size)
     data = batches(args, cfg)
     tokens = sum(int(n.sum()) for _, n in data[1:])
     variants = ["fp32", "bf16"] + (["fp32 compile", "bf16 compile"] if args.compile else [])
-    print(f"cpu: {cpu_features()}  threads {args.threads}  batch {args.batch_size} x {cfg.max_len}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu {cpu_features()}"
+    print(f"{where}  threads {args.threads}  batch {args.batch_size} x {cfg.max_len}")
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     losses: dict[str, float] = {}
     for _ in range(args.rounds):
         for v in variants:
-            s, losses[v] = run(v, cfg, data, {})
+            s, losses[v] = run(v, cfg, data, args.device)
             seconds[v].append(s)
     print(f"{'variant':14s} {'tokens/s':>9s} {'vs fp32':>8s} {'loss after':>11s}")
     base = tokens / statistics.median(seconds["fp32"])
