@@ -52,7 +52,8 @@ def test_fim_on_held_out_functions_through_the_server_equals_the_engine_and_pars
     tokenizer = CodeTokenizer.from_dir(MODEL)
     llm = LLM(MODEL)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, frequency_penalty=defaults.frequency_penalty,
-                            presence_penalty=defaults.presence_penalty)
+                            presence_penalty=defaults.presence_penalty,
+                            penalty_skips_structural=defaults.penalty_skips_structural)
     offline = [o.outputs[0].text for o in llm.generate(
         [tokenizer.build_fim_prompt_ids(p, s) for p, s in fim.prompts], params)]
     assert report["completions"] == offline
