@@ -10,7 +10,7 @@ import pytest
 
 from serve_app import LLM, SamplingParams
 from tests.unit.test_api_support import (API_KEY, MODEL, anyio_backend, api_model_dir, engine_is_idle,  # noqa: F401
-                                         http_client, make_app, sse_events, start_engine, tokenizer)
+                                         client, engine, http_client, make_app, sse_events, start_engine, tokenizer)
 
 pytestmark = pytest.mark.anyio
 
@@ -18,22 +18,9 @@ PROMPT = "def add(a, b):"
 
 
 @pytest.fixture(scope="module")
-def engine(api_model_dir):
-    eng = start_engine(api_model_dir)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def llm(api_model_dir):
     # The offline API over its own engine: the oracle for what HTTP must return.
     return LLM(api_model_dir, block_size=4, num_kv_blocks=256)
-
-
-@pytest.fixture
-async def client(engine, tokenizer):
-    async with http_client(make_app(engine, tokenizer)) as c:
-        yield c
 
 
 def greedy_text(llm, prompt, max_tokens: int) -> tuple[str, list[int]]:

@@ -13,7 +13,7 @@ import pytest
 from serve_app.api import ApiSettings, LocalEngineClient, create_app
 from serve_app.engine import SamplingParams
 from tests.unit.test_api_support import (API_KEY, MODEL, anyio_backend, api_model_dir, engine_is_idle,  # noqa: F401
-                                         http_client, make_app, make_settings, start_engine, tokenizer)
+                                         engine, http_client, make_app, make_settings, start_engine, tokenizer)
 
 pytestmark = pytest.mark.anyio
 
@@ -135,13 +135,6 @@ BAD_INPUTS = [
     BadInput("unknown route", 404, path="/v1/engines"),
     BadInput("wrong method", 405, method="GET"),
 ]
-
-
-@pytest.fixture(scope="module")
-def engine(api_model_dir):
-    eng = start_engine(api_model_dir)
-    yield eng
-    eng.shutdown()
 
 
 @pytest.fixture

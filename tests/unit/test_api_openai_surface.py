@@ -10,25 +10,12 @@ import pytest
 
 from serve_app import LLM, SamplingParams
 from tests.unit.test_api_support import (API_KEY, MODEL, anyio_backend, api_model_dir, engine_is_idle,  # noqa: F401
-                                         http_client, make_app, sse_events, start_engine, tokenizer)
+                                         client, engine, http_client, make_app, sse_events, start_engine, tokenizer)
 
 pytestmark = pytest.mark.anyio
 
 PROMPTS = ["def add(a, b):", "import os\n", "class Point:"]
 GREEDY = {"max_tokens": 5, "temperature": 0, "precision": "full"}
-
-
-@pytest.fixture(scope="module")
-def engine(api_model_dir):
-    eng = start_engine(api_model_dir)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture
-async def client(engine, tokenizer):
-    async with http_client(make_app(engine, tokenizer)) as c:
-        yield c
 
 
 async def _complete(client, **body) -> dict:

@@ -10,20 +10,13 @@ import pytest
 from serve_app.api import LocalEngineClient, create_app
 from serve_app.engine import EngineStepError
 from tests.unit.test_api_support import (LONG_RUNNING_PROMPT, AsgiCall, anyio_backend,  # noqa: F401
-                                         api_model_dir, engine_is_idle, http_client, make_app, make_settings,
+                                         engine, api_model_dir, engine_is_idle, http_client, make_app, make_settings,
                                          sse_events, start_engine, tokenizer, wait_until)
 
 pytestmark = pytest.mark.anyio
 
 # Far more tokens than a test waits for: the request is still decoding when the client leaves.
 LONG = {"prompt": LONG_RUNNING_PROMPT, "max_tokens": 400, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def engine(api_model_dir):
-    eng = start_engine(api_model_dir)
-    yield eng
-    eng.shutdown()
 
 
 def running_requests(engine) -> int:

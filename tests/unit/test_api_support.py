@@ -45,6 +45,20 @@ def start_engine(model_dir, **options) -> AsyncEngine:
     return AsyncEngine(create_engine(model_dir, **options))
 
 
+@pytest.fixture(scope="module")
+def engine(api_model_dir):
+    """One engine per test module that imports this fixture (module scope counts per importer)."""
+    eng = start_engine(api_model_dir)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture
+async def client(engine, tokenizer):
+    async with http_client(make_app(engine, tokenizer)) as c:
+        yield c
+
+
 def make_settings(core: EngineCore, tokenizer: CodeTokenizer, **overrides) -> ApiSettings:
     return ApiSettings(**{"served_model_name": MODEL, "tokenizer": tokenizer,
                           "max_model_len": core.max_model_len, **overrides})
