@@ -126,20 +126,26 @@ def load_corpus(config: CorpusConfig | None = None) -> list[SourceFile]:
     if not root.is_dir():
         raise FileNotFoundError(f"corpus root {root} is not a directory")
     files: list[SourceFile] = []
-    seen: set[bytes] = set()
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
         if not path.is_file() or _skip_by_path(rel.parts, config.include_tests):
             continue
         text = read_source(path, config.max_bytes)
-        if text is None:
-            continue
-        digest = hashlib.sha256(text.encode("utf-8")).digest()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        files.append(SourceFile(path=path, rel_name=rel.as_posix(), text=text))
-    return files
+        if text is not None:
+            files.append(SourceFile(path=path, rel_name=rel.as_posix(), text=text))
+    return drop_exact_copies(files)
+
+
+def drop_exact_copies(files: list[SourceFile]) -> list[SourceFile]:
+    """``files`` without texts seen earlier in the list (the first copy is kept)."""
+    seen: set[bytes] = set()
+    unique = []
+    for f in files:
+        digest = hashlib.sha256(f.text.encode("utf-8")).digest()
+        if digest not in seen:
+            seen.add(digest)
+            unique.append(f)
+    return unique
 
 
 def split_corpus(files: list[SourceFile], per_mille: int = CorpusConfig.heldout_per_mille) -> CorpusSplit:

@@ -9,10 +9,9 @@ held-out range (``corpus.is_heldout``, the stdlib's rule) are held out too; they
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
-from serve_app.train.corpus import CorpusConfig, SourceFile, is_heldout, load_split
+from serve_app.train.corpus import CorpusConfig, SourceFile, drop_exact_copies, is_heldout, load_split
 from serve_app.train.dedupe import DedupeConfig, near_duplicates
 from serve_app.train.packages import Package, PackageConfig, load_packages
 
@@ -42,22 +41,18 @@ def load_mixture(config: MixtureConfig | None = None) -> Mixture:
     config = config or MixtureConfig()
     stdlib = load_split(config.corpus)
     pkg_files, manifest = load_packages(config.packages) if config.packages else ([], [])
-    per_mille = config.corpus.heldout_per_mille
     ordered = [*stdlib.heldout, *stdlib.train, *pkg_files]
-    seen: set[bytes] = set()
-    unique: list[SourceFile] = []
-    for f in ordered:
-        digest = hashlib.sha256(f.text.encode()).digest()
-        if digest not in seen:
-            seen.add(digest)
-            unique.append(f)
+    unique = drop_exact_copies(ordered)
     twins = near_duplicates([f.text for f in unique], config.dedupe)
     kept = [f for f, twin in zip(unique, twins) if twin is None]
     held = {f.rel_name for f in stdlib.heldout}
-    kept_names = {f.rel_name for f in kept}
-    return Mixture(
-        train=[f for f in kept if f.rel_name not in held and not (f.rel_name.startswith("pkg/")
-                                                                   and is_heldout(f.rel_name, per_mille))],
-        heldout=[f for f in stdlib.heldout if f.rel_name in kept_names],
-        heldout_packages=[f for f in kept if f.rel_name.startswith("pkg/") and is_heldout(f.rel_name, per_mille)],
-        packages=manifest, dropped_exact=len(ordered) - len(unique), dropped_near=len(unique) - len(kept))
+    train, heldout, heldout_packages = [], [], []
+    for f in kept:
+        if f.rel_name in held:
+            heldout.append(f)
+        elif f.rel_name.startswith("pkg/") and is_heldout(f.rel_name, config.corpus.heldout_per_mille):
+            heldout_packages.append(f)
+        else:
+            train.append(f)
+    return Mixture(train=train, heldout=heldout, heldout_packages=heldout_packages, packages=manifest,
+                   dropped_exact=len(ordered) - len(unique), dropped_near=len(unique) - len(kept))

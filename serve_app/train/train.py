@@ -87,15 +87,11 @@ def load_exported_weights(model: MoeForCausalLM, model_dir: Path) -> None:
     """Copy an exported checkpoint's weights (read in float32) into ``model``; shapes must match."""
     from serve_app.model.loader import load_model
 
-    source = load_model(model_dir, dtype=torch.float32)
-    mine, theirs = model.state_dict(), source.state_dict()
-    wrong = sorted(k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape)
-    if wrong or set(theirs) - set(mine):
-        raise SystemExit(f"--init-weights {model_dir}: the checkpoint's shape differs from the recipe's "
-                         f"({', '.join(wrong[:4]) or sorted(set(theirs) - set(mine))[:4]})")
-    with torch.no_grad():
-        for name, tensor in mine.items():
-            tensor.copy_(theirs[name])
+    try:
+        model.load_state_dict(load_model(model_dir, dtype=torch.float32).state_dict())
+    except RuntimeError as exc:          # missing, unexpected or differently shaped tensors
+        raise SystemExit(f"--init-weights {model_dir}: the checkpoint's shape differs from the recipe's: "
+                         f"{str(exc)[:300]}") from exc
 
 
 # --- loss ------------------------------------------------------------------------------------
