@@ -10,11 +10,17 @@
 Run it through `loadtests/run_slo.py` (which checks the SLO), or directly:
 `locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless -u 8 -r 2 -t 60s`.
 Request shapes come from MOE_LT_* variables (see workloads.WorkloadConfig); MOE_LT_RAW_CSV, when
-set, names a file that gets one line per request (name, start, milliseconds, ok), so the runner
-computes exact percentiles over all inline requests together and plots latency over time.
+set, names a file that gets one line per request (name, start, milliseconds, ok, HTTP status — 0
+when no response came —, Retry-After, error), so the runner computes exact percentiles over all
+inline requests together and plots latency over time, and the chaos soak (loadtests/chaos.py)
+judges every answer. Requests still open when Locust stops are written last with status "open"
+and their age, so a request that never ends is seen rather than lost.
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import itertools
 import json
 import os
 import random
@@ -28,28 +34,57 @@ CFG = wl.WorkloadConfig.from_env()
 POOL = wl.SourcePool()
 API_KEY = os.environ.get("MOE_LT_API_KEY", "")
 HEADERS = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
-_raw = None
+RAW_COLUMNS = ("name", "start_s", "ms", "ok", "status", "retry_after", "error")
+_raw_file = _raw = None
+_open: dict[int, tuple[str, float]] = {}          # requests sent and not yet answered: name, start
+_ids = itertools.count()
 
 
 @events.init.add_listener
 def _open_raw_log(environment, **_):
-    global _raw
+    global _raw_file, _raw
     path = os.environ.get("MOE_LT_RAW_CSV")
     if path:
-        _raw = open(path, "w", buffering=1)
-        _raw.write("name,start_s,ms,ok\n")
+        _raw_file = open(path, "w", buffering=1, newline="")
+        _raw = csv.writer(_raw_file)
+        _raw.writerow(RAW_COLUMNS)
+
+
+def _error_text(exception) -> str:
+    if exception is None:
+        return ""
+    text = str(exception) or type(exception).__name__
+    return " ".join(text.split())[:160]
 
 
 @events.request.add_listener
-def _log_request(name, start_time, response_time, exception, **_):
-    if _raw is not None:
-        _raw.write(f"{name},{start_time:.3f},{response_time:.3f},{int(exception is None)}\n")
+def _log_request(name, start_time, response_time, exception, response=None, **_):
+    if _raw is None:
+        return
+    status = getattr(response, "status_code", 0) or 0
+    headers = getattr(response, "headers", None) or {}
+    _raw.writerow((name, f"{start_time:.3f}", f"{response_time:.3f}", int(exception is None), status,
+                   headers.get("retry-after", "") if status else "", _error_text(exception)))
+
+
+@contextlib.contextmanager
+def _in_flight(name: str):
+    """Marks a request open until its answer is logged. No `finally`: a request interrupted by
+    Locust stopping stays open, and is written as such when Locust quits."""
+    key = next(_ids)
+    _open[key] = (name, time.time())
+    yield
+    _open.pop(key, None)
 
 
 @events.quitting.add_listener
 def _close_raw_log(environment, **_):
-    if _raw is not None:
-        _raw.close()
+    if _raw is None:
+        return
+    now = time.time()
+    for name, started in list(_open.values()):
+        _raw.writerow((name, f"{started:.3f}", f"{(now - started) * 1000:.3f}", 0, "open", "", "no answer yet"))
+    _raw_file.close()
 
 
 def _check(resp, field: str) -> None:
@@ -81,13 +116,17 @@ def _sse_lines(resp):
 class EditorUser(FastHttpUser):
     weight = 6
     wait_time = between(CFG.min_think_s, CFG.max_think_s)    # then a new hole in another file
+    network_timeout = connection_timeout = CFG.timeout_s
 
     def on_start(self) -> None:
         self.rng = random.Random()
 
     def _fim_body(self, cut: wl.FimCut) -> dict:
-        return {"prefix": cut.prefix, "suffix": cut.suffix, "max_tokens": wl.max_tokens(self.rng, CFG),
+        body = {"prefix": cut.prefix, "suffix": cut.suffix, "max_tokens": wl.max_tokens(self.rng, CFG),
                 "temperature": CFG.temperature}
+        if self.rng.random() < CFG.full_precision_share:
+            body["precision"] = "full"
+        return body
 
     @task
     def fill_a_hole(self) -> None:
@@ -98,36 +137,40 @@ class EditorUser(FastHttpUser):
             send(cut)
 
     def fim(self, cut: wl.FimCut) -> None:
-        with self.client.post("/v1/fim/completions", json=self._fim_body(cut), name=wl.FIM, headers=HEADERS,
-                              catch_response=True) as resp:
+        with _in_flight(wl.FIM), self.client.post("/v1/fim/completions", json=self._fim_body(cut), name=wl.FIM,
+                                                  headers=HEADERS, catch_response=True) as resp:
             _check(resp, "completion")
 
     def completions_with_suffix(self, cut: wl.FimCut) -> None:
-        body = {"prompt": cut.prefix, "suffix": cut.suffix, "max_tokens": wl.max_tokens(self.rng, CFG),
-                "temperature": CFG.temperature}
-        with self.client.post("/v1/completions", json=body, name=wl.COMPLETIONS_FIM, headers=HEADERS,
-                              catch_response=True) as resp:
+        body = {**self._fim_body(cut), "prompt": cut.prefix}
+        del body["prefix"]
+        with _in_flight(wl.COMPLETIONS_FIM), self.client.post("/v1/completions", json=body, name=wl.COMPLETIONS_FIM,
+                                                              headers=HEADERS, catch_response=True) as resp:
             _check(resp, "choices")
 
     def fim_stream(self, cut: wl.FimCut) -> None:
         body = {**self._fim_body(cut), "stream": True}
         started, started_wall = time.perf_counter(), time.time()
         ttft_ms, done, error = None, False, None
-        with self.client.post("/v1/fim/completions", json=body, name=wl.FIM_STREAM, headers=HEADERS,
-                              stream=True, catch_response=True) as resp:
+        with _in_flight(wl.FIM_STREAM), self.client.post(
+                "/v1/fim/completions", json=body, name=wl.FIM_STREAM, headers=HEADERS, stream=True,
+                catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")
                 return
-            for line in _sse_lines(resp):
-                if line == "data: [DONE]":
-                    done = True
-                    break
-                if line.startswith("data: "):
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        error = event["error"].get("message", "error event")
-                    elif ttft_ms is None:
-                        ttft_ms = (time.perf_counter() - started) * 1000
+            try:
+                for line in _sse_lines(resp):
+                    if line == "data: [DONE]":
+                        done = True
+                        break
+                    if line.startswith("data: "):
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            error = event["error"].get("message", "error event")
+                        elif ttft_ms is None:
+                            ttft_ms = (time.perf_counter() - started) * 1000
+            except Exception as exc:     # noqa: BLE001 - a connection cut mid-stream is this request's answer
+                error = f"stream broken: {type(exc).__name__}: {exc}"
             # The request's time is the whole stream, not just its headers.
             resp.request_meta["response_time"] = (time.perf_counter() - started) * 1000
             if error or not done:
@@ -142,6 +185,7 @@ class ChatUser(FastHttpUser):
     abstract = CFG.chat_users == 0          # editors only unless asked for
     weight = max(1, CFG.chat_users)
     wait_time = between(2.0, 6.0)      # reading the previous answer
+    network_timeout = connection_timeout = CFG.timeout_s
 
     def on_start(self) -> None:
         self.rng = random.Random()
@@ -150,6 +194,6 @@ class ChatUser(FastHttpUser):
     def chat(self) -> None:
         body = {"messages": wl.chat_messages(POOL.text(self.rng), self.rng, CFG),
                 "max_tokens": CFG.chat_max_tokens, "temperature": 0.7}
-        with self.client.post("/v1/chat/completions", json=body, name=wl.CHAT, headers=HEADERS,
-                              catch_response=True) as resp:
+        with _in_flight(wl.CHAT), self.client.post("/v1/chat/completions", json=body, name=wl.CHAT,
+                                                   headers=HEADERS, catch_response=True) as resp:
             _check(resp, "choices")

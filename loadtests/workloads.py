@@ -58,6 +58,13 @@ class WorkloadConfig:
     max_think_s: float = 0.5
     # Chat-panel users next to the editors (0: editors only, the SLO's workload).
     chat_users: int = 0
+    # Share of editor requests sent with "precision": "full". The classifier puts most inline
+    # completions on the router's quantized lane, which never leaves the router; the chaos soak
+    # needs some requests to cross the expert shards so that killing one is seen.
+    full_precision_share: float = 0.0
+    # Client-side limit on one request (connect, send, receive): a request that takes longer is
+    # recorded as failed, so a hang shows up as a timeout rather than as a missing line.
+    timeout_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "WorkloadConfig":

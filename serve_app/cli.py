@@ -27,6 +27,9 @@ def direct_ingress_env(port: int) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
         # No external load balancer locally: nothing to wait for when draining on shutdown.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        # Nor HAProxy workers still routing to a released port: a restarted Ingress replica takes
+        # the one public port back at once (deployments/direct_ingress.py; 150 s by default).
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
     }
 
 

@@ -19,6 +19,7 @@ from serve_app.api.errors import BackendUnavailableError
 from serve_app.api.observability import MetricsMiddleware, metrics_router
 from serve_app.api.settings import ApiSettings, GenerationDefaults
 from serve_app.config import AppConfig, api_keys_from_env
+from serve_app.deployments.direct_ingress import allow_rebind
 from serve_app.engine import EngineError, EngineStepError, RequestOutput, SamplingParams
 from serve_app.engine.sampling_params import SamplingParamsError
 from serve_app.metrics import Metrics
@@ -82,6 +83,7 @@ def _node_metrics_url() -> str:
 class Ingress:
     def __init__(self, router, config: AppConfig):
         config.process_settings().apply()
+        allow_rebind()                   # a restarted replica must get the public port back
         self.client = RouterClient(router)
         self._metrics_url: str | None = None
         # Keys from the environment (e.g. a Kubernetes Secret) are read here, in the replica, so they

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import socket
 import subprocess
@@ -36,14 +35,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(
                                "the real-Prometheus checks did not run")]
 
 # This module and test_serve_app.py both deploy "moe-serve" on the session's one direct-ingress
-# port, so the port must be free again when this module is done. Two things in Ray Serve 2.60
-# keep it taken: (1) a released direct-ingress port is quarantined for 150 s
-# (RAY_SERVE_PORT_QUARANTINE_S, meant for HAProxy workers still routing to it; there is none here),
-# set to 0 at import, before the session fixture starts Ray, whose processes inherit it; (2) the
-# replica binds without SO_REUSEADDR, so a connection the server closed (TIME_WAIT, 60 s on Linux)
-# blocks the next bind: this module's clients keep their connections alive and close them
-# themselves, and teardown waits until the port binds.
-os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
+# port, so the port must be free again when this module is done: Ray Serve 2.60 quarantines a
+# released port and binds without SO_REUSEADDR; cli.direct_ingress_env and
+# deployments/direct_ingress.py undo both (the chaos soak found them), and teardown still waits
+# until the port binds.
 
 ENGINE = dict(block_size=4, num_kv_blocks=1024, max_num_batched_tokens=128, long_prefill_chunk=64)
 P80_FIM = ('histogram_quantile(0.8, sum(rate(ray_moe_request_latency_seconds_bucket'
