@@ -132,7 +132,7 @@ def engine_config(w: Workload, scheduling: str, whole_batch: bool = False) -> En
                   long_prefill_chunk=w.prompt_len[1]) if whole_batch else {}
     # No load shedding: the queue is the workload here (every request must run).
     return EngineConfig(max_num_seqs=w.concurrency, num_kv_blocks=w.concurrency * per_request + 64,
-                        max_queue_delay_s=None,
+                        max_queue_delay_s=None, max_predicted_latency_s=None,
                         scheduling=scheduling, **budget)
 
 

@@ -38,6 +38,15 @@ class EngineConfig:
     # are refused. A count limit alone lets a queue of short-lived requests grow to seconds of wait
     # at 5x overload; an inline completion that waited 1 s is stale before it starts. None = off.
     max_queue_delay_s: float | None = 1.0
+    # Shed load by predicted latency: a new request is refused while (the oldest waiting request's
+    # wait) + (the recent step time) × (the steps it needs: its prefill chunks + max_tokens) exceeds
+    # this. The queue delay bounds only the wait before a request's first step; with up to
+    # max_num_seqs sequences decoding together, each step slows as the batch grows, so admitted
+    # requests lose their latency even with an empty queue. The step time rises with the admitted
+    # load, which closes admission: a feedback loop that keeps the batch where requests still
+    # finish within the budget. Applies only while the engine has work (an idle engine admits).
+    # None = off.
+    max_predicted_latency_s: float | None = None
     # What a rejected client is told to wait before retrying.
     retry_after_s: float = 1.0
     # "continuous" admits work every step; "static" only when the running batch has drained
@@ -49,8 +58,10 @@ class EngineConfig:
                      "long_prefill_chunk", "max_waiting_requests", "max_waiting_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue_delay_s is not None and not self.max_queue_delay_s > 0:
-            raise ValueError(f"EngineConfig.max_queue_delay_s must be > 0 or None, got {self.max_queue_delay_s}")
+        for name in ("max_queue_delay_s", "max_predicted_latency_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"EngineConfig.{name} must be > 0 or None, got {value}")
         if self.scheduling not in ("continuous", "static"):
             raise ValueError(f"EngineConfig.scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
 
@@ -134,6 +145,9 @@ class AppConfig(BaseModel):
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is aborted")
+    shed_window_s: float = Field(0.1, ge=0, description="after the engine refuses a request, the ingress refuses "
+                                 "new ones itself (429) for this long, before parsing them; 0 = off "
+                                 "(api/shedding.py)")
     host: str = Field("127.0.0.1", description="HTTP bind address")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port clients reach")
 

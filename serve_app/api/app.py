@@ -38,6 +38,7 @@ from serve_app.api.prepare import PreparedRequest, check_model, prepare_chat, pr
 from serve_app.api.protocol import ChatCompletionRequest, CompletionRequest, FimRequest, ModelCard, ModelList
 from serve_app.api.render import Renderer
 from serve_app.api.settings import ApiSettings
+from serve_app.api.shedding import EdgeShedding
 from serve_app.api.streaming import (ClientDisconnected, EventStreamResponse, abort_quietly, event_stream,
                                      last_output, run_guarded)
 
@@ -63,6 +64,8 @@ def create_app(client: EngineClient, settings: ApiSettings, extra_routers: Seque
     app.add_exception_handler(ApiError, _api_error_response)
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
     app.add_exception_handler(RequestValidationError, _validation_error_response)
+    if settings.shed_window_s > 0:
+        app.add_middleware(EdgeShedding, window_s=settings.shed_window_s)
     app.add_middleware(CatchAllMiddleware)
     app.state.engine_client = client
     app.state.api_settings = settings

@@ -57,6 +57,7 @@ class ApiSettings:
     # precision (still labelled with their tier); an explicit request for it is a 400.
     precisions: tuple[str, ...] = ("full",)
     generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
+    shed_window_s: float = 0.0          # edge shedding after an engine refusal (api/shedding.py); 0 = off
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -64,6 +65,8 @@ class ApiSettings:
         for name in ("max_model_len", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ApiSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.shed_window_s >= 0:
+            raise ValueError(f"ApiSettings.shed_window_s must be >= 0, got {self.shed_window_s}")
         if not self.request_timeout_s > 0:
             raise ValueError(f"ApiSettings.request_timeout_s must be > 0, got {self.request_timeout_s}")
         if isinstance(self.api_keys, str) or any(not isinstance(k, str) or not k for k in self.api_keys):

@@ -50,6 +50,13 @@ class EngineCore:
         eos = tokenizer.stop_token_ids if tokenizer is not None else model.config.eos_token_ids
         self.eos_token_ids = frozenset(eos)
         self.num_steps = 0
+        # Exponentially weighted step time (seconds; weight 0.2: about the last five steps), for
+        # admission by predicted latency. None until the first step.
+        self.step_time_s: float | None = None
+        # Calibration of that prediction: the weighted ratio of what admitted requests really took
+        # to what was predicted for them. It absorbs what the step-time model leaves out (the
+        # batch growing with later admissions, early stops before max_tokens, the host's other work).
+        self.latency_ratio = 1.0
         self.last_step: SchedulerOutput | None = None
         self._structural: torch.Tensor | None = None   # [V] bool, see _structural_mask
         if tokenizer is not None:       # decoded once here, not on the engine thread mid-traffic
@@ -66,8 +73,9 @@ class EngineCore:
         if precision not in self.model.precisions:
             raise RequestRejectedError(f"precision {precision!r} is not served here; available: "
                                        f"{', '.join(self.model.precisions)}", "precision")
-        self._admit_or_raise(len(prompt_token_ids))
+        predicted = self._admit_or_raise(len(prompt_token_ids), params.max_tokens)
         req = Request(request_id, list(prompt_token_ids), params, tag=tag, precision=precision)
+        req.times.predicted_s = predicted
         if arrival is not None:
             req.times.arrival = arrival
         req.sequences.append(self._new_sequence(req, 0, list(prompt_token_ids)))
@@ -115,7 +123,9 @@ class EngineCore:
         if params.stop and self.tokenizer is None:
             raise RequestRejectedError("stop strings need a tokenizer; this engine works on token ids only", "stop")
 
-    def _admit_or_raise(self, num_prompt_tokens: int) -> None:
+    def _admit_or_raise(self, num_prompt_tokens: int, max_tokens: int) -> float | None:
+        """Raises EngineOverloadedError to refuse; returns the latency predicted for the request
+        (before calibration) when admission by predicted latency is on and has a step time."""
         waiting = self.scheduler.waiting
         if len(waiting) >= self.cfg.max_waiting_requests:
             raise EngineOverloadedError(f"{len(waiting)} requests are already waiting "
@@ -133,6 +143,18 @@ class EngineCore:
             if waited > limit:
                 raise EngineOverloadedError(f"the oldest waiting request has waited {waited:.2f} s "
                                             f"(limit {limit:g} s)", self.cfg.retry_after_s)
+        budget = self.cfg.max_predicted_latency_s
+        if budget is None or self.step_time_s is None:
+            return None
+        wait = time.monotonic() - oldest if oldest is not None else 0.0
+        steps = -(-num_prompt_tokens // self.cfg.long_prefill_chunk) + max_tokens
+        predicted = wait + self.step_time_s * steps
+        if self.requests and predicted * self.latency_ratio > budget:
+            raise EngineOverloadedError(
+                f"this request would take ~{predicted * self.latency_ratio:.2f} s at the current load ({steps} "
+                f"steps of {self.step_time_s * 1000:.1f} ms after {wait:.2f} s of queue, × {self.latency_ratio:.2f} "
+                f"as measured; budget {budget:g} s)", self.cfg.retry_after_s)
+        return predicted
 
     def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         detok = None
@@ -165,9 +187,11 @@ class EngineCore:
                 samplers.append(seq)
         touched = self._sample_and_update(samplers, logits) if samplers else []
         outputs = [self._output(req) for req in touched]
+        elapsed = time.perf_counter() - started
+        self.step_time_s = elapsed if self.step_time_s is None else 0.8 * self.step_time_s + 0.2 * elapsed
         if self.observer is not None:
             try:
-                self.observer.on_step(self._step_stats(batch, time.perf_counter() - started, outputs))
+                self.observer.on_step(self._step_stats(batch, elapsed, outputs))
             except Exception:               # noqa: BLE001 - metrics must never fail the requests of a step
                 log.exception("engine observer failed; the step's outputs are delivered anyway")
         return outputs
@@ -222,7 +246,15 @@ class EngineCore:
             if req.finished:
                 req.times.finished = time.monotonic()
                 self.requests.pop(req.request_id, None)
+                self._calibrate(req.times)
         return list(touched.values())
+
+    def _calibrate(self, times) -> None:
+        if times.predicted_s:
+            ratio = (times.finished - times.arrival) / times.predicted_s
+            # Weight 0.1 (about the last ten requests); bounded so one outlier cannot close or
+            # open admission by itself.
+            self.latency_ratio = min(4.0, max(0.25, 0.9 * self.latency_ratio + 0.1 * ratio))
 
     def _fork(self, child: Sequence) -> None:
         req = child.request

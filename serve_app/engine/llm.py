@@ -32,8 +32,10 @@ class LLM:
                 from serve_app.tokenizer import CodeTokenizer
                 tokenizer = CodeTokenizer.from_dir(model_dir)
         self.model, self.tokenizer = model, tokenizer
-        # Offline work has no latency to protect: no load shedding by queue delay unless asked.
+        # Offline work has no latency to protect: no load shedding by queue delay or predicted
+        # latency unless asked.
         engine_options.setdefault("max_queue_delay_s", None)
+        engine_options.setdefault("max_predicted_latency_s", None)
         self.engine = EngineCore(model, EngineConfig(**engine_options), tokenizer)
         self._ids = itertools.count()
 

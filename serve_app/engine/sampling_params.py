@@ -40,6 +40,9 @@ class SamplingParamsError(ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):               # crosses Ray; the default pickles only the message
+        return type(self), (self.param, str(self))
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -29,6 +29,9 @@ class RequestRejectedError(EngineError, ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):               # these cross Ray (Router → Ingress): keep every field
+        return type(self), (str(self), self.param)
+
 
 class EngineOverloadedError(EngineError):
     """Admission control refused new work; the caller should retry after `retry_after_s`."""
@@ -36,6 +39,9 @@ class EngineOverloadedError(EngineError):
     def __init__(self, message: str, retry_after_s: float):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    def __reduce__(self):               # pickled as (message,) by default, which __init__ refuses:
+        return type(self), (str(self), self.retry_after_s)   # Ray then sent a 503, not the 429
 
 
 class FinishReason(str, enum.Enum):
@@ -84,6 +90,7 @@ class RequestTimes:
     first_scheduled: float | None = None         # queue time = first_scheduled - arrival
     first_token: float | None = None             # TTFT = first_token - arrival
     finished: float | None = None
+    predicted_s: float | None = None             # latency predicted at admission (uncalibrated)
 
 
 @dataclass

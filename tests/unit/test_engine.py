@@ -169,6 +169,32 @@ def test_backpressure_rejects_beyond_limits_and_accepts_again(model_dir):
     assert engine.blocks.num_used_blocks == 0
 
 
+def test_predicted_latency_budget_sheds_requests_that_would_not_finish_in_time(model_dir):
+    engine = create_engine(model_dir, max_num_seqs=4, max_predicted_latency_s=0.5, long_prefill_chunk=8)
+    rng = random.Random(9)
+    engine.add_request("a", _prompt(rng, 5), greedy(30))
+    engine.step()
+    assert engine.step_time_s is not None and engine.step_time_s > 0          # measured by the step
+    engine.step_time_s = 0.01              # pin the measured input: 10 ms per step at this load
+    engine.add_request("short", _prompt(rng, 16), greedy(20))        # 2 prefill + 20 steps: 0.22 s
+    with pytest.raises(EngineOverloadedError, match=r"would take ~0\.62 s .* budget 0\.5 s") as exc:
+        engine.add_request("long", _prompt(rng, 16), greedy(60))     # 62 steps: 0.62 s
+    assert exc.value.retry_after_s > 0
+    engine.step_time_s = 0.03              # the batch slowed down: the short one no longer fits
+    with pytest.raises(EngineOverloadedError):
+        engine.add_request("short2", _prompt(rng, 16), greedy(20))
+    engine.run_until_done()
+    # "short" finished far faster than the pinned 10 ms per step predicted: the calibration learns
+    # that predictions run high and admits more.
+    assert engine.latency_ratio < 1.0
+    engine.step_time_s = 10.0              # stale from the busy period: an idle engine still admits
+    engine.add_request("after", _prompt(rng, 16), greedy(60))
+    engine.run_until_done()
+    assert engine.blocks.num_used_blocks == 0
+    with pytest.raises(ValueError, match="max_predicted_latency_s"):
+        create_engine(model_dir, max_predicted_latency_s=0)
+
+
 def test_queue_delay_limit_sheds_new_requests_while_the_queue_head_is_stale(model_dir):
     import time
 
