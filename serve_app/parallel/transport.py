@@ -93,17 +93,42 @@ class ServeTransport:
         return frozenset(self.owner)
 
     def run_experts(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
+        """All shards' calls go out at once and share one deadline (the layer waits at most
+        timeout_s in all, not timeout_s per shard); answers are taken as they arrive, so each
+        shard's recorded round trip is its own, not its own plus the slower shards' before it;
+        when one shard fails, the others' calls are cancelled."""
+        import ray
+
         started = time.perf_counter()
-        calls = []
+        deadline = started + self.timeout_s
+        calls = {}
         for shard, (req, assigns) in build_requests(x, plan, self.owner).items():
-            calls.append((shard, req, assigns, self.handles[shard].run.remote(req)))   # all in flight
+            calls[shard] = (req, assigns, self.handles[shard].run.remote(req))      # all in flight
         out: dict[int, torch.Tensor] = {}
-        for shard, req, assigns, response in calls:
-            try:
-                y = response.result(timeout_s=self.timeout_s)
-            except Exception as exc:       # noqa: BLE001 - actor death, timeout, cancellation alike
-                raise ShardUnavailableError(shard, exc) from exc
-            if self.on_dispatch is not None:
-                self.on_dispatch(DispatchRecord(shard, plan.layer, req.x.shape[0], time.perf_counter() - started))
-            out.update(split_response(y.to(x.device), assigns))
+        blame = next(iter(calls), -1)      # the shard a failure is reported against
+        try:
+            by_ref = {}
+            for shard, (_, _, response) in calls.items():
+                blame = shard              # assignment to a replica can fail or time out
+                by_ref[response._to_object_ref_sync(_timeout_s=self._left(deadline))] = shard
+            pending = list(by_ref)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=self._left(deadline))
+                if not ready:
+                    blame = by_ref[pending[0]]
+                    raise TimeoutError(f"no answer within {self.timeout_s:g} s")
+                blame = by_ref[ready[0]]
+                req, assigns, _ = calls.pop(blame)
+                y = ray.get(ready[0])
+                if self.on_dispatch is not None:
+                    self.on_dispatch(DispatchRecord(blame, plan.layer, req.x.shape[0], time.perf_counter() - started))
+                out.update(split_response(y.to(x.device), assigns))
+        except Exception as exc:           # noqa: BLE001 - actor death, timeout, cancellation alike
+            for _, _, response in calls.values():
+                response.cancel()          # the layer failed: the other shards' work is wasted
+            raise ShardUnavailableError(blame, exc) from exc
         return out
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        return max(0.0, deadline - time.perf_counter())

@@ -74,9 +74,12 @@ def test_ingress_and_router_stay_on_the_head(cluster):
 def test_greedy_output_across_nodes_equals_single_process_output(cluster):
     expected = LLM(cluster.model_dir, **ENGINE).generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0))
     for prompt, ref in zip(PROMPTS, expected):
-        body = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        # Full precision: the classifier would send these short completions to the router's
+        # INT8 lane, which never leaves the head node, and compare INT8 with full precision.
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0, "precision": "full"}
         resp = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=60)
         assert resp.status_code == 200, resp.text
+        assert resp.headers["x-moe-precision"] == "full"
         assert resp.json()["choices"][0]["text"] == ref.outputs[0].text
         assert resp.json()["usage"]["completion_tokens"] == len(ref.outputs[0].token_ids)
 
