@@ -29,7 +29,7 @@ from serve_app.api.prepare import PreparedRequest
 from serve_app.api.protocol import CompletionResponse, PromptTokensDetails, Usage
 from serve_app.api.render import Renderer, StreamState
 from serve_app.api.streaming import DONE_EVENT, last_output, request_timeout, run_guarded, sse
-from serve_app.engine import RequestOutput
+from serve_app.engine import RequestOutput, RequestRejectedError
 from serve_app.tokenizer import CodeTokenizer
 
 
@@ -69,7 +69,15 @@ class BatchCompletion:
     async def _all(self, read) -> list:
         """read(outputs) for every prompt at once; when one fails (a 429 for prompt 2), the others
         are cancelled and awaited before the error goes on, so no iterator is left running."""
-        tasks = [asyncio.ensure_future(read(o)) for o in self.outputs]
+        async def one(i: int, outputs):
+            try:
+                return await read(outputs)
+            except RequestRejectedError as exc:     # the engine names "prompt": say which one
+                if exc.param == "prompt":
+                    exc.param = f"prompt[{i}]"
+                raise
+
+        tasks = [asyncio.ensure_future(one(i, o)) for i, o in enumerate(self.outputs)]
         try:
             return await asyncio.gather(*tasks)
         finally:

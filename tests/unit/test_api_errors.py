@@ -75,6 +75,7 @@ BAD_INPUTS = [
     BadInput("batch too large", 400, "prompt", json=_ok(prompt=["a"] * 33)),
     BadInput("batch with an empty prompt", 400, "prompt[1]", json=_ok(prompt=["a", ""])),
     BadInput("batch with a prompt over the context", 400, "prompt[1]", json=_ok(prompt=[[5], [5] * 600])),
+    BadInput("batch with a token id outside the vocabulary", 400, "prompt[1]", json=_ok(prompt=[[5], [5, 99999]])),
     BadInput("empty prompt", 400, "prompt", json=_ok(prompt="")),
     BadInput("empty token list", 400, "prompt", json=_ok(prompt=[])),
     BadInput("token id outside vocabulary", 400, "prompt", json=_ok(prompt=[5, 99999])),
