@@ -199,3 +199,11 @@ def full_precision_dtype(device_type: str, checkpoint_dtype: torch.dtype) -> tor
     # the measurement behind it, printed by bench/quant_kernels.py: on a Zen 4 with AVX512-BF16,
     # bf16 45 µs against float32 88 µs per 768x192 matmul at one row (docs/benchmarks.md).
     return torch.bfloat16 if has_bf16_units() else torch.float32
+
+
+def forget_choices() -> None:
+    """Drop this process's measured choices, so the next call measures (or, with
+    MOE_SERVE_KERNELS=fixed, reads the fixed table) again. For tests that compare two processes'
+    numerics: each measures on its own, and a loaded machine can tip a close measurement."""
+    for choice in (fast_lane_dtype, kernel_row_limit, attention_dtype, full_precision_dtype):
+        choice.cache_clear()

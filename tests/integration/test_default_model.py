@@ -7,7 +7,9 @@ session would fight the first for the direct-ingress port.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -16,6 +18,7 @@ import pytest
 from serve_app.api.settings import GenerationDefaults
 from serve_app.config import default_model_dir
 from serve_app.engine import LLM, SamplingParams
+from serve_app.model import kernels
 from serve_app.tokenizer import CodeTokenizer
 from serve_app.train import evaluate_server
 from serve_app.train.evaluate import edit_similarity
@@ -27,10 +30,33 @@ CASES, MAX_TOKENS = 16, 64
 pytestmark = pytest.mark.integration
 
 
+@contextlib.contextmanager
+def fixed_kernels():
+    """The kernel table instead of measurements (serve_app/model/kernels.py), in this process and in
+    servers started meanwhile: the server and the offline reference are compared token for token,
+    and each measuring on its own could pick a different full-precision or attention dtype on a
+    loaded machine (seen once in the full suite)."""
+    before = os.environ.get("MOE_SERVE_KERNELS")
+    os.environ["MOE_SERVE_KERNELS"] = "fixed"
+    kernels.forget_choices()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MOE_SERVE_KERNELS")
+        else:
+            os.environ["MOE_SERVE_KERNELS"] = before
+        kernels.forget_choices()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    # No --model: the bundled default.
-    with servers.embedded_server(tmp_path_factory.mktemp("default-model") / "server.log") as url:
+    # No --model: the bundled default. The server process keeps the fixed table it started with.
+    with fixed_kernels():
+        log = tmp_path_factory.mktemp("default-model") / "server.log"
+        stack = contextlib.ExitStack()
+        url = stack.enter_context(servers.embedded_server(log))
+    with stack:
         yield url
 
 
@@ -50,12 +76,12 @@ def test_fim_on_held_out_functions_through_the_server_equals_the_engine_and_pars
     # with the penalties the checkpoint's generation_config.json sets: the requests left them out.
     defaults = GenerationDefaults.from_model_dir(MODEL)
     tokenizer = CodeTokenizer.from_dir(MODEL)
-    llm = LLM(MODEL)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, frequency_penalty=defaults.frequency_penalty,
                             presence_penalty=defaults.presence_penalty,
                             penalty_skips_structural=defaults.penalty_skips_structural)
-    offline = [o.outputs[0].text for o in llm.generate(
-        [tokenizer.build_fim_prompt_ids(p, s) for p, s in fim.prompts], params)]
+    with fixed_kernels():
+        offline = [o.outputs[0].text for o in LLM(MODEL).generate(
+            [tokenizer.build_fim_prompt_ids(p, s) for p, s in fim.prompts], params)]
     assert report["completions"] == offline
     # Some completions must make the whole file parse (the model card reports the share on 200 cases).
     assert report["parse_rate"] > 0
