@@ -24,7 +24,7 @@ from serve_app.engine.sampler import make_generator, sample
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler, SchedulerOutput
 from serve_app.engine.sequence import (CompletionOutput, EngineOverloadedError, FinishReason, Request,
-                                       RequestOutput, RequestRejectedError, Sequence)
+                                       RequestOutput, RequestRejectedError, RequestTimes, Sequence)
 from serve_app.engine.stats import EngineObserver, StepStats, TokenTiming
 from serve_app.engine.stop import StopChecker
 from serve_app.model import MoeForCausalLM
@@ -249,7 +249,7 @@ class EngineCore:
                 self._calibrate(req.times)
         return list(touched.values())
 
-    def _calibrate(self, times) -> None:
+    def _calibrate(self, times: RequestTimes) -> None:
         if times.predicted_s:
             ratio = (times.finished - times.arrival) / times.predicted_s
             # Weight 0.1 (about the last ten requests); bounded so one outlier cannot close or

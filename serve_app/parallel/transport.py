@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import ray
 import torch
 
 from serve_app.model.moe import DispatchPlan, ExpertAssignment, ExpertKey, LocalExpertBackend
@@ -96,9 +97,8 @@ class ServeTransport:
         """All shards' calls go out at once and share one deadline (the layer waits at most
         timeout_s in all, not timeout_s per shard); answers are taken as they arrive, so each
         shard's recorded round trip is its own, not its own plus the slower shards' before it;
-        when one shard fails, the others' calls are cancelled."""
-        import ray
-
+        when one shard fails, the others' calls are cancelled. (`_to_object_ref_sync` is Serve's
+        developer API; `result()` alone cannot wait for whichever answer comes first.)"""
         started = time.perf_counter()
         deadline = started + self.timeout_s
         calls = {}
