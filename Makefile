@@ -13,6 +13,7 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/python -m serve_app.model.cpu_kernels   # the fused CPU decode kernels, built once (~20-40 s)
 	touch $@
 
 .PHONY: install serve test

@@ -12,7 +12,7 @@ import torch
 from serve_app.config import EngineConfig
 from serve_app.engine.block_manager import BlockCopy, BlockManager
 from serve_app.engine.scheduler import SchedulerOutput
-from serve_app.model import AttentionMetadata, MoeForCausalLM
+from serve_app.model import AttentionMetadata, MoeForCausalLM, cpu_kernels
 from serve_app.model.kernels import attention_dtype
 from serve_app.model.precision import RowPrecision
 
@@ -26,8 +26,11 @@ class ModelRunner:
         self.dtype = dtype or model.embed_tokens.weight.dtype
         self.device = model.embed_tokens.weight.device
         self.attention_dtype = attention_dtype(self.device.type, self.dtype)
-        # K/V are stored in the dtype attention computes in (see paged_attention).
-        self.kv = model.new_kv_cache(cfg.num_kv_blocks, cfg.block_size, self.attention_dtype)
+        # K/V are stored in the dtype attention computes in (see paged_attention), except where the
+        # fused decode kernel runs: it reads 16-bit K/V in place and computes in float32 itself, so
+        # the cache keeps the activations' dtype (half the bytes; the values were 16-bit already).
+        fused = self.dtype != torch.float32 and cpu_kernels.ops(self.device.type) is not None
+        self.kv = model.new_kv_cache(cfg.num_kv_blocks, cfg.block_size, self.dtype if fused else self.attention_dtype)
         # Tokens routed per (layer, expert) since the last `take_expert_load`; None = not tracked.
         self.expert_load: torch.Tensor | None = None
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from serve_app.model import cpu_kernels
+
 
 @dataclass
 class AttentionGroup:
@@ -35,9 +37,20 @@ class AttentionGroup:
     positions: torch.Tensor     # [Tg] position of each token in its sequence
     block_tables: torch.Tensor  # [Bg, max_blocks] cache blocks of each sequence, padded with 0
     max_query_len: int          # Q of this group
-    # [Bg, 1, Q, L] key j visible to query slot (b, i) iff j <= its position. The same in every
-    # layer, so it is built once per step, not once per layer.
-    mask: torch.Tensor
+    query_pos: torch.Tensor     # [Bg, Q] position of each query slot (padding slots: 0)
+    block_size: int
+    _mask: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[Bg, 1, Q, L] key j visible to query slot (b, i) iff j <= its position. The same in every
+        layer, so it is built once per step, not once per layer — and only when a layer asks: the
+        fused decode kernel (cpu_kernels) reads the positions instead and never needs it."""
+        if self._mask is None:
+            key_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=self.query_pos.device)  # [L]
+            mask = key_pos[None, None, :] <= self.query_pos[:, :, None]     # [Bg, Q, L]; j ≤ pos ⇒ j < context len
+            self._mask = mask[:, None]
+        return self._mask
 
 
 @dataclass
@@ -81,12 +94,13 @@ def _group(members: list[int], positions: list[list[int]], block_tables: list[li
     token_seq, token_col = torch.tensor(seqs, **as_long), torch.tensor(cols, **as_long)
     token_pos, max_query_len = torch.tensor(pos, **as_long), max(len(positions[b]) for b in members)
     # Padding query slots get position 0 so their mask row is never empty (no NaN); they are dropped.
-    query_pos = torch.zeros(len(members), max_query_len, **as_long)             # [Bg, Q]
-    query_pos[token_seq, token_col] = token_pos
-    key_pos = torch.arange(width * block_size, device=device)                   # [L]
-    mask = key_pos[None, None, :] <= query_pos[:, :, None]                      # [Bg, Q, L]; j ≤ pos ⇒ j < context len
+    if max_query_len == 1:
+        query_pos = token_pos[:, None]                                          # [Bg, 1]: token b is sequence b
+    else:
+        query_pos = torch.zeros(len(members), max_query_len, **as_long)         # [Bg, Q]
+        query_pos[token_seq, token_col] = token_pos
     return AttentionGroup(torch.tensor(index, **as_long), token_seq, token_col, token_pos,
-                          torch.tensor(tables, **as_long), max_query_len, mask[:, None])
+                          torch.tensor(tables, **as_long), max_query_len, query_pos, block_size)
 
 
 class PagedKVCache:
@@ -158,6 +172,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
                   scale: float, dtype: torch.dtype) -> torch.Tensor:
     """q [Tg, H, Dh] of one group → [Tg, H, Dh] in `dtype`; Bg/Q/L are the group's sequences, query and context."""
+    if g.max_query_len == 1 and (fused := cpu_kernels.for_tensor(q)) is not None:
+        # One query row per sequence, K/V read in place (cache in bf16 or float32, products in float32).
+        return fused.paged_decode_attention(q, k_cache, v_cache, g.block_tables, g.positions, scale)
     num_seqs, (_, _, num_kv, head_dim) = g.block_tables.shape[0], k_cache.shape
     # index_select over the flat table, not k_cache[tables]: 4x faster on CPU (9 vs 35 µs for 32 blocks).
     flat = g.block_tables.flatten()

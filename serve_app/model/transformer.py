@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve_app.model import cpu_kernels
 from serve_app.model.attention import (AttentionMetadata, PagedKVCache, apply_rotary, causal_attention,
                                        paged_attention, rotary)
 from serve_app.model.config import ModelConfig
@@ -37,8 +38,18 @@ class RMSNorm(nn.Module):
         # rounds to x's dtype before the weight: identical in float32, half a bf16 step apart
         # (and closer to exact) in bf16.
         if x.dtype == self.weight.dtype:     # torch accumulates a 16-bit input in float32 itself
+            if (fused := cpu_kernels.for_tensor(x)) is not None:
+                return fused.add_rms_norm(x, None, self.weight, self.eps)[1]
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+    def add_forward(self, delta: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + delta, norm of it): one fused kernel on a 16-bit inference step (the
+        residual add and the norm read the same row), two ops elsewhere."""
+        if delta.dtype == self.weight.dtype == residual.dtype and (fused := cpu_kernels.for_tensor(delta)) is not None:
+            return fused.add_rms_norm(delta, residual, self.weight, self.eps)
+        x = residual + delta
+        return x, self(x)
 
 
 @dataclass
@@ -106,7 +117,11 @@ class Attention(nn.Module):
             qkv = fused(x)                                           # [..., (H+2G)·Dh]
             if self.qkv_bias is not None:
                 qkv = qkv + self.qkv_bias
-            qk = apply_rotary(qkv[..., :(h + g) * dh].view(*lead, h + g, dh), cos, sin)   # [..., H+G, Dh]
+            qk = qkv[..., :(h + g) * dh].view(*lead, h + g, dh)                       # [..., H+G, Dh]
+            if qk.dim() == 3 and (fused := cpu_kernels.for_tensor(qk)) is not None:
+                fused.rotary_(qk, cos, sin)                          # in place: qkv is this step's own
+            else:
+                qk = apply_rotary(qk, cos, sin)
             return qk[..., :h, :], qk[..., h:, :], qkv[..., (h + g) * dh:].view(*lead, g, dh)
         q = self.q_proj(x, rows).view(*lead, h, dh)                   # [..., H, Dh]
         k = self.k_proj(x, rows).view(*lead, g, dh)                   # [..., G, Dh]
@@ -197,8 +212,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MoeBlock(cfg, layer) if cfg.is_moe_layer(layer) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, experts: ExpertsByPrecision) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx, experts)
+        x, h = self.post_attention_layernorm.add_forward(self.self_attn(self.input_layernorm(x), ctx), x)
+        return x + self.mlp(h, ctx, experts)
 
 
 @dataclass

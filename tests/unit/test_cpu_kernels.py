@@ -1,0 +1,136 @@
+"""The fused CPU decode kernels (serve_app/model/cpu_kernels) against the pure-torch path.
+
+Each kernel computes in float32 and rounds once, so it sits within a bf16 rounding step or two of
+the torch ops it replaces (which round after every op); a float32 step never uses them. The
+kernels are built on this machine (g++ and ninja are installed with the project); a build that
+fails is a failed test here, not a skip, unless MOE_SERVE_CPU_KERNELS=0 asks for the torch path.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serve_app.model import cpu_kernels
+from serve_app.model.attention import AttentionMetadata, _attend_group, apply_rotary, rotary
+from serve_app.model.quant import QuantLinear
+
+pytestmark = pytest.mark.skipif(os.environ.get("MOE_SERVE_CPU_KERNELS") == "0",
+                                reason="MOE_SERVE_CPU_KERNELS=0: the pure-torch path is what runs")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    fused = cpu_kernels.ops()
+    assert fused is not None, "the CPU kernels did not build (see the warning logged by serve_app.model.cpu_kernels)"
+    return fused
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_kernels_apply_to_16_bit_inference_only(ops):
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        assert cpu_kernels.for_tensor(x) is None                        # float32: the parity lane
+        assert cpu_kernels.for_tensor(x.bfloat16()) is ops
+        with cpu_kernels.disabled():
+            assert cpu_kernels.for_tensor(x.bfloat16()) is None
+    with torch.enable_grad():
+        assert cpu_kernels.for_tensor(x.bfloat16()) is None             # training needs gradients
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 3, 32), (8, 2, 64), (4, 4, 128), (4, 2, 48)])
+def test_paged_decode_attention_matches_sdpa(ops, kv_dtype, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    block, blocks = 16, 48
+    k_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=gen).to(kv_dtype)
+    lengths = [1, 15, 16, 17, 100, 33 * 16 - 3]                        # block edges, a partial last block
+    tables = [torch.randperm(blocks, generator=gen)[:-(-n // block)].tolist() for n in lengths]   # scattered blocks
+    meta = AttentionMetadata.build([[n - 1] for n in lengths], tables, block, "cpu", torch.float32)
+    q = torch.randn(len(lengths), heads, head_dim, generator=gen).bfloat16()
+    scale = head_dim ** -0.5
+    with torch.inference_mode():
+        with cpu_kernels.disabled():
+            ref = _attend_group(q, k_cache, v_cache, meta.groups[0], scale, torch.float32)
+        out = ops.paged_decode_attention(q, k_cache, v_cache, meta.groups[0].block_tables,
+                                         meta.groups[0].positions, scale)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    for b in range(len(lengths)):                                       # every sequence, not just on average
+        assert rel(out[b], ref[b]) < 8e-3, (b, lengths[b])
+
+
+def test_paged_decode_attention_ignores_keys_past_the_position(ops):
+    """Garbage beyond a sequence's position (a reused block's old K/V) must not leak in."""
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(4, 16, 2, 32, generator=gen).bfloat16()
+    v = torch.randn(4, 16, 2, 32, generator=gen).bfloat16()
+    q = torch.randn(1, 4, 32, generator=gen).bfloat16()
+    tables, pos = torch.tensor([[2, 0]]), torch.tensor([20])
+    with torch.inference_mode():
+        before = ops.paged_decode_attention(q, k, v, tables, pos, 0.2)
+        k[0, 5:], v[0, 5:] = 1e4, -1e4                                  # keys 21.. of the sequence
+        k[1], v[1] = 1e4, 1e4                                           # a block not in its table
+        after = ops.paged_decode_attention(q, k, v, tables, pos, 0.2)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_add_rms_norm_matches_torch(ops, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x, res = (torch.randn(rows, 192, generator=gen).bfloat16() for _ in range(2))
+    w = (torch.rand(192, generator=gen) + 0.5).bfloat16()
+    with torch.inference_mode():
+        h, y = ops.add_rms_norm(x, res, w, 1e-6)
+        only, y2 = ops.add_rms_norm(x, None, w, 1e-6)
+    assert torch.equal(h, x + res)                                      # the residual stream, bf16 as torch rounds it
+    assert rel(y, F.rms_norm((x + res).float(), (192,), w.float(), 1e-6)) < 4e-3
+    assert only is x and rel(y2, F.rms_norm(x.float(), (192,), w.float(), 1e-6)) < 4e-3
+
+
+def test_silu_mul_matches_torch(ops):
+    gu = (torch.randn(5, 2 * 384, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
+    with torch.inference_mode():
+        out = ops.silu_mul(gu)
+    ref = F.silu(gu[:, :384].float()) * gu[:, 384:].float()
+    assert out.shape == (5, 384) and rel(out, ref) < 4e-3
+
+
+def test_rotary_in_place_on_the_fused_projection(ops):
+    """q and k rotated in place inside the [T, (H+2G)·Dh] projection; v untouched."""
+    gen = torch.Generator().manual_seed(2)
+    heads, kv, dh, t = 6, 3, 32, 4
+    qkv = torch.randn(t, (heads + 2 * kv) * dh, generator=gen).bfloat16()
+    cos, sin = rotary(torch.tensor([0, 7, 100, 1000]), dh, 10000.0, torch.bfloat16)
+    cos, sin = cos[:, None], sin[:, None]
+    view = qkv[:, :(heads + kv) * dh].view(t, heads + kv, dh)
+    ref = apply_rotary(view.float(), cos.float(), sin.float())
+    v_before = qkv[:, (heads + kv) * dh:].clone()
+    with torch.inference_mode():
+        ops.rotary_(view, cos, sin)
+    assert rel(view, ref) < 4e-3
+    assert torch.equal(qkv[:, (heads + kv) * dh:], v_before)
+
+
+@pytest.mark.parametrize("n,k", [(384, 192), (8192, 192), (100, 77), (17, 3)])
+def test_int8_linear_matches_the_dequantized_matmul(ops, n, k):
+    if not ops.int8_linear_supported():
+        pytest.skip("this CPU has no AVX512-BF16: QuantLinear keeps torch's int8 kernel")
+    gen = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=gen)
+    layer = QuantLinear.from_weight(w, "int8", dtype=torch.bfloat16, path="kernel")
+    assert "packed" in layer._buffers and "packed" not in layer.state_dict()   # derived, never saved
+    ref_w = layer.dequantize(torch.float32)
+    for rows in (1, 3, 8, 9, 20):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        with torch.inference_mode():
+            out = ops.int8_linear(x, layer.packed, layer.packed_scales, n)
+            via_module = layer(x)
+        assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+        assert rel(out, x.float() @ ref_w.t()) < 5e-3, rows
+        assert torch.equal(via_module, out)
