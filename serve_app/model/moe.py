@@ -46,6 +46,10 @@ class DispatchPlan:
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: bool, layer: int) -> DispatchPlan:
     """Gate → softmax (float32, as the reference implementations do) → top-k → optional renorm."""
+    if (fused := cpu_kernels.for_tensor(x)) is not None and gate_weight.dtype == torch.float32:
+        # One kernel for the ~12 ops below (a 16-bit inference step on CPU); same plan layout.
+        logits, ids, weights, rows, flat_w, counts = fused.moe_route(x, gate_weight, top_k, normalize)
+        return _plan(layer, x.shape[0], ids, weights, logits, rows, flat_w, counts.tolist())
     # In the gate's dtype: a bf16 lane of a float32 model still routes with float32 logits.
     logits = F.linear(x if x.dtype == gate_weight.dtype else x.to(gate_weight.dtype), gate_weight)  # [T, E]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)     # [T, E]
@@ -60,12 +64,17 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: boo
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     rows = order // top_k                                          # [T*K] token row of each slot
     flat_w = weights.flatten()[order]                              # [T*K]
+    return _plan(layer, x.shape[0], ids, weights, logits, rows, flat_w, counts)
+
+
+def _plan(layer: int, num_tokens: int, ids, weights, logits, rows, flat_w, counts: list[int]) -> DispatchPlan:
+    """rows/flat_w [T*K] grouped by ascending expert, `counts` [E] rows per expert."""
     assignments, start = [], 0
     for expert, count in enumerate(counts):
         if count:
             assignments.append(ExpertAssignment(expert, rows[start:start + count], flat_w[start:start + count]))
         start += count
-    return DispatchPlan(layer, x.shape[0], ids, weights, logits, assignments)
+    return DispatchPlan(layer, num_tokens, ids, weights, logits, assignments)
 
 
 def restrict_plan(plan: DispatchPlan, mask: torch.Tensor) -> DispatchPlan:
@@ -81,6 +90,10 @@ def restrict_plan(plan: DispatchPlan, mask: torch.Tensor) -> DispatchPlan:
 
 def combine(plan: DispatchPlan, outputs: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Weighted sum of expert outputs back in token order; ascending expert order fixes the float sum."""
+    ys = [outputs[a.expert] for a in plan.assignments]
+    if (fused := cpu_kernels.for_tensor(like)) is not None and all(y.dtype == like.dtype for y in ys):
+        # One pass, summed in float32 and rounded once (torch's index_add_ rounds per expert).
+        return fused.moe_combine(like, ys, [a.rows for a in plan.assignments], [a.weights for a in plan.assignments])
     out = torch.zeros_like(like)                                   # [T, D]
     for a in plan.assignments:
         out.index_add_(0, a.rows, outputs[a.expert] * a.weights[:, None])

@@ -351,6 +351,30 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
                 module.materialize()
         return self
 
+    def run_combined(self, x: torch.Tensor, plan) -> torch.Tensor | None:
+        """moe.combine(plan, run_experts(x, plan)) in one fused kernel call (cpu_kernels
+        `moe_int8_experts`), or None where it does not apply (not INT8 on the fused kernel's
+        layout, not a 16-bit inference step): the caller then runs the experts one by one."""
+        fused = cpu_kernels.for_tensor(x)
+        if fused is None or self.mode != "int8" or not plan.assignments:
+            return None
+        packed = self.__dict__.setdefault("_packed", {})
+        lists: list[list[torch.Tensor]] = [[], [], [], []]
+        for a in plan.assignments:
+            key = (plan.layer, a.expert)
+            entry = packed.get(key)
+            if entry is None:
+                ffn = self.ffn[f"{plan.layer}_{a.expert}"] if f"{plan.layer}_{a.expert}" in self.ffn else None
+                layers = (ffn.gate_up, ffn.down) if ffn is not None else ()
+                if len(layers) != 2 or any("packed" not in q._buffers for q in layers):
+                    return None                               # missing expert or no fused layout: the plain path says why
+                entry = packed[key] = (ffn.gate_up.packed, ffn.gate_up.packed_scales, ffn.down.packed, ffn.down.packed_scales)
+            for dst, t in zip(lists, entry):
+                dst.append(t)
+        width = next(iter(self.ffn.values())).down.in_features
+        return fused.moe_int8_experts(x.contiguous(), [a.rows for a in plan.assignments],
+                                      [a.weights for a in plan.assignments], *lists, width)
+
     def bytes_per_expert(self) -> int:
         """Weights + scales (+ the int4 kernel's zeros) of one expert; all experts are the same size."""
         return max(ffn.nbytes() for ffn in self.ffn.values())

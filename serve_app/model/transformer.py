@@ -190,7 +190,10 @@ class MoeBlock(nn.Module):
         rows = ctx.row_precision
         if rows is None or rows.single is not None:              # one precision: the plan as it is
             backend = experts.full if rows is None else experts.get(rows.single)
-            out = combine(plan, backend.run_experts(flat, plan), like=flat)   # [T, D]
+            fused = getattr(backend, "run_combined", None)           # quantized local experts: one kernel
+            out = fused(flat, plan) if fused is not None else None
+            if out is None:
+                out = combine(plan, backend.run_experts(flat, plan), like=flat)   # [T, D]
         else:
             # Rows of different precisions are disjoint, so summing the per-group combines adds
             # exact zeros: a row's result is the same as if its group ran alone.

@@ -1,4 +1,4 @@
-"""The fused CPU decode kernels (decode.cpp), compiled on first use and cached on disk.
+"""The fused CPU decode kernels (ops.cpp and its fragments), compiled on first use and cached on disk.
 
 `ops()` returns the `torch.ops.moe_serve` namespace once the extension is built and loaded, or
 None where it cannot be: no C++ compiler or ninja, a build error, a non-CPU device, or
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("decode.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / name for name in ("ops.cpp", "attention.cpp", "pointwise.cpp", "quant_gemm.cpp", "moe.cpp")]
 _lock = threading.Lock()
 
 
@@ -36,7 +37,8 @@ def enabled() -> bool:
 
 def _build_dir() -> Path:
     from serve_app.model.kernels import cpu_features
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+    code = b"".join(p.read_bytes() for p in [*SOURCES, HERE / "common.h"])
+    key = hashlib.sha256(code + torch.__version__.encode()
                          + " ".join(cpu_features()).encode()).hexdigest()[:16]
     root = Path(os.environ.get("MOE_SERVE_KERNEL_CACHE", Path.home() / ".cache" / "moe-serve" / "kernels"))
     return root / key
@@ -57,7 +59,7 @@ def _load():
                 return None
             build = _build_dir()
             build.mkdir(parents=True, exist_ok=True)
-            load(name="moe_serve_decode", sources=[str(SOURCE)], build_directory=str(build),
+            load(name="moe_serve_decode", sources=[str(p) for p in SOURCES], build_directory=str(build),
                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
                  is_python_module=False, verbose=False)
         except Exception as exc:                     # noqa: BLE001 - any build failure means: run without

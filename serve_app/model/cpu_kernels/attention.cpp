@@ -1,0 +1,301 @@
+// Paged decode attention: one query row per sequence, K/V read where they lie in the cache.
+#include "common.h"
+
+namespace {
+using namespace moe_serve_kernels;
+
+#if defined(__AVX512F__)
+// AVX-512 path of attend_one for Dh a multiple of 16 (32, 64, 128: every supported family). Why
+// intrinsics: the portable loops below are latency-bound (a horizontal sum per key and an
+// accumulator kept in memory: ~80 cycles per key and head); here each query row stays in
+// registers, the value accumulators too, and keys alternate between two accumulator sets.
+
+template <typename QT, typename KT, int64_t kDh>
+void attend_one_avx512(const QT* q, const KT* kc, const KT* vc, const int64_t* table, int64_t len, int64_t S,
+                       int64_t G, int64_t g, int64_t R, float scale, QT* out, std::vector<float>& scores) {
+  constexpr int64_t V = kDh / 16;                // vectors per head
+  scores.resize(R * len);
+  const int64_t row = G * kDh, blocks = (len + S - 1) / S;
+  for (int64_t r = 0; r < R; ++r) {
+    __m512 qv[V];
+    alignas(64) float qf[kDh];
+    for (int64_t d = 0; d < kDh; ++d) qf[d] = to_f(q[r * kDh + d]) * scale;
+    for (int64_t i = 0; i < V; ++i) qv[i] = _mm512_load_ps(qf + 16 * i);
+    float* sr = scores.data() + r * len;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t base = b * S, n = len - base < S ? len - base : S;
+      const KT* kb = kc + table[b] * S * row + g * kDh;
+      for (int64_t o = 0; o < n; ++o) {
+        const KT* k = kb + o * row;
+        __m512 acc = _mm512_mul_ps(qv[0], load16(k));
+        for (int64_t i = 1; i < V; ++i) acc = _mm512_fmadd_ps(qv[i], load16(k + 16 * i), acc);
+        sr[base + o] = _mm512_reduce_add_ps(acc);
+      }
+    }
+    float m = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) m = sr[j] > m ? sr[j] : m;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) {
+      sr[j] = fast_exp(sr[j] - m);
+      sum += sr[j];
+    }
+    __m512 a0[V], a1[V];
+    for (int64_t i = 0; i < V; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t base = b * S, n = len - base < S ? len - base : S;
+      const KT* vb = vc + table[b] * S * row + g * kDh;
+      int64_t o = 0;
+      for (; o + 1 < n; o += 2) {
+        const __m512 p0 = _mm512_set1_ps(sr[base + o]), p1 = _mm512_set1_ps(sr[base + o + 1]);
+        for (int64_t i = 0; i < V; ++i) {
+          a0[i] = _mm512_fmadd_ps(p0, load16(vb + o * row + 16 * i), a0[i]);
+          a1[i] = _mm512_fmadd_ps(p1, load16(vb + (o + 1) * row + 16 * i), a1[i]);
+        }
+      }
+      if (o < n) {
+        const __m512 p0 = _mm512_set1_ps(sr[base + o]);
+        for (int64_t i = 0; i < V; ++i) a0[i] = _mm512_fmadd_ps(p0, load16(vb + o * row + 16 * i), a0[i]);
+      }
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / sum);
+    alignas(64) float res[kDh];
+    for (int64_t i = 0; i < V; ++i) _mm512_store_ps(res + 16 * i, _mm512_mul_ps(_mm512_add_ps(a0[i], a1[i]), inv));
+    for (int64_t d = 0; d < kDh; ++d) out[r * kDh + d] = from_f<QT>(res[d]);
+  }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// Lane i of the result = the sum of the 16 lanes of a[i]: a transposing tree of shuffles and adds
+// (~3 instructions a key, against ~9 for a horizontal sum per key).
+inline __m512 sum16(__m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)       // b[i]: lanes 0-7 partials of a[2i], 8-15 of a[2i+1]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)       // c[i]: 128-bit chunk j = 4 partials of a[4i + j]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)       // d[i]: chunk j = [a[8i+j] x2 partials, a[8i+4+j] x2], interleaved
+    d[i] = _mm512_add_ps(_mm512_unpacklo_ps(c[2 * i], c[2 * i + 1]), _mm512_unpackhi_ps(c[2 * i], c[2 * i + 1]));
+  // chunk j = [a[j], a[4+j], a[8+j], a[12+j]]: lane 4j+t holds key 4t+j; permute back to lane = key.
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, e);
+}
+
+// bf16 q and bf16 K/V, Dh a multiple of 32: q·k by vdpbf16ps on the stored pairs (exact products,
+// float32 sums: no conversion of K at all), 16 keys reduced at once; values as in attend_one_avx512.
+template <int64_t kDh>
+void attend_one_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const int64_t* table,
+                     int64_t len, int64_t S, int64_t G, int64_t g, int64_t R, float scale, c10::BFloat16* out,
+                     std::vector<float>& scores) {
+  constexpr int64_t P = kDh / 32;                // bf16 pair vectors per head
+  constexpr int64_t V = kDh / 16;
+  scores.resize(R * len + 16);
+  const int64_t row = G * kDh;
+  for (int64_t r = 0; r < R; ++r) {
+    __m512bh qv[P];
+    for (int64_t i = 0; i < P; ++i)
+      qv[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + r * kDh + 32 * i));
+    float* sr = scores.data() + r * len;
+    const __m512 sc = _mm512_set1_ps(scale);
+    int64_t j = 0, blk = 0, off = 0;             // key j lies at (table[blk], off): no division per key
+    for (; j + 16 <= len; j += 16) {
+      __m512 acc[16];
+      for (int t = 0; t < 16; ++t) {
+        const c10::BFloat16* k = kc + (table[blk] * S + off) * row + g * kDh;
+        if (++off == S) { off = 0; ++blk; }
+        acc[t] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], reinterpret_cast<__m512bh>(_mm512_loadu_si512(k)));
+        for (int64_t i = 1; i < P; ++i)
+          acc[t] = _mm512_dpbf16_ps(acc[t], qv[i], reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + 32 * i)));
+      }
+      _mm512_storeu_ps(sr + j, _mm512_mul_ps(sum16(acc), sc));
+    }
+    for (; j < len; ++j) {
+      const c10::BFloat16* k = kc + (table[blk] * S + off) * row + g * kDh;
+      if (++off == S) { off = 0; ++blk; }
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < P; ++i)
+        acc = _mm512_dpbf16_ps(acc, qv[i], reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + 32 * i)));
+      sr[j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  float inv[64];
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = scores.data() + r * len;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) m = sr[j] > m ? sr[j] : m;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) {
+      sr[j] = fast_exp(sr[j] - m);
+      sum += sr[j];
+    }
+    inv[r] = 1.f / sum;
+  }
+  // Values: each row of V converted once and used by all R query rows.
+  constexpr int kMaxR = 8;
+  for (int64_t r0 = 0; r0 < R; r0 += kMaxR) {
+    const int64_t rn = R - r0 < kMaxR ? R - r0 : kMaxR;
+    __m512 acc[kMaxR][V];
+    for (int64_t r = 0; r < rn; ++r)
+      for (int64_t i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t b = 0, base = 0; base < len; ++b, base += S) {
+      const int64_t n = len - base < S ? len - base : S;
+      const c10::BFloat16* vb = vc + table[b] * S * row + g * kDh;
+      for (int64_t o = 0; o < n; ++o) {
+        __m512 v[V];
+        for (int64_t i = 0; i < V; ++i) v[i] = load16(vb + o * row + 16 * i);
+        for (int64_t r = 0; r < rn; ++r) {
+          const __m512 p = _mm512_set1_ps(scores[(r0 + r) * len + base + o]);
+          for (int64_t i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(p, v[i], acc[r][i]);
+        }
+      }
+    }
+    for (int64_t r = 0; r < rn; ++r) {
+      const __m512 iv = _mm512_set1_ps(inv[r0 + r]);
+      for (int64_t i = 0; i < V; ++i) {
+        const __m256i y = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][i], iv)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r0 + r) * kDh + 16 * i), y);
+      }
+    }
+  }
+}
+#endif
+
+// One (sequence, kv head): R query rows against the sequence's first `len` keys, walked block by
+// block (no per-key division: a 64-bit div costs ~40 cycles, more than the key's dot product).
+template <typename QT, typename KT, int64_t kDh>
+void attend_one(const QT* q, const KT* kc, const KT* vc, const int64_t* table, int64_t len, int64_t S,
+                int64_t G, int64_t g, int64_t R, int64_t dh, float scale, QT* out, std::vector<float>& scores,
+                std::vector<float>& acc, std::vector<float>& qf) {
+  // kDh > 0: the head dim known at compile time, so each dot product unrolls into a few FMAs (a
+  // runtime trip count costs a vector prologue/epilogue per key: 2x slower at Dh = 32).
+  const int64_t Dh = kDh > 0 ? kDh : dh;
+  scores.resize(R * len);
+  acc.assign(R * Dh, 0.f);
+  qf.resize(R * Dh);
+  for (int64_t i = 0; i < R * Dh; ++i) qf[i] = to_f(q[i]) * scale;
+  const int64_t row = G * Dh;                    // elements between consecutive keys of a block
+  const int64_t blocks = (len + S - 1) / S;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t base = b * S, n = len - base < S ? len - base : S;
+    const KT* kb = kc + table[b] * S * row + g * Dh;
+    for (int64_t o = 0; o < n; ++o) {
+      const KT* k = kb + o * row;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* qr = qf.data() + r * Dh;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < Dh; ++d) s += qr[d] * to_f(k[d]);
+        scores[r * len + base + o] = s;
+      }
+    }
+  }
+  float inv[64];
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = scores.data() + r * len;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) m = sr[j] > m ? sr[j] : m;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) {
+      sr[j] = fast_exp(sr[j] - m);
+      sum += sr[j];
+    }
+    inv[r] = 1.f / sum;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t base = b * S, n = len - base < S ? len - base : S;
+    const KT* vb = vc + table[b] * S * row + g * Dh;
+    for (int64_t o = 0; o < n; ++o) {
+      const KT* v = vb + o * row;
+      for (int64_t r = 0; r < R; ++r) {
+        const float p = scores[r * len + base + o];
+        float* a = acc.data() + r * Dh;
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; ++d) a[d] += p * to_f(v[d]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < Dh; ++d) out[r * Dh + d] = from_f<QT>(acc[r * Dh + d] * inv[r]);
+}
+
+template <typename QT, typename KT>
+void paged_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& tables,
+                          const at::Tensor& positions, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), S = kc.size(1), G = kc.size(2), R = H / G;
+  const int64_t W = tables.size(1);
+  const QT* qp = q.data_ptr<QT>();
+  const KT* kp = kc.data_ptr<KT>();
+  const KT* vp = vc.data_ptr<KT>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  QT* op = out.data_ptr<QT>();
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc, qf;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / G, g = i % G;
+      // Head h reads kv head h / R (the reference families' GQA): heads g*R .. g*R+R-1 are contiguous.
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<QT, c10::BFloat16> && std::is_same_v<KT, c10::BFloat16>) {
+        auto bf = Dh == 32 ? attend_one_bf16<32> : Dh == 64 ? attend_one_bf16<64> : Dh == 128 ? attend_one_bf16<128> : nullptr;
+        if (bf != nullptr) {
+          bf(qp + (b * H + g * R) * Dh, kp, vp, tp + b * W, pp[b] + 1, S, G, g, R, static_cast<float>(scale),
+             op + (b * H + g * R) * Dh, scores);
+          continue;
+        }
+      }
+#endif
+#if defined(__AVX512F__)
+      if constexpr (!std::is_same_v<KT, c10::Half>) {
+        auto fast = Dh == 32 ? attend_one_avx512<QT, KT, 32> : Dh == 64 ? attend_one_avx512<QT, KT, 64>
+                  : Dh == 128 ? attend_one_avx512<QT, KT, 128> : nullptr;
+        if (fast != nullptr) {
+          fast(qp + (b * H + g * R) * Dh, kp, vp, tp + b * W, pp[b] + 1, S, G, g, R, static_cast<float>(scale),
+               op + (b * H + g * R) * Dh, scores);
+          continue;
+        }
+      }
+#endif
+      auto attend = Dh == 32 ? attend_one<QT, KT, 32> : Dh == 64 ? attend_one<QT, KT, 64>
+                  : Dh == 128 ? attend_one<QT, KT, 128> : attend_one<QT, KT, 0>;
+      attend(qp + (b * H + g * R) * Dh, kp, vp, tp + b * W, pp[b] + 1, S, G, g, R, Dh,
+                         static_cast<float>(scale), op + (b * H + g * R) * Dh, scores, acc, qf);
+    }
+  });
+}
+
+// q [B, H, Dh]; k/v cache [N, S, G, Dh]; block_tables [B, W] int64; positions [B] int64, the
+// position of each sequence's one new token (keys 0..position are visible). -> [B, H, Dh] in q's dtype.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "heads do not match the cache");
+  TORCH_CHECK(q.size(1) / k_cache.size(2) <= 64, "more than 64 query heads per kv head");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches differ in dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && positions.scalar_type() == at::kLong, "int64 indices");
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && positions.size(0) == q.size(0), "one table per sequence");
+  auto qc = q.contiguous(), kc = k_cache.contiguous(), vc = v_cache.contiguous();
+  auto tc = block_tables.contiguous(), pc = positions.contiguous();
+  auto out = at::empty_like(qc);
+  const auto qt = qc.scalar_type(), kt = kc.scalar_type();
+#define MOE_ATTN(QT, KT) paged_attention_impl<QT, KT>(qc, kc, vc, tc, pc, scale, out)
+  if (qt == at::kBFloat16 && kt == at::kBFloat16) MOE_ATTN(c10::BFloat16, c10::BFloat16);
+  else if (qt == at::kBFloat16 && kt == at::kFloat) MOE_ATTN(c10::BFloat16, float);
+  else if (qt == at::kFloat && kt == at::kFloat) MOE_ATTN(float, float);
+  else if (qt == at::kFloat && kt == at::kBFloat16) MOE_ATTN(float, c10::BFloat16);
+  else if (qt == at::kHalf && kt == at::kHalf) MOE_ATTN(c10::Half, c10::Half);
+  else TORCH_CHECK(false, "paged_decode_attention: unsupported dtypes ", qt, " / ", kt);
+#undef MOE_ATTN
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moe_serve, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor positions, float scale) -> Tensor",
+        &paged_decode_attention);
+}

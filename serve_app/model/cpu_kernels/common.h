@@ -1,0 +1,71 @@
+// Shared helpers of the fused CPU decode kernels (see ops.cpp for what they are and why).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace moe_serve_kernels {
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) {             // bf16 -> f32 is a shift; written out so it vectorises
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_f(c10::Half x) { return static_cast<float>(x); }
+template <typename T> inline T from_f(float x) { return static_cast<T>(x); }   // c10 rounds to nearest even
+
+// exp for the softmax and silu: Cephes' expf (range reduction by ln 2, degree-6 polynomial, ~2 ulp),
+// written so that GCC vectorises the loops that call it (std::exp stays a scalar libm call).
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, 4);
+  return p * scale;
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+// gate_up [R, 2F] -> silu(gate) * up [R, F], in float32, rounded once.
+template <typename T>
+void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t F) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = gu + r * 2 * F;
+    const T* u = g + F;
+#pragma omp simd
+    for (int64_t i = 0; i < F; ++i) {
+      const float a = to_f(g[i]);
+      out[r * F + i] = from_f<T>(a / (1.f + fast_exp(-a)) * to_f(u[i]));
+    }
+  }
+}
+
+}  // namespace moe_serve_kernels
