@@ -218,24 +218,38 @@ class QuantLinear(nn.Module):
         if ops is None or not _int4_shape_ok(device.type, n):
             raise QuantConfigError(f"no int4 kernel for {n} output rows on {device.type}; use path='dequant'")
         pack, _ = ops
+        portable = codes
         if device.type == "cpu":    # the CPU packer takes int32 codes [N, Kp]; CUDA takes pack_int4 bytes
             codes = (unpack_int4(codes).to(torch.int32) + 8)
         layer.register_buffer("qweight", pack(codes.contiguous(), _inner_k_tiles(layer.padded_in)))
         sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1)           # [Q, N, 2]
         layer.register_buffer("scales_and_zeros", sz.to(_int4_act_dtype(device.type, dtype)).contiguous())
+        if device.type == "cpu":
+            layer._pack_fused(portable, scales, dtype)
         return layer
 
     def _pack_fused(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
-        """The fused W8A16 kernel's layout of the codes (cpu_kernels `int8_linear`: AVX512-BF16,
-        2-2.5x torch's int8 kernel at 4-16 rows, as fast at one), kept beside `qweight` as derived
-        data (not saved) where that kernel runs: int8 codes, bf16 activations, this CPU."""
+        """The fused W8A16 / W4A16 kernels' layout of the codes (cpu_kernels `int8_linear`,
+        `int4_linear`, `moe_quant_experts`: AVX512-BF16, 2-2.5x torch's int8 kernel at 4-16 rows),
+        kept beside the torch kernel's buffers as derived data (not saved) where those kernels run:
+        bf16 activations on this CPU. codes/scales: the portable form (`codes()`)."""
         fused = cpu_kernels.ops(codes.device.type)
         if dtype != torch.bfloat16 or fused is None or not fused.int8_linear_supported():
             return
-        padded = -(-codes.shape[0] // 16) * 16
-        self.register_buffer("packed", fused.int8_pack(codes), persistent=False)            # [N/16, K/2, 16, 2]
-        self.register_buffer("packed_scales", F.pad(scales.float(), (0, padded - codes.shape[0])),
-                             persistent=False)                                              # [N/16 * 16]
+        n = codes.shape[0]
+        if self.mode == "int8":
+            padded = -(-n // 16) * 16
+            packed, packed_scales = fused.int8_pack(codes), F.pad(scales.float(), (0, padded - n))  # [N/16, K/2, 16, 2], [N/16*16]
+        else:
+            packed, packed_scales = fused.int4_pack(unpack_int4(codes)[:, :self.in_features].contiguous(),
+                                                    scales.float())          # [N/16, K/2, 16], [N/16, Q, 16]
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("packed_scales", packed_scales, persistent=False)
+
+    @property
+    def fused_group(self) -> int:
+        """How the fused kernels read `packed`: 0 = INT8, else the INT4 group size."""
+        return 0 if self.mode == "int8" else self.group_size
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The portable form: (int8 [N, K] or pack_int4 [N, Kp/2], float32 scales [N] or [N, Q])."""
@@ -284,6 +298,9 @@ class QuantLinear(nn.Module):
             # Even a no-op .to costs ~1 µs of dispatch, 33 times a decode step.
             scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
             return torch._weight_int8pack_mm(x.contiguous(), self.qweight, scales)
+        packed = self._buffers.get("packed")
+        if packed is not None and cpu_kernels.for_tensor(x) is not None:
+            return cpu_kernels.ops().int4_linear(x, packed, self.packed_scales, self.out_features, self.group_size)
         if self.qweight.device.type != self.device_type:
             raise QuantConfigError(f"int4 weights were packed for {self.device_type}, now on "
                                    f"{self.qweight.device.type}; quantize again on the target device")
@@ -353,10 +370,10 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
 
     def run_combined(self, x: torch.Tensor, plan) -> torch.Tensor | None:
         """moe.combine(plan, run_experts(x, plan)) in one fused kernel call (cpu_kernels
-        `moe_int8_experts`), or None where it does not apply (not INT8 on the fused kernel's
-        layout, not a 16-bit inference step): the caller then runs the experts one by one."""
+        `moe_quant_experts`), or None where it does not apply (no fused layout, not a 16-bit
+        inference step): the caller then runs the experts one by one."""
         fused = cpu_kernels.for_tensor(x)
-        if fused is None or self.mode != "int8" or not plan.assignments:
+        if fused is None or not plan.assignments:
             return None
         packed = self.__dict__.setdefault("_packed", {})
         lists: list[list[torch.Tensor]] = [[], [], [], []]
@@ -371,9 +388,9 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
                 entry = packed[key] = (ffn.gate_up.packed, ffn.gate_up.packed_scales, ffn.down.packed, ffn.down.packed_scales)
             for dst, t in zip(lists, entry):
                 dst.append(t)
-        width = next(iter(self.ffn.values())).down.in_features
-        return fused.moe_int8_experts(x.contiguous(), [a.rows for a in plan.assignments],
-                                      [a.weights for a in plan.assignments], *lists, width)
+        down = next(iter(self.ffn.values())).down
+        return fused.moe_quant_experts(x.contiguous(), [a.rows for a in plan.assignments],
+                                       [a.weights for a in plan.assignments], *lists, down.in_features, down.fused_group)
 
     def bytes_per_expert(self) -> int:
         """Weights + scales (+ the int4 kernel's zeros) of one expert; all experts are the same size."""

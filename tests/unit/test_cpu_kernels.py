@@ -134,3 +134,47 @@ def test_int8_linear_matches_the_dequantized_matmul(ops, n, k):
         assert out.shape == (rows, n) and out.dtype == torch.bfloat16
         assert rel(out, x.float() @ ref_w.t()) < 5e-3, rows
         assert torch.equal(via_module, out)
+
+
+@pytest.mark.parametrize("n,k,group", [(768, 192, 64), (192, 384, 64), (32, 100, 32), (8192, 192, 128)])
+def test_int4_linear_matches_the_dequantized_matmul(ops, n, k, group):
+    if not ops.int8_linear_supported():
+        pytest.skip("this CPU has no AVX512-BF16: QuantLinear keeps torch's int4 kernel")
+    gen = torch.Generator().manual_seed(n + k + group)
+    w = torch.randn(n, k, generator=gen)
+    layer = QuantLinear.from_weight(w, "int4", group, dtype=torch.bfloat16, path="kernel")
+    assert "packed" in layer._buffers and "packed" not in layer.state_dict()
+    ref_w = layer.dequantize(torch.float32)
+    for rows in (1, 5, 8, 17):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        with torch.inference_mode():
+            out = layer(x)
+            with cpu_kernels.disabled():
+                torch_kernel = layer(x)                                 # torch's int4 kernel, same codes
+        assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+        assert rel(out, x.float() @ ref_w.t()) < 5e-3, rows
+        assert rel(out, torch_kernel) < 1e-2, rows
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_experts_equal_the_expert_by_expert_path(ops, mode):
+    """moe_quant_experts = run_experts + combine on the same plan (one kernel instead of ~10 ops an expert)."""
+    from serve_app.model.moe import LocalExpertBackend, combine, route
+    from serve_app.model.quant import QuantizedExpertBackend
+    if not ops.int8_linear_supported():
+        pytest.skip("no AVX512-BF16")
+    torch.manual_seed(0)
+    local = LocalExpertBackend([(0, e) for e in range(8)], 192, 384)
+    for p in local.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    backend = QuantizedExpertBackend.from_backend(local, mode, 64, dtype=torch.bfloat16)
+    gate = torch.randn(8, 192)
+    for tokens in (1, 8, 13):
+        x = torch.randn(tokens, 192).bfloat16()
+        with torch.inference_mode():
+            plan = route(x, gate, 2, True, 0)
+            fused = backend.run_combined(x, plan)
+            with cpu_kernels.disabled():
+                plain = combine(plan, backend.run_experts(x, plan), like=x)
+        assert fused is not None and fused.shape == x.shape
+        assert rel(fused, plain) < 1e-2, tokens

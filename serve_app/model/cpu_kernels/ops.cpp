@@ -8,8 +8,8 @@
 //   add_rms_norm            residual add + RMSNorm (torch's CPU rms_norm is 7 ops);
 //   silu_mul                SwiGLU's silu(gate) * up on the fused [R, 2F] projection;
 //   rotary_                 RoPE in place on q and k of the fused qkv projection;
-//   int8_linear             W8A16 matmul for decode-sized rows (AVX512-BF16), 2-2.5x torch's int8 kernel;
-//   moe_int8_experts        a layer's quantized experts (gather, gate_up, silu*up, down, combine) in one call;
+//   int8/int4_linear        W8A16 / W4A16 matmuls for decode-sized rows (AVX512-BF16);
+//   moe_quant_experts       a layer's quantized experts (gather, gate_up, silu*up, down, combine) in one call;
 //   moe_route, moe_combine  the router's gate -> top-k -> grouping, and the weighted sum back.
 // The pure-torch path (model/attention.py, transformer.py) stays the reference: float32 steps
 // never come here, and tests hold these kernels to it.
@@ -19,7 +19,7 @@
 
 //
 // Files: attention.cpp (paged_decode_attention), pointwise.cpp (add_rms_norm, silu_mul, rotary_),
-// quant_gemm.cpp (int8_pack, int8_linear, moe_int8_experts), moe.cpp (moe_route, moe_combine),
+// quant_gemm.cpp (int8/int4 pack and linear, moe_quant_experts), moe.cpp (moe_route, moe_combine),
 // common.h (conversions, exp). Each registers its ops as a fragment of the library defined here.
 #include <torch/library.h>
 

@@ -120,7 +120,154 @@ void int8_gemm(const c10::BFloat16* xp, int64_t M, int64_t K, const int8_t* wp, 
   if (parallel) at::parallel_for(0, Nb, 8, body);
   else body(0, Nb);
 }
+
+// --- W4A16: the same pair layout with 4-bit codes and a float32 scale per (row, group of G inputs)
+
+inline __m512bh int4_group_to_bf16(const uint8_t* w) {    // 16 bytes: value i in byte i's low nibble, i+16 high
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m512i eight = _mm512_set1_epi32(8);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)), eight));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)), eight));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// As int8_block, with the scale applied per group: each group's sums (kSplit chains) are folded
+// into the total with one FMA by the group's 16 row scales.
+template <int MB>
+void int4_block(const c10::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t K, int64_t G, const float* scales,
+                c10::BFloat16* out, int64_t ldo, int64_t valid) {
+  constexpr int kSplit = MB >= 8 ? 1 : (8 + MB - 1) / MB;
+  const int64_t pairs = (K + 1) / 2, per_group = G / 2;
+  __m512 total[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t q = 0, kp0 = 0; kp0 < pairs; ++q, kp0 += per_group) {
+    const int64_t kp_end = kp0 + per_group < pairs ? kp0 + per_group : pairs;
+    const int64_t kp_full = kp_end < K / 2 ? kp_end : K / 2;     // pairs with both inputs inside K
+    __m512 acc[kSplit][MB];
+    for (int s = 0; s < kSplit; ++s)
+      for (int m = 0; m < MB; ++m) acc[s][m] = _mm512_setzero_ps();
+    int64_t kp = kp0;
+    for (; kp + kSplit <= kp_full; kp += kSplit) {
+      for (int s = 0; s < kSplit; ++s) {
+        const __m512bh wb = int4_group_to_bf16(w + (kp + s) * 16);
+        for (int m = 0; m < MB; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, x + m * ldx + 2 * (kp + s), 4);
+          acc[s][m] = _mm512_dpbf16_ps(acc[s][m], wb, reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)));
+        }
+      }
+    }
+    for (; kp < kp_end; ++kp) {
+      const __m512bh wb = int4_group_to_bf16(w + kp * 16);
+      for (int m = 0; m < MB; ++m) {
+        int32_t pair = static_cast<int32_t>(x[m * ldx + 2 * kp].x);          // an odd K's last input: partner 0
+        if (2 * kp + 1 < K) std::memcpy(&pair, x + m * ldx + 2 * kp, 4);
+        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], wb, reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)));
+      }
+    }
+    const __m512 sc = _mm512_loadu_ps(scales + q * 16);
+    for (int m = 0; m < MB; ++m) {
+      __m512 sum = acc[0][m];
+      for (int s = 1; s < kSplit; ++s) sum = _mm512_add_ps(sum, acc[s][m]);
+      total[m] = _mm512_fmadd_ps(sum, sc, total[m]);
+    }
+  }
+  const __mmask16 keep = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  for (int m = 0; m < MB; ++m) {
+    const __m256i y = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(total[m]));
+    _mm256_mask_storeu_epi16(out + m * ldo, keep, y);
+  }
+}
+
+// A quantized weight as the kernels read it. group == 0: INT8, packed [Nb, Kp, 16, 2] int8 and
+// scales [Nb * 16]; group > 0: INT4, packed [Nb, Kp, 16] bytes and scales [Nb, Q, 16].
+struct QuantWeight {
+  const void* packed;
+  const float* scales;
+  int64_t group;
+};
+
+// y [M, N] = x [M, K] @ dequant(w)^T (int8_linear, int4_linear and the fused experts).
+void quant_gemm(const c10::BFloat16* xp, int64_t M, int64_t K, QuantWeight w, int64_t N, c10::BFloat16* op,
+                bool parallel) {
+  if (w.group == 0) return int8_gemm(xp, M, K, static_cast<const int8_t*>(w.packed), N, w.scales, op, parallel);
+  const int64_t Nb = (N + 15) / 16, Kp = (K + 1) / 2, Q = (K + w.group - 1) / w.group;
+  const auto* wp = static_cast<const uint8_t*>(w.packed);
+  auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const int64_t valid = N - nb * 16 < 16 ? N - nb * 16 : 16;
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int64_t mb = M - m0 < 8 ? M - m0 : 8;
+        const auto* xb = xp + m0 * K;
+        auto* ob = op + m0 * N + nb * 16;
+        const uint8_t* wb = wp + nb * Kp * 16;
+        const float* sb = w.scales + nb * Q * 16;
+        switch (mb) {
+          case 1: int4_block<1>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
+          case 2: int4_block<2>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
+          case 3: int4_block<3>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
+          case 4: int4_block<4>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
+          case 5: int4_block<5>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
+          case 6: int4_block<6>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
+          case 7: int4_block<7>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
+          default: int4_block<8>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
+        }
+      }
+    }
+  };
+  if (parallel) at::parallel_for(0, Nb, 8, body);
+  else body(0, Nb);
+}
 #endif
+
+// v [N, Kp] int8 in [-8, 7] (unpacked INT4 codes), scales [N, Q] float32 -> (packed [Nb, Kp/2, 16]
+// uint8, value i of each 32-value group in byte i's low nibble and value i+16 in byte i's high;
+// scales [Nb, Q, 16] float32, zero-padded rows).
+std::vector<at::Tensor> int4_pack(const at::Tensor& v, const at::Tensor& scales) {
+  TORCH_CHECK(v.dim() == 2 && v.scalar_type() == at::kChar && scales.dim() == 2 && scales.size(0) == v.size(0),
+              "int4_pack: v [N, Kp] int8, scales [N, Q]");
+  const int64_t N = v.size(0), K = v.size(1), Nb = (N + 15) / 16, Kp = (K + 1) / 2, Q = scales.size(1);
+  auto vc = v.contiguous();
+  auto sc = scales.to(at::kFloat).contiguous();
+  auto out = at::full({Nb, Kp, 16}, 0x88, v.options().dtype(at::kByte));   // code 8 = value 0 (padding)
+  auto so = at::zeros({Nb, Q, 16}, sc.options());
+  const int8_t* src = vc.data_ptr<int8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = (n % 16) * 2 + k % 2;                               // position in the 32-value group
+      uint8_t& byte = dst[((n / 16) * Kp + k / 2) * 16 + i % 16];
+      const uint8_t code = static_cast<uint8_t>(src[n * K + k] + 8);
+      byte = i < 16 ? static_cast<uint8_t>((byte & 0xF0) | code) : static_cast<uint8_t>((byte & 0x0F) | (code << 4));
+    }
+  const float* s = sc.data_ptr<float>();
+  float* sd = so.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t q = 0; q < Q; ++q) sd[((n / 16) * Q + q) * 16 + n % 16] = s[n * Q + q];
+  return {out, so};
+}
+
+// x [M, K] bf16; (packed, scales) from int4_pack with group size G -> [M, N] bf16.
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t N, int64_t G) {
+#if defined(__AVX512BF16__)
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_linear: x must be [M, K] bf16");
+  TORCH_CHECK(G > 0 && G % 2 == 0, "int4_linear: group size must be even");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(0) == (N + 15) / 16
+              && packed.size(1) >= (K + 1) / 2 && packed.size(2) == 16 && packed.is_contiguous(), "int4_linear: packed layout");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 3 && scales.size(1) * G >= K && scales.is_contiguous(),
+              "int4_linear: scales [Nb, Q, 16] float32");
+  TORCH_CHECK(packed.size(1) == (K + 1) / 2, "int4_linear: x must have the weight's in_features (pad it)");
+  auto xc = x.contiguous();
+  auto out = at::empty({x.size(0), N}, xc.options());
+  quant_gemm(xc.data_ptr<c10::BFloat16>(), x.size(0), K, {packed.data_ptr(), scales.data_ptr<float>(), G}, N,
+             out.data_ptr<c10::BFloat16>(), true);
+  return out;
+#else
+  TORCH_CHECK(false, "int4_linear needs AVX512-BF16 (check int8_linear_supported())");
+#endif
+}
 
 void check_packed(const at::Tensor& packed, const at::Tensor& scales, int64_t K, int64_t N, const char* what) {
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 2 && packed.scalar_type() == at::kChar
@@ -145,26 +292,36 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 #endif
 }
 
-// A whole MoE layer's int8 experts in one call: for each expert i (in the order given, ascending
-// id), its rows rows[i] of x [T, D] go through down(silu(gate) * up) with the packed gate_up
-// [2F, D] and down [D, F] weights, and weights[i] * output is summed per token in float32, rounded
-// once -> [T, D]. The same numerics as int8_linear -> silu_mul -> int8_linear -> moe_combine, with
-// no per-expert gather, temporaries or dispatch (~10 ops an expert otherwise).
-at::Tensor moe_int8_experts(const at::Tensor& x, at::TensorList rows, at::TensorList weights, at::TensorList gate_up,
-                            at::TensorList gate_up_scales, at::TensorList down, at::TensorList down_scales, int64_t F) {
+void check_quant(const at::Tensor& packed, const at::Tensor& scales, int64_t K, int64_t N, int64_t group, const char* what) {
+  if (group == 0) return check_packed(packed, scales, K, N, what);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(0) == (N + 15) / 16
+              && packed.size(1) == (K + 1) / 2 && packed.is_contiguous(), what, ": not an int4_pack layout");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 3 && scales.size(1) * group >= K
+              && scales.is_contiguous(), what, ": scales [Nb, Q, 16] float32");
+}
+
+// A whole MoE layer's quantized experts in one call (group 0: INT8, else INT4 with that group):
+// for each expert i (in the order given, ascending id), its rows rows[i] of x [T, D] go through
+// down(silu(gate) * up) with the packed gate_up [2F, D] and down [D, F] weights, and
+// weights[i] * output is summed per token in float32, rounded once -> [T, D]. The same numerics as
+// int8_linear -> silu_mul -> int8_linear -> moe_combine, without the per-expert gathers,
+// temporaries and ~10 dispatched ops an expert.
+at::Tensor moe_quant_experts(const at::Tensor& x, at::TensorList rows, at::TensorList weights, at::TensorList gate_up,
+                             at::TensorList gate_up_scales, at::TensorList down, at::TensorList down_scales, int64_t F,
+                             int64_t group) {
 #if defined(__AVX512BF16__)
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "moe_int8_experts: x [T, D] bf16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "moe_quant_experts: x [T, D] bf16");
   const size_t E = rows.size();
   TORCH_CHECK(weights.size() == E && gate_up.size() == E && gate_up_scales.size() == E && down.size() == E
-              && down_scales.size() == E, "moe_int8_experts: one entry per expert in every list");
+              && down_scales.size() == E, "moe_quant_experts: one entry per expert in every list");
   const int64_t T = x.size(0), D = x.size(1);
   for (size_t i = 0; i < E; ++i) {
-    check_packed(gate_up[i], gate_up_scales[i], D, 2 * F, "moe_int8_experts gate_up");
-    check_packed(down[i], down_scales[i], F, D, "moe_int8_experts down");
+    check_quant(gate_up[i], gate_up_scales[i], D, 2 * F, group, "moe_quant_experts gate_up");
+    check_quant(down[i], down_scales[i], F, D, group, "moe_quant_experts down");
     TORCH_CHECK(rows[i].scalar_type() == at::kLong && rows[i].is_contiguous() && weights[i].numel() == rows[i].numel()
-                && weights[i].scalar_type() == at::kBFloat16 && weights[i].is_contiguous(), "moe_int8_experts: rows/weights");
+                && weights[i].scalar_type() == at::kBFloat16 && weights[i].is_contiguous(), "moe_quant_experts: rows/weights");
     const int64_t* r = rows[i].data_ptr<int64_t>();
-    for (int64_t j = 0; j < rows[i].numel(); ++j) TORCH_CHECK(r[j] >= 0 && r[j] < T, "moe_int8_experts: row out of range");
+    for (int64_t j = 0; j < rows[i].numel(); ++j) TORCH_CHECK(r[j] >= 0 && r[j] < T, "moe_quant_experts: row out of range");
   }
   const auto* xp = x.data_ptr<c10::BFloat16>();
   std::vector<float> acc(T * D, 0.f);
@@ -178,9 +335,9 @@ at::Tensor moe_int8_experts(const at::Tensor& x, at::TensorList rows, at::Tensor
     a.resize(R * F);
     y.resize(R * D);
     for (int64_t j = 0; j < R; ++j) std::memcpy(xs.data() + j * D, xp + r[j] * D, D * sizeof(c10::BFloat16));
-    int8_gemm(xs.data(), R, D, gate_up[i].data_ptr<int8_t>(), 2 * F, gate_up_scales[i].data_ptr<float>(), h.data(), false);
+    quant_gemm(xs.data(), R, D, {gate_up[i].data_ptr(), gate_up_scales[i].data_ptr<float>(), group}, 2 * F, h.data(), false);
     silu_mul_impl(h.data(), a.data(), R, F);
-    int8_gemm(a.data(), R, F, down[i].data_ptr<int8_t>(), D, down_scales[i].data_ptr<float>(), y.data(), false);
+    quant_gemm(a.data(), R, F, {down[i].data_ptr(), down_scales[i].data_ptr<float>(), group}, D, y.data(), false);
     const auto* w = weights[i].data_ptr<c10::BFloat16>();
     for (int64_t j = 0; j < R; ++j) {
       const float wj = to_f(w[j]);
@@ -195,7 +352,7 @@ at::Tensor moe_int8_experts(const at::Tensor& x, at::TensorList rows, at::Tensor
   for (int64_t i = 0; i < T * D; ++i) op[i] = from_f<c10::BFloat16>(acc[i]);
   return out;
 #else
-  TORCH_CHECK(false, "moe_int8_experts needs AVX512-BF16 (check int8_linear_supported())");
+  TORCH_CHECK(false, "moe_quant_experts needs AVX512-BF16 (check int8_linear_supported())");
 #endif
 }
 
@@ -205,6 +362,8 @@ TORCH_LIBRARY_FRAGMENT(moe_serve, m) {
   m.def("int8_pack(Tensor w) -> Tensor", &int8_pack);
   m.def("int8_linear_supported() -> bool", &int8_linear_supported);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scales, int N) -> Tensor", &int8_linear);
-  m.def("moe_int8_experts(Tensor x, Tensor[] rows, Tensor[] weights, Tensor[] gate_up, Tensor[] gate_up_scales, "
-        "Tensor[] down, Tensor[] down_scales, int F) -> Tensor", &moe_int8_experts);
+  m.def("int4_pack(Tensor v, Tensor scales) -> Tensor[]", &int4_pack);
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int N, int G) -> Tensor", &int4_linear);
+  m.def("moe_quant_experts(Tensor x, Tensor[] rows, Tensor[] weights, Tensor[] gate_up, Tensor[] gate_up_scales, "
+        "Tensor[] down, Tensor[] down_scales, int F, int group) -> Tensor", &moe_quant_experts);
 }
