@@ -134,6 +134,24 @@ def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dt
     return emb.cos().to(dtype), sin.to(dtype)
 
 
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rotary_lookup(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """`rotary(positions, ...)` read from a table of positions 0..P-1, computed once per (Dh,
+    theta, dtype, device) the same way and grown to the next power of two when a position passes
+    its end: the same values, one gather instead of ~10 ops a step (~0.15 ms of a 1.5 ms decode)."""
+    need = int(positions.max()) + 1 if positions.numel() else 1
+    key = (head_dim, theta, dtype, positions.device)
+    table = _ROPE_TABLES.get(key)
+    if table is None or table[0].shape[0] < need:
+        size = max(1024, 1 << (need - 1).bit_length())
+        table = _ROPE_TABLES[key] = rotary(torch.arange(size, device=positions.device), head_dim, theta, dtype)
+    flat = positions.reshape(-1)
+    cos, sin = table[0].index_select(0, flat), table[1].index_select(0, flat)     # [N, Dh]
+    return cos.view(*positions.shape, head_dim), sin.view(*positions.shape, head_dim)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [..., heads, Dh]; cos/signed_sin [..., 1, Dh] broadcast over heads.
 

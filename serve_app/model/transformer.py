@@ -18,7 +18,7 @@ from torch import nn
 
 from serve_app.model import cpu_kernels
 from serve_app.model.attention import (AttentionMetadata, PagedKVCache, apply_rotary, causal_attention,
-                                       paged_attention, rotary)
+                                       paged_attention, rotary_lookup)
 from serve_app.model.config import ModelConfig
 from serve_app.model.moe import (DispatchPlan, ExpertBackend, ExpertsByPrecision, LocalExpertBackend, combine,
                                  restrict_plan, route)
@@ -70,7 +70,7 @@ class StepContext:
         recomputing it per layer was ~4% of a decode step)."""
         key = (head_dim, theta, dtype)
         if self._rope is None or self._rope[0] != key:
-            cos, sin = rotary(self.positions, head_dim, theta, dtype)
+            cos, sin = rotary_lookup(self.positions, head_dim, theta, dtype)
             self._rope = (key, cos.unsqueeze(-2), sin.unsqueeze(-2))
         return self._rope[1], self._rope[2]
 

@@ -178,3 +178,14 @@ def test_fused_experts_equal_the_expert_by_expert_path(ops, mode):
                 plain = combine(plan, backend.run_experts(x, plan), like=x)
         assert fused is not None and fused.shape == x.shape
         assert rel(fused, plain) < 1e-2, tokens
+
+
+def test_rotary_table_lookup_is_the_rotary_computation():
+    """The decode step reads cos/sin from a cached table; it must hold exactly rotary's values,
+    also after growing past its first size and for [B, S] (training) positions."""
+    from serve_app.model.attention import rotary_lookup
+    for dtype in (torch.float32, torch.bfloat16):
+        for positions in (torch.tensor([0, 5, 1023]), torch.tensor([[3, 4097], [0, 1]]), torch.tensor([70000])):
+            cos, sin = rotary_lookup(positions, 32, 10000.0, dtype)
+            ref_cos, ref_sin = rotary(positions, 32, 10000.0, dtype)
+            assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
