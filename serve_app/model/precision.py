@@ -63,6 +63,19 @@ class RowPrecision:
         return self.precisions[0] if len(self.precisions) == 1 else None
 
 
+def shared_copy(copies: dict, rows: RowPrecision):
+    """The one entry of `copies` (quantized copies by lane) that serves every row of the step, or
+    None. Under load a fast-lane step mixes INT4 and INT8 rows, whose dense weights are the same
+    INT8 copy (DENSE_MODE): one call on all rows then, not one gather + call + scatter per lane."""
+    first = copies.get(rows.precisions[0])
+    if first is None:
+        return None
+    for p in rows.precisions[1:]:
+        if copies.get(p) is not first:
+            return None
+    return first
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoint keys) that runs each row at its precision.
 
@@ -80,6 +93,8 @@ class Linear(nn.Linear):
             return self._run("full", x)
         if rows.single is not None:
             return self._run(rows.single, x)
+        if shared_copy(self.reduced, rows) is not None:                              # one weight for all rows
+            return self._run(rows.precisions[0], x)
         out = x.new_empty(*x.shape[:-1], self.out_features)                          # [T, N]
         for precision, index in zip(rows.precisions, rows.index):
             out.index_copy_(0, index, self._run(precision, x.index_select(0, index)))

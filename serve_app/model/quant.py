@@ -389,6 +389,8 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
             for dst, t in zip(lists, entry):
                 dst.append(t)
         down = next(iter(self.ffn.values())).down
+        if max(a.rows.numel() for a in plan.assignments) > down.row_limit and "dense" in down._buffers:
+            return None                   # a prefill chunk: the experts' dense copies multiply faster (row_limit)
         return fused.moe_quant_experts(x.contiguous(), [a.rows for a in plan.assignments],
                                        [a.weights for a in plan.assignments], *lists, down.in_features, down.fused_group)
 

@@ -22,7 +22,7 @@ from serve_app.model.attention import (AttentionMetadata, PagedKVCache, apply_ro
 from serve_app.model.config import ModelConfig
 from serve_app.model.moe import (DispatchPlan, ExpertBackend, ExpertsByPrecision, LocalExpertBackend, combine,
                                  restrict_plan, route)
-from serve_app.model.precision import Linear, RowPrecision
+from serve_app.model.precision import Linear, RowPrecision, shared_copy
 from serve_app.model.quant import QuantLinear, wants_dense_copy
 
 
@@ -112,7 +112,7 @@ class Attention(nn.Module):
         lead, rows = x.shape[:-1], ctx.row_precision                 # (B, S) or (T,)
         h, g, dh = self.num_heads, self.num_kv, self.head_dim
         cos, sin = ctx.rope(dh, self.theta, x.dtype)                 # [..., 1, Dh]
-        fused = self.qkv_reduced.get(rows.single) if rows is not None and rows.single else None
+        fused = shared_copy(self.qkv_reduced, rows) if rows is not None else None
         if fused is not None and self.q_norm is None:
             qkv = fused(x)                                           # [..., (H+2G)·Dh]
             if self.qkv_bias is not None:
@@ -200,7 +200,12 @@ class MoeBlock(nn.Module):
             out = torch.zeros_like(flat)
             for precision, mask in zip(rows.precisions, rows.masks):
                 sub = restrict_plan(plan, mask)
-                out += combine(sub, experts.get(precision).run_experts(flat, sub), like=flat)
+                if not sub.assignments:
+                    continue
+                backend = experts.get(precision)
+                fused = getattr(backend, "run_combined", None)
+                part = fused(flat, sub) if fused is not None else None
+                out += part if part is not None else combine(sub, backend.run_experts(flat, sub), like=flat)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat, rows)) * self.shared_expert(flat, ctx)
         return out.view_as(x)
