@@ -5,6 +5,15 @@ namespace {
 using namespace moe_serve_kernels;
 
 #if defined(__AVX512F__)
+// max of x[0..n): 16 lanes at a time (the scalar loop is a serial chain GCC does not vectorise).
+inline float max_of(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
+  float r = _mm512_reduce_max_ps(m);
+  for (; j < n; ++j) r = x[j] > r ? x[j] : r;
+  return r;
+}
 // AVX-512 path of attend_one for Dh a multiple of 16 (32, 64, 128: every supported family). Why
 // intrinsics: the portable loops below are latency-bound (a horizontal sum per key and an
 // accumulator kept in memory: ~80 cycles per key and head); here each query row stays in
@@ -32,14 +41,8 @@ void attend_one_avx512(const QT* q, const KT* kc, const KT* vc, const int64_t* t
         sr[base + o] = _mm512_reduce_add_ps(acc);
       }
     }
-    float m = -INFINITY;
-    for (int64_t j = 0; j < len; ++j) m = sr[j] > m ? sr[j] : m;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) {
-      sr[j] = fast_exp(sr[j] - m);
-      sum += sr[j];
-    }
+    const float m = max_of(sr, len);
+    const float sum = exp_sum16(sr, len, m);
     __m512 a0[V], a1[V];
     for (int64_t i = 0; i < V; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
@@ -84,6 +87,35 @@ inline __m512 sum16(__m512* a) {
   return _mm512_permutexvar_ps(order, e);
 }
 
+// out[r] = sum_j p[r][j] * v_j * inv[r] for RN query rows (scores p [RN, len], softmax numerators).
+template <int64_t kDh, int RN>
+void accumulate_values(const c10::BFloat16* vc, const int64_t* table, int64_t len, int64_t S, int64_t row, int64_t g,
+                       const float* p, const float* inv, c10::BFloat16* out) {
+  constexpr int64_t V = kDh / 16;
+  __m512 acc[RN][V];
+  for (int r = 0; r < RN; ++r)
+    for (int64_t i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t b = 0, base = 0; base < len; ++b, base += S) {
+    const int64_t n = len - base < S ? len - base : S;
+    const c10::BFloat16* vb = vc + table[b] * S * row + g * kDh;
+    for (int64_t o = 0; o < n; ++o) {
+      __m512 v[V];
+      for (int64_t i = 0; i < V; ++i) v[i] = load16(vb + o * row + 16 * i);
+      for (int r = 0; r < RN; ++r) {
+        const __m512 w = _mm512_set1_ps(p[r * len + base + o]);
+        for (int64_t i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(w, v[i], acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < RN; ++r) {
+    const __m512 iv = _mm512_set1_ps(inv[r]);
+    for (int64_t i = 0; i < V; ++i) {
+      const __m256i y = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][i], iv)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kDh + 16 * i), y);
+    }
+  }
+}
+
 // bf16 q and bf16 K/V, Dh a multiple of 32: q·k by vdpbf16ps on the stored pairs (exact products,
 // float32 sums: no conversion of K at all), 16 keys reduced at once; values as in attend_one_avx512.
 template <int64_t kDh>
@@ -124,41 +156,24 @@ void attend_one_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10:
   float inv[64];
   for (int64_t r = 0; r < R; ++r) {
     float* sr = scores.data() + r * len;
-    float m = -INFINITY;
-    for (int64_t j = 0; j < len; ++j) m = sr[j] > m ? sr[j] : m;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) {
-      sr[j] = fast_exp(sr[j] - m);
-      sum += sr[j];
-    }
+    const float m = max_of(sr, len);
+    const float sum = exp_sum16(sr, len, m);
     inv[r] = 1.f / sum;
   }
-  // Values: each row of V converted once and used by all R query rows.
-  constexpr int kMaxR = 8;
-  for (int64_t r0 = 0; r0 < R; r0 += kMaxR) {
-    const int64_t rn = R - r0 < kMaxR ? R - r0 : kMaxR;
-    __m512 acc[kMaxR][V];
-    for (int64_t r = 0; r < rn; ++r)
-      for (int64_t i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
-    for (int64_t b = 0, base = 0; base < len; ++b, base += S) {
-      const int64_t n = len - base < S ? len - base : S;
-      const c10::BFloat16* vb = vc + table[b] * S * row + g * kDh;
-      for (int64_t o = 0; o < n; ++o) {
-        __m512 v[V];
-        for (int64_t i = 0; i < V; ++i) v[i] = load16(vb + o * row + 16 * i);
-        for (int64_t r = 0; r < rn; ++r) {
-          const __m512 p = _mm512_set1_ps(scores[(r0 + r) * len + base + o]);
-          for (int64_t i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(p, v[i], acc[r][i]);
-        }
-      }
-    }
-    for (int64_t r = 0; r < rn; ++r) {
-      const __m512 iv = _mm512_set1_ps(inv[r0 + r]);
-      for (int64_t i = 0; i < V; ++i) {
-        const __m256i y = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][i], iv)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r0 + r) * kDh + 16 * i), y);
-      }
+  // Values: each row of V converted once and used by all R query rows (up to 8 at a time, the
+  // count a template argument so that the accumulators stay in registers).
+  for (int64_t r0 = 0; r0 < R; r0 += 8) {
+    const float* p = scores.data() + r0 * len;
+    c10::BFloat16* o = out + r0 * kDh;
+    switch (R - r0 < 8 ? R - r0 : 8) {
+      case 1: accumulate_values<kDh, 1>(vc, table, len, S, row, g, p, inv + r0, o); break;
+      case 2: accumulate_values<kDh, 2>(vc, table, len, S, row, g, p, inv + r0, o); break;
+      case 3: accumulate_values<kDh, 3>(vc, table, len, S, row, g, p, inv + r0, o); break;
+      case 4: accumulate_values<kDh, 4>(vc, table, len, S, row, g, p, inv + r0, o); break;
+      case 5: accumulate_values<kDh, 5>(vc, table, len, S, row, g, p, inv + r0, o); break;
+      case 6: accumulate_values<kDh, 6>(vc, table, len, S, row, g, p, inv + r0, o); break;
+      case 7: accumulate_values<kDh, 7>(vc, table, len, S, row, g, p, inv + r0, o); break;
+      default: accumulate_values<kDh, 8>(vc, table, len, S, row, g, p, inv + r0, o); break;
     }
   }
 }
