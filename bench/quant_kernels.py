@@ -7,9 +7,12 @@ a shared machine hits every method alike). Methods:
 - float:         ExpertFFN, F.linear on float weights. This is also "dequant, cached": a cached
                  (materialized) dequantized weight is a float weight, so it runs exactly this
                  code — what the server multiplies prefill chunks with;
-- int8 kernel:   torch._weight_int8pack_mm;
+- int8 kernel:   the packed path as the server runs it: on a CPU with AVX512-BF16 and bf16
+                 activations the fused W8A16 kernel (serve_app/model/cpu_kernels), else torch's;
+- int8 torch:    the same module with the fused kernels off: torch._weight_int8pack_mm;
 - int8 dequant:  int8 → float weight on every call, then F.linear;
-- int4 kernel:   torch._weight_int4pack_mm_for_cpu (CPU) / _weight_int4pack_mm (CUDA);
+- int4 kernel:   as int8 kernel (the fused W4A16 kernel where it runs);
+- int4 torch:    torch._weight_int4pack_mm_for_cpu (CPU) / _weight_int4pack_mm (CUDA);
 - int4 dequant:  unpack nibbles → float weight on every call, then F.linear.
 
 Every quantized method's output is checked against the float one (relative error printed), and
@@ -34,13 +37,27 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from serve_app.model import kernels  # noqa: E402
+from serve_app.model import cpu_kernels, kernels  # noqa: E402
 from serve_app.model.moe import ExpertFFN  # noqa: E402
 from serve_app.model.quant import DEFAULT_GROUP_SIZE, QuantizedExpertFFN  # noqa: E402
 
 ROWS = (1, 8, 32, 128)
 SHAPES = ((192, 384), (256, 512))  # (D, F): the default model's expert and a wider one
-METHODS = ("float", "int8 kernel", "int8 dequant", "int4 kernel", "int4 dequant")
+METHODS = ("float", "int8 kernel", "int8 torch", "int8 dequant", "int4 kernel", "int4 torch", "int4 dequant")
+
+
+class TorchKernels:
+    """A module run with the fused CPU kernels off (torch's packed kernels)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, x):
+        with cpu_kernels.disabled():
+            return self.module(x)
+
+    def nbytes(self) -> int:
+        return self.module.nbytes()
 
 
 def build(hidden: int, width: int, dtype: torch.dtype, device: str, group_size: int) -> dict:
@@ -53,6 +70,7 @@ def build(hidden: int, width: int, dtype: torch.dtype, device: str, group_size: 
     for mode in ("int8", "int4"):
         for path in ("kernel", "dequant"):
             methods[f"{mode} {path}"] = QuantizedExpertFFN.from_float(ffn, mode, group_size, path=path)
+        methods[f"{mode} torch"] = TorchKernels(methods[f"{mode} kernel"])
     return methods
 
 
@@ -133,8 +151,10 @@ def print_choices() -> None:
           f"torch capability {torch.backends.cpu.get_cpu_capability()}")
     fast = kernels.fast_lane_dtype("cpu")
     print(f"measured choices: fast lane dtype {fast}; full precision of a bf16 checkpoint "
-          f"{kernels.full_precision_dtype('cpu', torch.bfloat16)}; decode attention in "
-          f"{kernels.attention_dtype('cpu', fast)} for {fast} activations")
+          f"{kernels.full_precision_dtype('cpu', torch.bfloat16)}; SDPA in {kernels.attention_dtype('cpu', fast)} "
+          f"for {fast} activations; fused CPU kernels "
+          f"{'on' if cpu_kernels.ops() is not None else 'unavailable'} (decode attention, W8A16/W4A16 "
+          f"{'on' if cpu_kernels.ops() is not None and cpu_kernels.ops().int8_linear_supported() else 'off'})")
     for dtype in (torch.float32, torch.bfloat16):
         for mode in ("int8", "int4"):
             print(f"  {mode} at {dtype}: {kernels.quant_path('cpu', mode, dtype)}, kernel up to "

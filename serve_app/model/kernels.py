@@ -3,9 +3,11 @@
 Three choices decide how fast a step runs, and each depends on the hardware, not on the model:
 1. the activation dtype of the quantized (fast) lane: bf16 where torch's packed integer kernels
    are vectorised for it (CPUs with AVX512-BF16/AMX, CUDA), float32 elsewhere;
-2. per (device, mode, dtype), whether a quantized linear multiplies with torch's packed kernel or
+2. per (device, mode, dtype), whether a quantized linear multiplies with a packed kernel (the fused
+   cpu_kernels one on AVX512-BF16 with bf16 activations, else torch's) or
    with a dequantized float copy;
-3. the dtype attention computes its score/value products in at decode (bf16 SDPA at one query row
+3. the dtype SDPA computes its score/value products in where the fused decode kernel (cpu_kernels)
+   does not run — prefill chunks, a GPU, a CPU without the build (bf16 SDPA at one query row
    is 4x slower than float32 on a Zen 4 CPU: 184 vs 42 µs, see docs/benchmarks.md).
 
 Why measured here and not typed into a table: the last table in the source recorded a Zen 4 as

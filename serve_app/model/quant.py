@@ -15,9 +15,10 @@ quantized once, at load time, from the float checkpoint; activations stay in the
 - Rows whose K is not a multiple of G are padded with zero columns (and the activations with zero
   columns on the kernel path), so a short last group is just a group with zeros in it.
 
-Two ways to multiply (`QuantLinear.path`): "kernel" — torch's packed-integer matmuls
-(`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`) — or "dequant" — `F.linear` on the float
-weight rebuilt from the codes. Which is faster depends on the device and the activation dtype, so
+Two ways to multiply (`QuantLinear.path`): "kernel" — packed-integer matmuls: on a CPU with
+AVX512-BF16 and bf16 activations the project's own W8A16 / W4A16 kernels (cpu_kernels: `packed`
+beside the codes, 2-2.5x torch's at 4-16 rows), else torch's (`_weight_int8pack_mm`,
+`_weight_int4pack_mm[_for_cpu]`) — or "dequant" — `F.linear` on the float weight rebuilt from the codes. Which is faster depends on the device and the activation dtype, so
 `serve_app.model.kernels.quant_path` measures it in this process (bench/quant_kernels.py prints
 the same comparison); a kernel missing from this torch build, or unable to take a shape, falls
 back to "dequant". `materialize()` caches the rebuilt weight (float memory and float speed with
@@ -293,14 +294,14 @@ class QuantLinear(nn.Module):
             return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         if self.mode == "int8":
             packed = self._buffers.get("packed")
-            if packed is not None and cpu_kernels.for_tensor(x) is not None:
-                return cpu_kernels.ops().int8_linear(x, packed, self.packed_scales, self.out_features)
+            if packed is not None and (fused := cpu_kernels.for_tensor(x)) is not None:
+                return fused.int8_linear(x, packed, self.packed_scales, self.out_features)
             # Even a no-op .to costs ~1 µs of dispatch, 33 times a decode step.
             scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
             return torch._weight_int8pack_mm(x.contiguous(), self.qweight, scales)
         packed = self._buffers.get("packed")
-        if packed is not None and cpu_kernels.for_tensor(x) is not None:
-            return cpu_kernels.ops().int4_linear(x, packed, self.packed_scales, self.out_features, self.group_size)
+        if packed is not None and (fused := cpu_kernels.for_tensor(x)) is not None:
+            return fused.int4_linear(x, packed, self.packed_scales, self.out_features, self.group_size)
         if self.qweight.device.type != self.device_type:
             raise QuantConfigError(f"int4 weights were packed for {self.device_type}, now on "
                                    f"{self.qweight.device.type}; quantize again on the target device")
