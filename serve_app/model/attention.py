@@ -45,7 +45,7 @@ class AttentionGroup:
     def mask(self) -> torch.Tensor:
         """[Bg, 1, Q, L] key j visible to query slot (b, i) iff j <= its position. The same in every
         layer, so it is built once per step, not once per layer — and only when a layer asks: the
-        fused decode kernel (cpu_kernels) reads the positions instead and never needs it."""
+        fused kernel (cpu_kernels) reads the positions instead and never needs it."""
         if self._mask is None:
             key_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=self.query_pos.device)  # [L]
             mask = key_pos[None, None, :] <= self.query_pos[:, :, None]     # [Bg, Q, L]; j ≤ pos ⇒ j < context len
@@ -62,21 +62,38 @@ class AttentionMetadata:
     # The dtype the score/value products run in; None = the activations'. A bf16 lane on a CPU
     # whose bf16 SDPA is slow computes them in float32 (model/kernels.py measures which).
     compute_dtype: torch.dtype | None = None
+    # For the fused kernel (cpu_kernels.paged_attention), which attends every row on its own: the
+    # step's block tables [B, W] (padded with 0) and the sequence of each row [T]. Built on first use.
+    _block_tables: list[list[int]] | None = None
+    _token_seq: list[int] | None = None
+    _fused: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def fused_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_tables [B, W] int64, token_seq [T] int64), built once per step."""
+        if self._fused is None:
+            width = max(len(t) for t in self._block_tables)
+            tables = [t + [0] * (width - len(t)) for t in self._block_tables]
+            device = self.positions.device
+            self._fused = (torch.tensor(tables, dtype=torch.long, device=device),
+                           torch.tensor(self._token_seq, dtype=torch.long, device=device))
+        return self._fused
 
     @classmethod
     def build(cls, positions: list[list[int]], block_tables: list[list[int]], block_size: int,
               device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> "AttentionMetadata":
         """From per-sequence new-token positions and block tables (the runner's view)."""
-        flat_pos, slots, starts = [], [], []
-        for pos, table in zip(positions, block_tables):
+        flat_pos, slots, starts, token_seq = [], [], [], []
+        for b, (pos, table) in enumerate(zip(positions, block_tables)):
             starts.append(len(flat_pos))
             flat_pos += pos
+            token_seq += [b] * len(pos)
             slots += [table[p // block_size] * block_size + p % block_size for p in pos]
         decodes = [b for b, pos in enumerate(positions) if len(pos) == 1]
         members = ([decodes] if decodes else []) + [[b] for b, pos in enumerate(positions) if len(pos) > 1]
         groups = [_group(m, positions, block_tables, starts, block_size, device) for m in members]
         as_long = dict(dtype=torch.long, device=device)
-        return cls(torch.tensor(flat_pos, **as_long), torch.tensor(slots, **as_long), groups, compute_dtype)
+        return cls(torch.tensor(flat_pos, **as_long), torch.tensor(slots, **as_long), groups, compute_dtype,
+                   block_tables, token_seq)
 
 
 def _group(members: list[int], positions: list[list[int]], block_tables: list[list[int]], starts: list[int],
@@ -177,6 +194,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     # in float32 keeps float32 K/V: casting each new row once beats casting the context every layer).
     k_cache.view(-1, num_kv, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    if (fused := cpu_kernels.for_tensor(q)) is not None:
+        # Every row on its own against its sequence's keys, in place (cache in bf16 or float32,
+        # products in float32): one call for the step, prefill and decode rows alike.
+        tables, token_seq = meta.fused_tables()
+        return fused.paged_attention(q, k_cache, v_cache, tables, token_seq, meta.positions, scale)
     dtype = meta.compute_dtype or q.dtype
     if len(meta.groups) == 1:
         return _attend_group(q, k_cache, v_cache, meta.groups[0], scale, dtype).to(q.dtype)
@@ -190,9 +212,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
                   scale: float, dtype: torch.dtype) -> torch.Tensor:
     """q [Tg, H, Dh] of one group → [Tg, H, Dh] in `dtype`; Bg/Q/L are the group's sequences, query and context."""
-    if g.max_query_len == 1 and (fused := cpu_kernels.for_tensor(q)) is not None:
-        # One query row per sequence, K/V read in place (cache in bf16 or float32, products in float32).
-        return fused.paged_decode_attention(q, k_cache, v_cache, g.block_tables, g.positions, scale)
     num_seqs, (_, _, num_kv, head_dim) = g.block_tables.shape[0], k_cache.shape
     # index_select over the flat table, not k_cache[tables]: 4x faster on CPU (9 vs 35 µs for 32 blocks).
     flat = g.block_tables.flatten()

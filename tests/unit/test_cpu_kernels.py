@@ -45,7 +45,7 @@ def test_kernels_apply_to_16_bit_inference_only(ops):
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 3, 32), (8, 2, 64), (4, 4, 128), (4, 2, 48)])
-def test_paged_decode_attention_matches_sdpa(ops, kv_dtype, heads, kv_heads, head_dim):
+def test_paged_attention_of_decodes_matches_sdpa(ops, kv_dtype, heads, kv_heads, head_dim):
     gen = torch.Generator().manual_seed(heads * head_dim)
     block, blocks = 16, 48
     k_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=gen).to(kv_dtype)
@@ -58,14 +58,14 @@ def test_paged_decode_attention_matches_sdpa(ops, kv_dtype, heads, kv_heads, hea
     with torch.inference_mode():
         with cpu_kernels.disabled():
             ref = _attend_group(q, k_cache, v_cache, meta.groups[0], scale, torch.float32)
-        out = ops.paged_decode_attention(q, k_cache, v_cache, meta.groups[0].block_tables,
-                                         meta.groups[0].positions, scale)
+        tables, token_seq = meta.fused_tables()
+        out = ops.paged_attention(q, k_cache, v_cache, tables, token_seq, meta.positions, scale)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     for b in range(len(lengths)):                                       # every sequence, not just on average
         assert rel(out[b], ref[b]) < 8e-3, (b, lengths[b])
 
 
-def test_paged_decode_attention_ignores_keys_past_the_position(ops):
+def test_paged_attention_ignores_keys_past_the_position(ops):
     """Garbage beyond a sequence's position (a reused block's old K/V) must not leak in."""
     gen = torch.Generator().manual_seed(1)
     k = torch.randn(4, 16, 2, 32, generator=gen).bfloat16()
@@ -73,11 +73,49 @@ def test_paged_decode_attention_ignores_keys_past_the_position(ops):
     q = torch.randn(1, 4, 32, generator=gen).bfloat16()
     tables, pos = torch.tensor([[2, 0]]), torch.tensor([20])
     with torch.inference_mode():
-        before = ops.paged_decode_attention(q, k, v, tables, pos, 0.2)
+        before = ops.paged_attention(q, k, v, tables, torch.tensor([0]), pos, 0.2)
         k[0, 5:], v[0, 5:] = 1e4, -1e4                                  # keys 21.. of the sequence
         k[1], v[1] = 1e4, 1e4                                           # a block not in its table
-        after = ops.paged_decode_attention(q, k, v, tables, pos, 0.2)
+        after = ops.paged_attention(q, k, v, tables, torch.tensor([0]), pos, 0.2)
     assert torch.equal(before, after)
+
+
+def test_paged_attention_of_prefill_chunks_matches_masked_sdpa_and_does_not_depend_on_the_batch(ops):
+    """Chunks of several rows per sequence (causal by position) next to decodes: each row as the
+    masked SDPA of its group computes it, and bit-identical to the same row attended alone — a
+    request's tokens must not change with how its prompt was chunked or what it was batched with."""
+    gen = torch.Generator().manual_seed(3)
+    block, blocks, heads, kv, dh = 16, 40, 6, 3, 32
+    k_cache = torch.randn(blocks, block, kv, dh, generator=gen).bfloat16()
+    v_cache = torch.randn(blocks, block, kv, dh, generator=gen).bfloat16()
+    positions = [list(range(30, 70)), [12], list(range(0, 9)), [200]]     # a chunk, a decode, a first chunk, a decode
+    tables = [torch.randperm(blocks, generator=gen)[:-(-(p[-1] + 1) // block)].tolist() for p in positions]
+    meta = AttentionMetadata.build(positions, tables, block, "cpu", torch.float32)
+    q = torch.randn(len(meta.positions), heads, dh, generator=gen).bfloat16()
+    with torch.inference_mode():
+        tabs, seqs = meta.fused_tables()
+        out = ops.paged_attention(q, k_cache, v_cache, tabs, seqs, meta.positions, dh ** -0.5)
+        with cpu_kernels.disabled():
+            ref = torch.empty_like(out, dtype=torch.float32)
+            for g in meta.groups:
+                ref[g.token_index] = _attend_group(q.index_select(0, g.token_index), k_cache, v_cache, g,
+                                                   dh ** -0.5, torch.float32)
+        for t in range(len(meta.positions)):
+            assert rel(out[t], ref[t]) < 8e-3, t
+            alone = ops.paged_attention(q[t:t + 1], k_cache, v_cache, tabs, seqs[t:t + 1], meta.positions[t:t + 1],
+                                        dh ** -0.5)
+            assert torch.equal(alone[0], out[t]), t
+
+
+def test_paged_attention_refuses_indices_outside_the_cache(ops):
+    k = torch.zeros(2, 16, 1, 32).bfloat16()
+    q = torch.zeros(1, 2, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.paged_attention(q, k, k, torch.tensor([[5]]), torch.tensor([0]), torch.tensor([3]), 1.0)
+    with pytest.raises(RuntimeError, match="outside its table"):
+        ops.paged_attention(q, k, k, torch.tensor([[0]]), torch.tensor([0]), torch.tensor([16]), 1.0)
+    with pytest.raises(RuntimeError, match="names sequence"):
+        ops.paged_attention(q, k, k, torch.tensor([[0]]), torch.tensor([1]), torch.tensor([3]), 1.0)
 
 
 @pytest.mark.parametrize("rows", [1, 8])

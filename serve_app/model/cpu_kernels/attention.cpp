@@ -1,4 +1,4 @@
-// Paged decode attention: one query row per sequence, K/V read where they lie in the cache.
+// Paged attention for every query row of a step, K/V read where they lie in the cache.
 #include "common.h"
 
 namespace {
@@ -240,7 +240,7 @@ void attend_one(const QT* q, const KT* kc, const KT* vc, const int64_t* table, i
 
 template <typename QT, typename KT>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& tables,
-                          const at::Tensor& positions, double scale, at::Tensor& out) {
+                          const at::Tensor& seqs, const at::Tensor& positions, double scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), S = kc.size(1), G = kc.size(2), R = H / G;
   const int64_t W = tables.size(1);
   const QT* qp = q.data_ptr<QT>();
@@ -248,6 +248,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::T
   const KT* vp = vc.data_ptr<KT>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
+  const int64_t* sq = seqs.data_ptr<int64_t>();
   QT* op = out.data_ptr<QT>();
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc, qf;
@@ -258,7 +259,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::T
       if constexpr (std::is_same_v<QT, c10::BFloat16> && std::is_same_v<KT, c10::BFloat16>) {
         auto bf = Dh == 32 ? attend_one_bf16<32> : Dh == 64 ? attend_one_bf16<64> : Dh == 128 ? attend_one_bf16<128> : nullptr;
         if (bf != nullptr) {
-          bf(qp + (b * H + g * R) * Dh, kp, vp, tp + b * W, pp[b] + 1, S, G, g, R, static_cast<float>(scale),
+          bf(qp + (b * H + g * R) * Dh, kp, vp, tp + sq[b] * W, pp[b] + 1, S, G, g, R, static_cast<float>(scale),
              op + (b * H + g * R) * Dh, scores);
           continue;
         }
@@ -269,7 +270,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::T
         auto fast = Dh == 32 ? attend_one_avx512<QT, KT, 32> : Dh == 64 ? attend_one_avx512<QT, KT, 64>
                   : Dh == 128 ? attend_one_avx512<QT, KT, 128> : nullptr;
         if (fast != nullptr) {
-          fast(qp + (b * H + g * R) * Dh, kp, vp, tp + b * W, pp[b] + 1, S, G, g, R, static_cast<float>(scale),
+          fast(qp + (b * H + g * R) * Dh, kp, vp, tp + sq[b] * W, pp[b] + 1, S, G, g, R, static_cast<float>(scale),
                op + (b * H + g * R) * Dh, scores);
           continue;
         }
@@ -277,33 +278,50 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& kc, const at::T
 #endif
       auto attend = Dh == 32 ? attend_one<QT, KT, 32> : Dh == 64 ? attend_one<QT, KT, 64>
                   : Dh == 128 ? attend_one<QT, KT, 128> : attend_one<QT, KT, 0>;
-      attend(qp + (b * H + g * R) * Dh, kp, vp, tp + b * W, pp[b] + 1, S, G, g, R, Dh,
+      attend(qp + (b * H + g * R) * Dh, kp, vp, tp + sq[b] * W, pp[b] + 1, S, G, g, R, Dh,
                          static_cast<float>(scale), op + (b * H + g * R) * Dh, scores, acc, qf);
     }
   });
 }
 
-// q [B, H, Dh]; k/v cache [N, S, G, Dh]; block_tables [B, W] int64; positions [B] int64, the
-// position of each sequence's one new token (keys 0..position are visible). -> [B, H, Dh] in q's dtype.
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& positions, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "heads do not match the cache");
-  TORCH_CHECK(q.size(1) / k_cache.size(2) <= 64, "more than 64 query heads per kv head");
-  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches differ in dtype");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && positions.scalar_type() == at::kLong, "int64 indices");
-  TORCH_CHECK(block_tables.size(0) == q.size(0) && positions.size(0) == q.size(0), "one table per sequence");
+// Every query row of a step, prefill or decode alike: q [T, H, Dh]; k/v cache [N, S, G, Dh];
+// block_tables [B, W] int64 of the step's sequences; token_seq [T] int64, the sequence of each
+// row; positions [T] int64, each row's position (keys 0..position of its sequence are visible).
+// -> [T, H, Dh] in q's dtype. Why per row and not per sequence: a row's result then depends on
+// its own query and keys only, not on how the scheduler chunked its prompt or what it was batched
+// with, so a request's tokens do not change with the load (with SDPA on padded chunks they did).
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& token_seq, const at::Tensor& positions,
+                           double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "paged_attention: bad shapes");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "paged_attention: heads do not match the cache");
+  TORCH_CHECK(q.size(1) / k_cache.size(2) <= 64, "paged_attention: more than 64 query heads per kv head");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_attention: k and v caches differ in dtype");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kLong && token_seq.scalar_type() == at::kLong
+              && positions.scalar_type() == at::kLong, "paged_attention: int64 tables, sequences and positions");
+  TORCH_CHECK(token_seq.numel() == q.size(0) && positions.numel() == q.size(0), "paged_attention: one sequence and position per row");
   auto qc = q.contiguous(), kc = k_cache.contiguous(), vc = v_cache.contiguous();
-  auto tc = block_tables.contiguous(), pc = positions.contiguous();
+  auto tc = block_tables.contiguous(), sc = token_seq.contiguous(), pc = positions.contiguous();
+  // Indices are checked here, once, so that the loops below cannot read outside the cache.
+  const int64_t B = tc.size(0), W = tc.size(1), N = kc.size(0), S = kc.size(1);
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < q.size(0); ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < B, "paged_attention: row ", t, " names sequence ", sp[t], " of ", B);
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < W * S, "paged_attention: row ", t, " position ", pp[t], " outside its table");
+    for (int64_t blk = 0; blk <= pp[t] / S; ++blk)
+      TORCH_CHECK(tp[sp[t] * W + blk] >= 0 && tp[sp[t] * W + blk] < N, "paged_attention: block id outside the cache");
+  }
   auto out = at::empty_like(qc);
   const auto qt = qc.scalar_type(), kt = kc.scalar_type();
-#define MOE_ATTN(QT, KT) paged_attention_impl<QT, KT>(qc, kc, vc, tc, pc, scale, out)
+#define MOE_ATTN(QT, KT) paged_attention_impl<QT, KT>(qc, kc, vc, tc, sc, pc, scale, out)
   if (qt == at::kBFloat16 && kt == at::kBFloat16) MOE_ATTN(c10::BFloat16, c10::BFloat16);
   else if (qt == at::kBFloat16 && kt == at::kFloat) MOE_ATTN(c10::BFloat16, float);
   else if (qt == at::kFloat && kt == at::kFloat) MOE_ATTN(float, float);
   else if (qt == at::kFloat && kt == at::kBFloat16) MOE_ATTN(float, c10::BFloat16);
   else if (qt == at::kHalf && kt == at::kHalf) MOE_ATTN(c10::Half, c10::Half);
-  else TORCH_CHECK(false, "paged_decode_attention: unsupported dtypes ", qt, " / ", kt);
+  else TORCH_CHECK(false, "paged_attention: unsupported dtypes ", qt, " / ", kt);
 #undef MOE_ATTN
   return out;
 }
@@ -311,6 +329,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_serve, m) {
-  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor positions, float scale) -> Tensor",
-        &paged_decode_attention);
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_seq, "
+        "Tensor positions, float scale) -> Tensor", &paged_attention);
 }

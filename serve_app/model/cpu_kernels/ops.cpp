@@ -3,8 +3,8 @@
 // Why C++: a decode step of the bundled model is ~360 small aten ops, each costing 2-20 µs of
 // dispatch and temporaries on this CPU, ~30x the bytes floor. These kernels each replace a chain
 // of them with one loop over the data, computing in float32 and rounding once to the output dtype:
-//   paged_decode_attention  SDPA of one query row per sequence, reading K/V where they lie in
-//                           the paged cache (no [B, L] gather copy, no mask);
+//   paged_attention         attention of every query row (decode or prefill) against its sequence's
+//                           keys where they lie in the paged cache (no [B, L] gather copy, no mask);
 //   add_rms_norm            residual add + RMSNorm (torch's CPU rms_norm is 7 ops);
 //   silu_mul                SwiGLU's silu(gate) * up on the fused [R, 2F] projection;
 //   rotary_                 RoPE in place on q and k of the fused qkv projection;
@@ -18,7 +18,7 @@
 // N=cache blocks, S=block size, W=blocks per table, L=context length, T=rows, D=hidden, F=width.
 
 //
-// Files: attention.cpp (paged_decode_attention), pointwise.cpp (add_rms_norm, silu_mul, rotary_),
+// Files: attention.cpp (paged_attention), pointwise.cpp (add_rms_norm, silu_mul, rotary_),
 // quant_gemm.cpp (int8/int4 pack and linear, moe_quant_experts), moe.cpp (moe_route, moe_combine),
 // common.h (conversions, exp). Each registers its ops as a fragment of the library defined here.
 #include <torch/library.h>
