@@ -3,9 +3,12 @@
 One code path serves prefill chunks and decode tokens: a step's tokens arrive flat ([T]) with
 their own positions; `AttentionMetadata` says which sequence each token belongs to, where its
 K/V go in the cache (slot = block * block_size + offset) and which blocks hold each sequence's
-context. Attention writes the new K/V, gathers every sequence's context through its block table
-into a padded [B, L] layout and runs one SDPA with a causal-by-position mask. A decode token is
-just a sequence with one new token; a prefill chunk is one with many and some cached context.
+context. Attention writes the new K/V, then, on a 16-bit inference step on CPU, runs the fused
+kernel (cpu_kernels.paged_attention): every row against its own sequence's keys read in place,
+one call a layer; elsewhere (float32 — the parity lane —, GPUs, no compiler) it gathers every
+sequence's context through its block table into a padded [B, L] layout and runs one SDPA per
+group with a causal-by-position mask. A decode token is just a sequence with one new token; a
+prefill chunk is one with many and some cached context.
 
 The plain causal path (no cache; `meta is None`) is what training and the transformers parity
 tests use.
