@@ -12,7 +12,10 @@ K/V of every sequence's context — divided by the memory bandwidth of one strea
 `sum` over a buffer far larger than L3) in the same process. A step cannot be faster than that
 on this machine; the ratio says how far the Python/dispatch overhead is from it.
 
-    python bench/decode_step.py [--threads 1] [--batches 1,4,8,16] [--context 512] [--steps 30]
+With `--torch-path` every (lane, batch) also runs with the fused CPU kernels off
+(serve_app/model/cpu_kernels: the pure-torch path, the reference), interleaved with it.
+
+    python bench/decode_step.py [--threads 1] [--batches 1,4,8,16] [--context 512] [--steps 30] [--torch-path]
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from serve_app.config import AppConfig, EngineConfig, default_model_dir  # noqa:
 from serve_app.embedded import load_served_model  # noqa: E402
 from serve_app.engine.core import EngineCore  # noqa: E402
 from serve_app.engine.sampling_params import SamplingParams  # noqa: E402
+from serve_app.model import cpu_kernels  # noqa: E402
 from serve_app.model.kernels import cpu_features  # noqa: E402
 
 
@@ -99,10 +103,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default=default_model_dir())
+    p.add_argument("--torch-path", action="store_true", help="also time each lane with the fused CPU kernels off")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_served_model(AppConfig(model=args.model))
     lanes = {"full": None, "int8": model.reduced_dtype, "int4": model.reduced_dtype}
+    paths = ("fused", "torch") if args.torch_path else ("fused",)
     gbs = bandwidth_gbs()
     print(f"machine: {os.cpu_count()} cpus, features {' '.join(cpu_features())}, torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()}), {args.threads} thread(s); load {os.getloadavg()[0]:.2f}")
@@ -115,17 +121,23 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for batch in batches:
                 for lane, dtype in lanes.items():
-                    t, b = run_lane(model, lane, batch, args.context, args.steps, dtype)
-                    samples.setdefault((lane, batch), []).append(t)
-                    nbytes[(lane, batch)] = b
+                    for path in paths:
+                        if path == "torch":
+                            with cpu_kernels.disabled():
+                                t, b = run_lane(model, lane, batch, args.context, args.steps, dtype)
+                        else:
+                            t, b = run_lane(model, lane, batch, args.context, args.steps, dtype)
+                        samples.setdefault((lane, batch, path), []).append(t)
+                        nbytes[(lane, batch, path)] = b
     print(f"\ndecode step, {args.context} tokens of context per sequence (median of {args.rounds} rounds "
           f"x {args.steps} steps)")
-    print(f"{'lane':<6}{'batch':>6}{'step ms':>10}{'MB read':>10}{'floor ms':>10}{'x floor':>9}{'ms/token':>10}")
-    for (lane, batch), ts in samples.items():
+    print(f"fused CPU kernels: {'built' if cpu_kernels.ops() is not None else 'unavailable'}")
+    print(f"{'lane':<6}{'batch':>6}{'path':>7}{'step ms':>10}{'MB read':>10}{'floor ms':>10}{'x floor':>9}{'ms/token':>10}")
+    for (lane, batch, path), ts in samples.items():
         t = statistics.median(ts)
-        floor = nbytes[(lane, batch)] / (gbs * 1e9)
-        print(f"{lane:<6}{batch:>6}{t * 1e3:>10.2f}{nbytes[(lane, batch)] / 1e6:>10.2f}{floor * 1e3:>10.3f}"
-              f"{t / floor:>9.1f}{t * 1e3 / batch:>10.2f}")
+        floor = nbytes[(lane, batch, path)] / (gbs * 1e9)
+        print(f"{lane:<6}{batch:>6}{path:>7}{t * 1e3:>10.2f}{nbytes[(lane, batch, path)] / 1e6:>10.2f}"
+              f"{floor * 1e3:>10.3f}{t / floor:>9.1f}{t * 1e3 / batch:>10.2f}")
     return 0
 
 
