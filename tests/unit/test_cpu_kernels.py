@@ -227,3 +227,20 @@ def test_rotary_table_lookup_is_the_rotary_computation():
             cos, sin = rotary_lookup(positions, 32, 10000.0, dtype)
             ref_cos, ref_sin = rotary(positions, 32, 10000.0, dtype)
             assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+
+
+@pytest.mark.integration
+def test_the_portable_build_for_an_avx2_cpu_passes_these_tests(tmp_path):
+    """CPUs without AVX-512 run the kernels' portable loops (and torch's packed matmuls): build
+    them for x86-64-v3 in a fresh cache and run this file against that build, in a subprocess
+    (one process holds one `moe_serve` op library)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, MOE_SERVE_KERNEL_MARCH="x86-64-v3", MOE_SERVE_KERNEL_CACHE=str(tmp_path))
+    probe = subprocess.run([sys.executable, "-c", "from serve_app.model import cpu_kernels as k; o = k.ops(); "
+                            "print(o is not None, o is not None and o.int8_linear_supported())"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert probe.stdout.split() == ["True", "False"], probe.stderr[-2000:]    # built, without AVX512-BF16
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "not portable_build"], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:]

@@ -9,8 +9,8 @@ Why compiled here and not shipped as a wheel: the project installs with `pip ins
 the machine that serves, and the kernels are built for that machine's CPU (`-march=native`:
 AVX-512 on a Zen 4, AVX2 elsewhere). The build (~40 s on two cores) happens once, in `make
 install` (`python -m serve_app.model.cpu_kernels`) or at the first model load; the .so is cached
-under `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`), keyed by the source's
-hash, torch's version and the CPU flags, and every later process only loads it (~10 ms).
+under `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`), keyed by the sources'
+hash and folder, torch's version and the CPU flags, and every later process only loads it (~10 ms).
 """
 from __future__ import annotations
 
@@ -35,10 +35,18 @@ def enabled() -> bool:
     return os.environ.get("MOE_SERVE_CPU_KERNELS", "1") not in ("0", "false", "off")
 
 
+def march() -> str:
+    """The -march the kernels are compiled for: this CPU by default; `MOE_SERVE_KERNEL_MARCH`
+    (e.g. x86-64-v3, an AVX2 machine) builds the portable paths, as the tests do."""
+    return os.environ.get("MOE_SERVE_KERNEL_MARCH", "native")
+
+
 def _build_dir() -> Path:
     from serve_app.model.kernels import cpu_features
-    code = b"".join(p.read_bytes() for p in [*SOURCES, HERE / "common.h"])
-    key = hashlib.sha256(code + torch.__version__.encode()
+    code = b"".join(p.read_bytes() for p in [*SOURCES, HERE / "common.h"]) + march().encode()
+    # The source folder too: ninja's build file names the sources by path, so two checkouts
+    # sharing one build folder would rebuild each other's library on every load.
+    key = hashlib.sha256(code + str(HERE).encode() + torch.__version__.encode()
                          + " ".join(cpu_features()).encode()).hexdigest()[:16]
     root = Path(os.environ.get("MOE_SERVE_KERNEL_CACHE", Path.home() / ".cache" / "moe-serve" / "kernels"))
     return root / key
@@ -60,7 +68,7 @@ def _load():
             build = _build_dir()
             build.mkdir(parents=True, exist_ok=True)
             load(name="moe_serve_decode", sources=[str(p) for p in SOURCES], build_directory=str(build),
-                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"],
+                 extra_cflags=["-O3", f"-march={march()}", "-fopenmp-simd", "-fno-math-errno"],
                  is_python_module=False, verbose=False)
         except Exception as exc:                     # noqa: BLE001 - any build failure means: run without
             log.warning("moe-serve CPU kernels disabled: build failed: %s", str(exc).splitlines()[-1:])
