@@ -61,7 +61,6 @@ class AttentionMetadata:
     """How the flat token batch of one step maps onto sequences and cache slots."""
     positions: torch.Tensor     # [T] int64 position of each token in its sequence (RoPE and causality)
     slot_mapping: torch.Tensor  # [T] int64 cache slot where each token's K/V is written
-    groups: list[AttentionGroup]
     # The dtype the score/value products run in; None = the activations'. A bf16 lane on a CPU
     # whose bf16 SDPA is slow computes them in float32 (model/kernels.py measures which).
     compute_dtype: torch.dtype | None = None
@@ -70,6 +69,21 @@ class AttentionMetadata:
     _block_tables: list[list[int]] | None = None
     _token_seq: list[int] | None = None
     _fused: tuple[torch.Tensor, torch.Tensor] | None = None
+    # What `groups` is built from, on first use: the fused kernel never asks for the groups, so a
+    # step on it builds none of their index tensors (~10 tensors and 40 µs of Python a step).
+    _group_args: tuple | None = None
+    _groups: list[AttentionGroup] | None = None
+
+    @property
+    def groups(self) -> list[AttentionGroup]:
+        """The SDPA groups of the step: all decodes in one, each prefill chunk in its own."""
+        if self._groups is None:
+            positions, block_tables, starts, block_size = self._group_args
+            decodes = [b for b, pos in enumerate(positions) if len(pos) == 1]
+            members = ([decodes] if decodes else []) + [[b] for b, pos in enumerate(positions) if len(pos) > 1]
+            device = self.positions.device
+            self._groups = [_group(m, positions, block_tables, starts, block_size, device) for m in members]
+        return self._groups
 
     def fused_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block_tables [B, W] int64, token_seq [T] int64), built once per step."""
@@ -91,12 +105,9 @@ class AttentionMetadata:
             flat_pos += pos
             token_seq += [b] * len(pos)
             slots += [table[p // block_size] * block_size + p % block_size for p in pos]
-        decodes = [b for b, pos in enumerate(positions) if len(pos) == 1]
-        members = ([decodes] if decodes else []) + [[b] for b, pos in enumerate(positions) if len(pos) > 1]
-        groups = [_group(m, positions, block_tables, starts, block_size, device) for m in members]
-        as_long = dict(dtype=torch.long, device=device)
-        return cls(torch.tensor(flat_pos, **as_long), torch.tensor(slots, **as_long), groups, compute_dtype,
-                   block_tables, token_seq)
+        both = torch.tensor([flat_pos, slots], dtype=torch.long, device=device)   # [2, T]: one tensor, two rows
+        return cls(both[0], both[1], compute_dtype, block_tables, token_seq,
+                   _group_args=(positions, block_tables, starts, block_size))
 
 
 def _group(members: list[int], positions: list[list[int]], block_tables: list[list[int]], starts: list[int],
