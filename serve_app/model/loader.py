@@ -18,6 +18,7 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
+from serve_app.model import cpu_kernels
 from serve_app.model.config import ModelConfig, ModelLoadError
 from serve_app.model.moe import ExpertKey, LocalExpertBackend
 from serve_app.model.transformer import MoeForCausalLM
@@ -183,6 +184,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, exper
     else:
         model.load_state_dict(state, strict=True, assign=True)
     model.load_report = report
+    _ready_kernels(dtype, device)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -200,4 +202,14 @@ def load_expert_weights(path: str | Path, expert_ids, dtype: torch.dtype | str =
         state = _read_state(backend, cfg, CheckpointReader(path, stack, report), dtype, prefix="local_experts.")
     backend.load_state_dict(state, strict=True, assign=True)
     backend.load_report = report
+    _ready_kernels(dtype, device)
     return backend.to(device).eval().requires_grad_(False)
+
+
+def _ready_kernels(dtype: torch.dtype, device) -> None:
+    """Build or load the fused CPU kernels now, at load time, where a 16-bit model will use them: a
+    fresh node (an expert shard, a pod) would otherwise compile them (~30 s) inside its first
+    request, past the transport's per-layer deadline. (The fast lane's bf16 copies of a float32
+    model are quantized after loading and ask for them there: QuantLinear._pack_fused.)"""
+    if dtype != torch.float32:
+        cpu_kernels.ops(torch.device(device).type)
