@@ -100,6 +100,14 @@ def combine(plan: DispatchPlan, outputs: dict[int, torch.Tensor], like: torch.Te
     return out
 
 
+def run_and_combine(backend: "ExpertBackend", x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """combine(plan, backend.run_experts(x, plan)) [T, D]; in one call where the backend can
+    (`run_combined`: quantized local experts on the fused CPU kernels, None where they do not apply)."""
+    fused = getattr(backend, "run_combined", None)
+    out = fused(x, plan) if fused is not None else None
+    return out if out is not None else combine(plan, backend.run_experts(x, plan), like=x)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's silu(gate) * up on the fused projection [R, 2F] → [R, F] (one kernel on a 16-bit
     inference step on CPU: cpu_kernels)."""

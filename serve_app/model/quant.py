@@ -376,22 +376,17 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
         fused = cpu_kernels.for_tensor(x)
         if fused is None or not plan.assignments:
             return None
-        packed = self.__dict__.setdefault("_packed", {})
-        lists: list[list[torch.Tensor]] = [[], [], [], []]
-        for a in plan.assignments:
-            key = (plan.layer, a.expert)
-            entry = packed.get(key)
-            if entry is None:
-                ffn = self.ffn[f"{plan.layer}_{a.expert}"] if f"{plan.layer}_{a.expert}" in self.ffn else None
-                layers = (ffn.gate_up, ffn.down) if ffn is not None else ()
-                if len(layers) != 2 or any("packed" not in q._buffers for q in layers):
-                    return None                               # missing expert or no fused layout: the plain path says why
-                entry = packed[key] = (ffn.gate_up.packed, ffn.gate_up.packed_scales, ffn.down.packed, ffn.down.packed_scales)
-            for dst, t in zip(lists, entry):
-                dst.append(t)
         down = next(iter(self.ffn.values())).down
         if max(a.rows.numel() for a in plan.assignments) > down.row_limit and "dense" in down._buffers:
             return None                   # a prefill chunk: the experts' dense copies multiply faster (row_limit)
+        lists: list[list[torch.Tensor]] = [[], [], [], []]    # gate_up, its scales, down, its scales
+        for a in plan.assignments:
+            ffn = self.ffn[f"{plan.layer}_{a.expert}"] if f"{plan.layer}_{a.expert}" in self.ffn else None
+            if ffn is None or "packed" not in ffn.gate_up._buffers or "packed" not in ffn.down._buffers:
+                return None                   # a missing expert or no fused layout: the plain path says why
+            for dst, t in zip(lists, (ffn.gate_up.packed, ffn.gate_up.packed_scales, ffn.down.packed,
+                                      ffn.down.packed_scales)):
+                dst.append(t)
         return fused.moe_quant_experts(x.contiguous(), [a.rows for a in plan.assignments],
                                        [a.weights for a in plan.assignments], *lists, down.in_features, down.fused_group)
 

@@ -20,8 +20,8 @@ from serve_app.model import cpu_kernels
 from serve_app.model.attention import (AttentionMetadata, PagedKVCache, apply_rotary, causal_attention,
                                        paged_attention, rotary_lookup)
 from serve_app.model.config import ModelConfig
-from serve_app.model.moe import (DispatchPlan, ExpertBackend, ExpertsByPrecision, LocalExpertBackend, combine,
-                                 restrict_plan, route)
+from serve_app.model.moe import (DispatchPlan, ExpertBackend, ExpertsByPrecision, LocalExpertBackend,
+                                 restrict_plan, route, run_and_combine)
 from serve_app.model.precision import Linear, RowPrecision, shared_copy
 from serve_app.model.quant import QuantLinear, wants_dense_copy
 
@@ -190,22 +190,15 @@ class MoeBlock(nn.Module):
         rows = ctx.row_precision
         if rows is None or rows.single is not None:              # one precision: the plan as it is
             backend = experts.full if rows is None else experts.get(rows.single)
-            fused = getattr(backend, "run_combined", None)           # quantized local experts: one kernel
-            out = fused(flat, plan) if fused is not None else None
-            if out is None:
-                out = combine(plan, backend.run_experts(flat, plan), like=flat)   # [T, D]
+            out = run_and_combine(backend, flat, plan)                # [T, D]
         else:
             # Rows of different precisions are disjoint, so summing the per-group combines adds
             # exact zeros: a row's result is the same as if its group ran alone.
             out = torch.zeros_like(flat)
             for precision, mask in zip(rows.precisions, rows.masks):
                 sub = restrict_plan(plan, mask)
-                if not sub.assignments:
-                    continue
-                backend = experts.get(precision)
-                fused = getattr(backend, "run_combined", None)
-                part = fused(flat, sub) if fused is not None else None
-                out += part if part is not None else combine(sub, backend.run_experts(flat, sub), like=flat)
+                if sub.assignments:
+                    out += run_and_combine(experts.get(precision), flat, sub)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat, rows)) * self.shared_expert(flat, ctx)
         return out.view_as(x)

@@ -92,6 +92,22 @@ void int8_block(const c10::BFloat16* x, int64_t ldx, const int8_t* w, int64_t K,
 #endif
 
 #if defined(__AVX512BF16__)
+// f(std::integral_constant<int, MB>{}) for MB = rows (1..8): the row count a template argument,
+// so each block keeps its accumulators in registers.
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // y [M, N] = x [M, K] @ dequant(packed)^T, all raw pointers (int8_linear and the fused experts).
 void int8_gemm(const c10::BFloat16* xp, int64_t M, int64_t K, const int8_t* wp, int64_t N, const float* sp,
                c10::BFloat16* op, bool parallel) {
@@ -104,16 +120,7 @@ void int8_gemm(const c10::BFloat16* xp, int64_t M, int64_t K, const int8_t* wp, 
         const auto* xb = xp + m0 * K;
         auto* ob = op + m0 * N + nb * 16;
         const int8_t* wb = wp + nb * Kp * 32;
-        switch (mb) {
-          case 1: int8_block<1>(xb, K, wb, K, sp + nb * 16, ob, N, valid); break;
-          case 2: int8_block<2>(xb, K, wb, K, sp + nb * 16, ob, N, valid); break;
-          case 3: int8_block<3>(xb, K, wb, K, sp + nb * 16, ob, N, valid); break;
-          case 4: int8_block<4>(xb, K, wb, K, sp + nb * 16, ob, N, valid); break;
-          case 5: int8_block<5>(xb, K, wb, K, sp + nb * 16, ob, N, valid); break;
-          case 6: int8_block<6>(xb, K, wb, K, sp + nb * 16, ob, N, valid); break;
-          case 7: int8_block<7>(xb, K, wb, K, sp + nb * 16, ob, N, valid); break;
-          default: int8_block<8>(xb, K, wb, K, sp + nb * 16, ob, N, valid); break;
-        }
+        with_rows(mb, [&](auto rows) { int8_block<rows>(xb, K, wb, K, sp + nb * 16, ob, N, valid); });
       }
     }
   };
@@ -203,16 +210,7 @@ void quant_gemm(const c10::BFloat16* xp, int64_t M, int64_t K, QuantWeight w, in
         auto* ob = op + m0 * N + nb * 16;
         const uint8_t* wb = wp + nb * Kp * 16;
         const float* sb = w.scales + nb * Q * 16;
-        switch (mb) {
-          case 1: int4_block<1>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
-          case 2: int4_block<2>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
-          case 3: int4_block<3>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
-          case 4: int4_block<4>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
-          case 5: int4_block<5>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
-          case 6: int4_block<6>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
-          case 7: int4_block<7>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
-          default: int4_block<8>(xb, K, wb, K, w.group, sb, ob, N, valid); break;
-        }
+        with_rows(mb, [&](auto rows) { int4_block<rows>(xb, K, wb, K, w.group, sb, ob, N, valid); });
       }
     }
   };
