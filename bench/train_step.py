@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 from serve_app.model.kernels import cpu_features  # noqa: E402
 from serve_app.train.recipe import TrainConfig  # noqa: E402
-from serve_app.train.train import build_model, compute_loss, make_optimizer  # noqa: E402
+from serve_app.train.train import build_model, compute_loss, make_optimizer, resolve_autocast  # noqa: E402
 
 SHAPE = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=3, moe_intermediate_size=384)
 
@@ -91,6 +91,7 @@ def main() -> None:
     for v in variants:
         rate = tokens / statistics.median(seconds[v])
         print(f"{v:14s} {rate:9.0f} {rate / base:7.2f}x {losses[v]:11.4f}")
+    print(f"TrainConfig.autocast 'auto' trains in {resolve_autocast('auto', args.device) or 'float32'} here")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,10 @@ class TrainConfig:
     aux_loss_coef: float = 0.01       # Switch/Mixtral load balancing
     seed: int = 0
     # "bfloat16": forward and backward under CPU/CUDA autocast (weights and Adam stay float32);
-    # "" = float32. bench/train_step.py measured 1.33x the tokens/s on the 2-core Zen 4 box
-    # (AVX512-BF16) at an equal loss after the same steps (MODEL_CARD.md, "Training speed").
-    autocast: str = ""
+    # "" = float32; "auto" = bf16 where the device has bf16 units (train.resolve_autocast).
+    # bench/train_step.py measured 1.33x the tokens/s on a Zen 4 (AVX512-BF16) at an equal loss
+    # after the same steps, and 0.08x on a Zen 3 (AVX2 only) (MODEL_CARD.md, "Training speed").
+    autocast: str = "auto"
 
     def model_config(self, eos_id: int) -> ModelConfig:
         return ModelConfig(

@@ -12,7 +12,7 @@ from serve_app.model import load_model
 from serve_app.train.samples import SampleTensors, next_batch
 from serve_app.train.train import (RunOptions, TrainConfig, build_model, compute_loss, export,
                                    fit_to_budget,
-                                   lm_loss, load_balance_loss, lr_at, TrainState, train)
+                                   lm_loss, load_balance_loss, lr_at, resolve_autocast, TrainState, train)
 
 EOS = 1
 
@@ -258,6 +258,16 @@ def test_bf16_autocast_trains_float32_weights_and_the_loss_tracks_float32():
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     assert results["bfloat16"].lm == pytest.approx(results[""].lm, rel=2e-2)
     assert results["bfloat16"].lm != results[""].lm               # autocast really ran in bf16
+
+
+def test_auto_autocast_follows_the_cpus_bf16_units(monkeypatch):
+    import serve_app.train.train as train_mod
+    assert resolve_autocast("", "cpu") == "" and resolve_autocast("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(train_mod, "has_bf16_units", lambda: False)     # e.g. a Zen 3: AVX2 only
+    assert resolve_autocast("auto", "cpu") == ""
+    monkeypatch.setattr(train_mod, "has_bf16_units", lambda: True)      # AVX512-BF16 / AMX
+    assert resolve_autocast("auto", "cpu") == "bfloat16"
+    assert TrainConfig().autocast == "auto"
 
 
 def test_export_declares_spm_in_the_tokenizer_config(tmp_path):
