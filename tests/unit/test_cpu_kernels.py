@@ -158,7 +158,7 @@ def test_rotary_in_place_on_the_fused_projection(ops):
 @pytest.mark.parametrize("n,k", [(384, 192), (8192, 192), (100, 77), (17, 3)])
 def test_int8_linear_matches_the_dequantized_matmul(ops, n, k):
     if not ops.int8_linear_supported():
-        pytest.skip("this CPU has no AVX512-BF16: QuantLinear keeps torch's int8 kernel")
+        pytest.skip("this CPU has neither AVX512-BF16 nor AVX2+FMA: QuantLinear keeps torch's int8 kernel")
     gen = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=gen)
     layer = QuantLinear.from_weight(w, "int8", dtype=torch.bfloat16, path="kernel")
@@ -177,7 +177,7 @@ def test_int8_linear_matches_the_dequantized_matmul(ops, n, k):
 @pytest.mark.parametrize("n,k,group", [(768, 192, 64), (192, 384, 64), (32, 100, 32), (8192, 192, 128)])
 def test_int4_linear_matches_the_dequantized_matmul(ops, n, k, group):
     if not ops.int8_linear_supported():
-        pytest.skip("this CPU has no AVX512-BF16: QuantLinear keeps torch's int4 kernel")
+        pytest.skip("this CPU has neither AVX512-BF16 nor AVX2+FMA: QuantLinear keeps torch's int4 kernel")
     gen = torch.Generator().manual_seed(n + k + group)
     w = torch.randn(n, k, generator=gen)
     layer = QuantLinear.from_weight(w, "int4", group, dtype=torch.bfloat16, path="kernel")
@@ -200,7 +200,7 @@ def test_fused_experts_equal_the_expert_by_expert_path(ops, mode):
     from serve_app.model.moe import LocalExpertBackend, combine, route
     from serve_app.model.quant import QuantizedExpertBackend
     if not ops.int8_linear_supported():
-        pytest.skip("no AVX512-BF16")
+        pytest.skip("neither AVX512-BF16 nor AVX2+FMA")
     torch.manual_seed(0)
     local = LocalExpertBackend([(0, e) for e in range(8)], 192, 384)
     for p in local.parameters():
@@ -230,17 +230,19 @@ def test_rotary_table_lookup_is_the_rotary_computation():
 
 
 @pytest.mark.integration
-def test_the_portable_build_for_an_avx2_cpu_passes_these_tests(tmp_path):
-    """CPUs without AVX-512 run the kernels' portable loops (and torch's packed matmuls): build
-    them for x86-64-v3 in a fresh cache and run this file against that build, in a subprocess
-    (one process holds one `moe_serve` op library)."""
+@pytest.mark.parametrize("march,quant_gemm", [("x86-64-v3", True), ("x86-64-v2", False)])
+def test_the_builds_for_other_cpus_pass_these_tests(tmp_path, march, quant_gemm):
+    """Each CPU generation runs its own code: build the kernels for one in a fresh cache and run
+    this file against that build, in a subprocess (one process holds one `moe_serve` op library).
+    x86-64-v3 (AVX2 + FMA, e.g. Zen 3): the AVX2 quantized matmuls and the portable loops;
+    x86-64-v2 (SSE4.2): no quantized matmuls (QuantLinear keeps torch's kernels), portable loops."""
     import subprocess
     import sys
-    env = dict(os.environ, MOE_SERVE_KERNEL_MARCH="x86-64-v3", MOE_SERVE_KERNEL_CACHE=str(tmp_path))
+    env = dict(os.environ, MOE_SERVE_KERNEL_MARCH=march, MOE_SERVE_KERNEL_CACHE=str(tmp_path))
     probe = subprocess.run([sys.executable, "-c", "from serve_app.model import cpu_kernels as k; o = k.ops(); "
                             "print(o is not None, o is not None and o.int8_linear_supported())"],
                            env=env, capture_output=True, text=True, timeout=600)
-    assert probe.stdout.split() == ["True", "False"], probe.stderr[-2000:]    # built, without AVX512-BF16
+    assert probe.stdout.split() == ["True", str(quant_gemm)], probe.stderr[-2000:]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "not portable_build"], env=env, capture_output=True, text=True, timeout=900)
+                          "-k", "not builds_for_other_cpus"], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:]

@@ -7,7 +7,7 @@ which is also the reference the kernels are tested against.
 
 Why compiled here and not shipped as a wheel: the project installs with `pip install -e .` on
 the machine that serves, and the kernels are built for that machine's CPU (`-march=native`:
-AVX-512 on a Zen 4, AVX2 elsewhere). The build (~40 s on two cores) happens once, in `make
+AVX-512 and AVX512-BF16 on a Zen 4, AVX2 + FMA on a Zen 3, portable loops below that). The build (~40 s on two cores) happens once, in `make
 install` (`python -m serve_app.model.cpu_kernels`) or at the first model load; the .so is cached
 under `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`), keyed by the sources'
 hash and folder, torch's version and the CPU flags, and every later process only loads it (~10 ms).
@@ -37,7 +37,8 @@ def enabled() -> bool:
 
 def march() -> str:
     """The -march the kernels are compiled for: this CPU by default; `MOE_SERVE_KERNEL_MARCH`
-    (e.g. x86-64-v3, an AVX2 machine) builds the portable paths, as the tests do."""
+    (e.g. x86-64-v3, an AVX2 machine; x86-64-v2, without AVX) builds another CPU's paths, as the
+    tests do."""
     return os.environ.get("MOE_SERVE_KERNEL_MARCH", "native")
 
 

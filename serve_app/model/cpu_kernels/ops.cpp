@@ -8,7 +8,7 @@
 //   add_rms_norm            residual add + RMSNorm (torch's CPU rms_norm is 7 ops);
 //   silu_mul                SwiGLU's silu(gate) * up on the fused [R, 2F] projection;
 //   rotary_                 RoPE in place on q and k of the fused qkv projection;
-//   int8/int4_linear        W8A16 / W4A16 matmuls for decode-sized rows (AVX512-BF16);
+//   int8/int4_linear        W8A16 / W4A16 matmuls (AVX512-BF16, or AVX2 + FMA float32 FMAs);
 //   moe_quant_experts       a layer's quantized experts (gather, gate_up, silu*up, down, combine) in one call;
 //   moe_route, moe_combine  the router's gate -> top-k -> grouping, and the weighted sum back.
 // The pure-torch path (model/attention.py, transformer.py) stays the reference: float32 steps
