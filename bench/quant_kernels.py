@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:
 
 from serve_app.model import cpu_kernels, kernels  # noqa: E402
 from serve_app.model.moe import ExpertFFN  # noqa: E402
-from serve_app.model.quant import DEFAULT_GROUP_SIZE, QuantizedExpertFFN  # noqa: E402
+from serve_app.model.quant import DEFAULT_GROUP_SIZE  # noqa: E402
+from serve_app.model.quant_experts import QuantizedExpertFFN  # noqa: E402
 
 ROWS = (1, 8, 32, 128)
 SHAPES = ((192, 384), (256, 512))  # (D, F): the default model's expert and a wider one

@@ -109,6 +109,15 @@ def fast_lane_dtype(device_type: str) -> torch.dtype:
         return torch.bfloat16           # tinygemm (int4) takes bf16 only; int8 mm is bf16-native
     if _fixed():
         return torch.bfloat16 if has_bf16_units() else torch.float32
+    from serve_app.model import cpu_kernels
+    ops = cpu_kernels.ops(device_type)
+    if ops is not None and ops.int8_linear_supported():
+        # The fused kernels take bf16 activations and compute in float32 (AVX512-BF16 or AVX2
+        # FMAs). One linear at one row is a close call on an AVX2 CPU (768x192: 31 vs 48 µs, and
+        # torch's int8 kernel 38), and a loaded machine can tip it; the step is not: int8 decode at
+        # batch 1 took 3.9 ms in bf16 with the fused kernels against 9.0 ms for a float32 step on
+        # the Zen 3 (bench/decode_step.py, docs/benchmarks.md 2026-12-02).
+        return torch.bfloat16
     try:
         t = time_linears(1, device_type)
     except (RuntimeError, NotImplementedError):
@@ -201,6 +210,17 @@ def full_precision_dtype(device_type: str, checkpoint_dtype: torch.dtype) -> tor
     # the measurement behind it, printed by bench/quant_kernels.py: on a Zen 4 with AVX512-BF16,
     # bf16 45 µs against float32 88 µs per 768x192 matmul at one row (docs/benchmarks.md).
     return torch.bfloat16 if has_bf16_units() else torch.float32
+
+
+def dense_copy_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a quantized weight's dense copy (prefill-sized calls, see kernel_row_limit) for
+    activations of `dtype`: float32 where this device's 16-bit matmuls are slower than float32's
+    (the full_precision_dtype rule: CPUs without bf16 units), else `dtype`. Such a call then runs
+    x.float() @ dense -> x's dtype: on a Zen 3 (AVX2) a bf16 GEMM of 32 rows x 192 -> 768 took
+    8.8 ms against 1.7 ms in float32 (bench/quant_kernels.py, docs/benchmarks.md 2026-12-02)."""
+    if dtype == torch.float32:
+        return dtype
+    return torch.float32 if full_precision_dtype(device_type, dtype) == torch.float32 else dtype
 
 
 def forget_choices() -> None:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.model.quant import DEFAULT_GROUP_SIZE, QuantLinear, quantized_copies, wants_dense_copy
+from serve_app.model.quant import DEFAULT_GROUP_SIZE, QuantLinear, wants_dense_copy
+from serve_app.model.quant_experts import quantized_copies
 
 
 @dataclass

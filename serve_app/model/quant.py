@@ -24,7 +24,8 @@ the same comparison); a kernel missing from this torch build, or unable to take 
 back to "dequant". `materialize()` caches the rebuilt weight (float memory and float speed with
 the quantized numerics): every call uses it on the dequant path (CPUs in float32, where the
 kernels lose), calls above `row_limit` rows use it on the kernel path (prefill chunks: the CPU
-kernels are GEMVs). Saving and loading: serve_app/model/quant_io.py.
+kernels are GEMVs). Quantized experts: serve_app/model/quant_experts.py; saving and loading:
+serve_app/model/quant_io.py.
 
 Not only experts: `precision.quantize_dense` gives every dense linear of the model (q/k/v/o, dense MLPs,
 the LM head) a copy per mode, so a fast-lane step reads INT8/INT4 weights only (W8A16 / W4A16).
@@ -42,8 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve_app.model import cpu_kernels
-from serve_app.model.kernels import NO_LIMIT, kernel_row_limit, quant_path
-from serve_app.model.moe import ExpertFFN, KeyedExperts, LocalExpertBackend, silu_mul
+from serve_app.model.kernels import NO_LIMIT, dense_copy_dtype, kernel_row_limit, quant_path
 
 QuantMode = Literal["int8", "int4"]
 MODES = ("int8", "int4")
@@ -281,15 +281,25 @@ class QuantLinear(nn.Module):
         where dequantizing on every call would make the fast path the slow one. Kernel path: for
         calls above `row_limit` rows (prefill chunks), where a GEMM beats the GEMV-shaped kernel."""
         if self.path == "dequant" or self.row_limit < NO_LIMIT:
-            self.register_buffer("dense", self.dequantize(), persistent=False)         # [N, K]
+            lane = self.scales_and_zeros.dtype if self.mode == "int4" and self.path == "kernel" else self.scales.dtype
+            dense = self.dequantize(dense_copy_dtype(self.device_type, lane))
+            self.register_buffer("dense", dense, persistent=False)                      # [N, K]
+
+    def _dense_linear(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense
+        if w.dtype == x.dtype:
+            return F.linear(x, w)
+        if w.dtype == torch.float32:          # 16-bit activations where float32 GEMMs are faster
+            return F.linear(x.float(), w).to(x.dtype)
+        return F.linear(x, w.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "kernel" and x.numel() > self.row_limit * self.in_features and "dense" in self._buffers:
-            return F.linear(x, self.dense if self.dense.dtype == x.dtype else self.dense.to(x.dtype))
+            return self._dense_linear(x)
         if self.path == "dequant":
-            dense = getattr(self, "dense", None)
-            weight = dense.to(x.dtype) if dense is not None else self.dequantize(x.dtype)
-            return F.linear(x, weight)                                                   # [R, N]
+            if "dense" in self._buffers:
+                return self._dense_linear(x)
+            return F.linear(x, self.dequantize(x.dtype))                                # [R, N]
         if x.dim() != 2:                                  # the kernels take [R, K] only
             return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         if self.mode == "int8":
@@ -322,95 +332,6 @@ class QuantLinear(nn.Module):
                 f"group={self.group_size}, path={self.path}")
 
 
-# --- experts ----------------------------------------------------------------------------------
-
-class QuantizedExpertFFN(nn.Module):
-    """ExpertFFN with quantized weights: down(silu(gate(x)) * up(x)), gate and up still fused."""
-
-    def __init__(self, gate_up: QuantLinear, down: QuantLinear):
-        super().__init__()
-        self.gate_up, self.down = gate_up, down   # [2F, D] and [D, F] as weights
-
-    @classmethod
-    def from_float(cls, ffn: ExpertFFN, mode: QuantMode = "int8", group_size: int = DEFAULT_GROUP_SIZE,
-                   path: str | None = None, dtype: torch.dtype | None = None) -> "QuantizedExpertFFN":
-        """dtype: of the activations it will take (default: the float weights')."""
-        return cls(QuantLinear.from_weight(ffn.gate_up.detach(), mode, group_size, dtype, path=path),
-                   QuantLinear.from_weight(ffn.down.detach(), mode, group_size, dtype, path=path))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(silu_mul(self.gate_up(x)))               # [R, 2F] → [R, F] → [R, D]
-
-    def nbytes(self) -> int:
-        return self.gate_up.nbytes() + self.down.nbytes()
-
-
-class QuantizedExpertBackend(KeyedExperts, nn.Module):
-    """An ExpertBackend over quantized experts, keyed like LocalExpertBackend (`ffn["L_E"]`)."""
-
-    def __init__(self, ffns: dict[str, QuantizedExpertFFN], mode: QuantMode, group_size: int):
-        super().__init__()
-        self.mode, self.group_size = mode, group_size
-        self.ffn = nn.ModuleDict(ffns)
-
-    @classmethod
-    def from_backend(cls, local: LocalExpertBackend, mode: QuantMode = "int8",
-                     group_size: int = DEFAULT_GROUP_SIZE, path: str | None = None,
-                     dtype: torch.dtype | None = None) -> "QuantizedExpertBackend":
-        """Quantize every expert of `local`, on its device, for activations of `dtype` (default its own)."""
-        _check_mode(mode, group_size)
-        return cls({name: QuantizedExpertFFN.from_float(ffn, mode, group_size, path, dtype)
-                    for name, ffn in local.ffn.items()}, mode, group_size)
-
-    def materialize(self) -> "QuantizedExpertBackend":
-        """See QuantLinear.materialize; returns self."""
-        for module in self.modules():
-            if isinstance(module, QuantLinear):
-                module.materialize()
-        return self
-
-    def run_combined(self, x: torch.Tensor, plan) -> torch.Tensor | None:
-        """moe.combine(plan, run_experts(x, plan)) in one fused kernel call (cpu_kernels
-        `moe_quant_experts`), or None where it does not apply (no fused layout, not a 16-bit
-        inference step): the caller then runs the experts one by one."""
-        fused = cpu_kernels.for_tensor(x)
-        if fused is None or not plan.assignments:
-            return None
-        down = next(iter(self.ffn.values())).down
-        if max(a.rows.numel() for a in plan.assignments) > down.row_limit and "dense" in down._buffers:
-            return None                   # a prefill chunk: the experts' dense copies multiply faster (row_limit)
-        lists: list[list[torch.Tensor]] = [[], [], [], []]    # gate_up, its scales, down, its scales
-        for a in plan.assignments:
-            ffn = self.ffn[f"{plan.layer}_{a.expert}"] if f"{plan.layer}_{a.expert}" in self.ffn else None
-            if ffn is None or "packed" not in ffn.gate_up._buffers or "packed" not in ffn.down._buffers:
-                return None                   # a missing expert or no fused layout: the plain path says why
-            for dst, t in zip(lists, (ffn.gate_up.packed, ffn.gate_up.packed_scales, ffn.down.packed,
-                                      ffn.down.packed_scales)):
-                dst.append(t)
-        return fused.moe_quant_experts(x.contiguous(), [a.rows for a in plan.assignments],
-                                       [a.weights for a in plan.assignments], *lists, down.in_features, down.fused_group)
-
-    def bytes_per_expert(self) -> int:
-        """Weights + scales (+ the int4 kernel's zeros) of one expert; all experts are the same size."""
-        return max(ffn.nbytes() for ffn in self.ffn.values())
-
-
 def wants_dense_copy(materialize: bool | str, device_type: str) -> bool:
     """AppConfig.quant_materialize for weights on `device_type`: "auto" = on CPU, never on GPUs."""
     return device_type == "cpu" if materialize == "auto" else bool(materialize)
-
-
-def quantized_copies(local: LocalExpertBackend, modes, group_size: int = DEFAULT_GROUP_SIZE,
-                     materialize: bool | str = "auto", dtype: torch.dtype | None = None
-                     ) -> dict[str, QuantizedExpertBackend]:
-    """The router's fast-path experts: one quantized copy of `local` per mode, for activations of
-    `dtype`. `materialize` (see wants_dense_copy) keeps the dequantized weight where
-    QuantLinear.materialize says it pays: every call on the dequant path, prefill chunks on the
-    kernel path."""
-    on_cpu = all(p.device.type == "cpu" for p in local.parameters())
-    keep = wants_dense_copy(materialize, "cpu" if on_cpu else "cuda")
-    copies = {}
-    for mode in modes:
-        copy = QuantizedExpertBackend.from_backend(local, mode, group_size, dtype=dtype)
-        copies[mode] = copy.materialize() if keep else copy
-    return copies

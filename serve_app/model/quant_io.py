@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from serve_app.model.config import ModelLoadError
-from serve_app.model.quant import QuantizedExpertBackend, QuantizedExpertFFN, QuantLinear
+from serve_app.model.quant import QuantLinear
+from serve_app.model.quant_experts import QuantizedExpertBackend, QuantizedExpertFFN
 
 FORMAT = "moe-serve-quant/1"
 

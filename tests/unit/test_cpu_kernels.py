@@ -198,7 +198,7 @@ def test_int4_linear_matches_the_dequantized_matmul(ops, n, k, group):
 def test_fused_experts_equal_the_expert_by_expert_path(ops, mode):
     """moe_quant_experts = run_experts + combine on the same plan (one kernel instead of ~10 ops an expert)."""
     from serve_app.model.moe import LocalExpertBackend, combine, route
-    from serve_app.model.quant import QuantizedExpertBackend
+    from serve_app.model.quant_experts import QuantizedExpertBackend
     if not ops.int8_linear_supported():
         pytest.skip("neither AVX512-BF16 nor AVX2+FMA")
     torch.manual_seed(0)

@@ -145,6 +145,27 @@ def test_kernel_layers_multiply_prefill_chunks_with_their_dense_copy(mode):
     assert layer(few).abs().sum() > 0 and layer(many).abs().sum() == 0
 
 
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_dense_copies_are_float32_where_bf16_matmuls_are_slow(monkeypatch, bf16_units):
+    """A bf16 lane's dense copy (prefill chunks) is float32 on a CPU without bf16 units: x is cast
+    up, the GEMM runs in float32, the result comes back in bf16; with bf16 units it stays bf16."""
+    from serve_app.model import kernels
+    monkeypatch.setattr(kernels, "has_bf16_units", lambda: bf16_units)
+    kernels.full_precision_dtype.cache_clear()
+    try:
+        gen = torch.Generator().manual_seed(2)
+        w = torch.randn(64, 128, generator=gen) * 0.08
+        layer = QuantLinear.from_weight(w, "int8", 64, BF16, path="kernel", row_limit=4)
+        layer.materialize()
+        assert layer.dense.dtype == (BF16 if bf16_units else torch.float32)
+        x = torch.randn(16, 128, generator=gen).to(BF16)
+        out = layer(x)
+        exact = x.float() @ layer.dequantize(torch.float32).t()
+        assert out.dtype == BF16 and float((out.float() - exact).norm() / exact.norm()) < 5e-3
+    finally:
+        kernels.full_precision_dtype.cache_clear()
+
+
 def test_fixed_kernel_choices_skip_the_timing_and_follow_the_cpu_features():
     """MOE_SERVE_KERNELS=fixed: reproducible choices for debugging, from the CPU flags alone."""
     import os

@@ -133,7 +133,7 @@ def test_lanes_send_quantized_requests_to_the_fast_engine_and_full_ones_to_the_f
     from serve_app.config import EngineConfig
     from serve_app.engine.lanes import Lanes
     from serve_app.model import load_model
-    from serve_app.model.quant import quantized_copies
+    from serve_app.model.quant_experts import quantized_copies
     from serve_app.tokenizer import CodeTokenizer
 
     model = load_model(model_dir)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from serve_app.model import ModelLoadError, load_model
 from serve_app.model.moe import ExpertFFN, route
-from serve_app.model.quant import (QuantConfigError, QuantizedExpertBackend, QuantizedExpertFFN, QuantLinear,
-                                   pack_int4, quantize_int4, unpack_int4)
+from serve_app.model.quant import QuantConfigError, QuantLinear, pack_int4, quantize_int4, unpack_int4
+from serve_app.model.quant_experts import QuantizedExpertBackend, QuantizedExpertFFN
 from serve_app.model.quant_io import load_quantized, save_quantized
 from tests.helpers.checkpoints import build_checkpoint
 
@@ -191,7 +191,7 @@ def test_loading_a_float_checkpoint_as_quantized_is_refused(tmp_path):
 
 def test_materialized_copies_keep_quantized_numerics(tmp_path):
     from serve_app.model import load_model
-    from serve_app.model.quant import quantized_copies
+    from serve_app.model.quant_experts import quantized_copies
     from tests.helpers.checkpoints import build_checkpoint
 
     local = load_model(build_checkpoint(tmp_path, "mixtral", num_local_experts=8).path).local_experts
