@@ -1,11 +1,12 @@
 """Kernel and dtype choices, measured on the machine that serves, once per process.
 
 Three choices decide how fast a step runs, and each depends on the hardware, not on the model:
-1. the activation dtype of the quantized (fast) lane: bf16 where torch's packed integer kernels
-   are vectorised for it (CPUs with AVX512-BF16/AMX, CUDA), float32 elsewhere;
+1. the activation dtype of the quantized (fast) lane: bf16 where the fused cpu_kernels run
+   (AVX512-BF16 or AVX2 + FMA builds: they take bf16 and compute in float32) or where torch's
+   packed integer kernels are fast in it (CUDA; measured elsewhere), float32 otherwise;
 2. per (device, mode, dtype), whether a quantized linear multiplies with a packed kernel (the fused
-   cpu_kernels one on AVX512-BF16 with bf16 activations, else torch's) or
-   with a dequantized float copy;
+   cpu_kernels one with bf16 activations, else torch's) or with a dequantized copy — and that
+   copy's dtype for prefill chunks (float32 where bf16 GEMMs are slow: `dense_copy_dtype`);
 3. the dtype SDPA computes its score/value products in where the fused decode kernel (cpu_kernels)
    does not run — prefill chunks, a GPU, a CPU without the build (bf16 SDPA at one query row
    is 4x slower than float32 on a Zen 4 CPU: 184 vs 42 µs, see docs/benchmarks.md).

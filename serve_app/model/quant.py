@@ -16,8 +16,8 @@ quantized once, at load time, from the float checkpoint; activations stay in the
   columns on the kernel path), so a short last group is just a group with zeros in it.
 
 Two ways to multiply (`QuantLinear.path`): "kernel" — packed-integer matmuls: on a CPU with
-AVX512-BF16 and bf16 activations the project's own W8A16 / W4A16 kernels (cpu_kernels: `packed`
-beside the codes, 2-2.5x torch's at 4-16 rows), else torch's (`_weight_int8pack_mm`,
+AVX512-BF16 or AVX2 + FMA and bf16 activations the project's own W8A16 / W4A16 kernels
+(cpu_kernels: `packed` beside the codes; on AVX512-BF16 2-2.5x torch's at 4-16 rows), else torch's (`_weight_int8pack_mm`,
 `_weight_int4pack_mm[_for_cpu]`) — or "dequant" — `F.linear` on the float weight rebuilt from the codes. Which is faster depends on the device and the activation dtype, so
 `serve_app.model.kernels.quant_path` measures it in this process (bench/quant_kernels.py prints
 the same comparison); a kernel missing from this torch build, or unable to take a shape, falls
@@ -231,7 +231,7 @@ class QuantLinear(nn.Module):
 
     def _pack_fused(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
         """The fused W8A16 / W4A16 kernels' layout of the codes (cpu_kernels `int8_linear`,
-        `int4_linear`, `moe_quant_experts`: AVX512-BF16, 2-2.5x torch's int8 kernel at 4-16 rows),
+        `int4_linear`, `moe_quant_experts`: AVX512-BF16 or AVX2 + FMA),
         kept beside the torch kernel's buffers as derived data (not saved) where those kernels run:
         bf16 activations on this CPU. codes/scales: the portable form (`codes()`)."""
         fused = cpu_kernels.ops(codes.device.type)
