@@ -170,24 +170,26 @@ def test_backpressure_rejects_beyond_limits_and_accepts_again(model_dir):
 
 
 def test_predicted_latency_budget_sheds_requests_that_would_not_finish_in_time(model_dir):
-    engine = create_engine(model_dir, max_num_seqs=4, max_predicted_latency_s=0.5, long_prefill_chunk=8)
+    engine = create_engine(model_dir, max_num_seqs=4, max_predicted_latency_s=5.0, long_prefill_chunk=8)
     rng = random.Random(9)
     engine.add_request("a", _prompt(rng, 5), greedy(30))
     engine.step()
     assert engine.step_time_s is not None and engine.step_time_s > 0          # measured by the step
-    engine.step_time_s = 0.01              # pin the measured input: 10 ms per step at this load
-    engine.add_request("short", _prompt(rng, 16), greedy(20))        # 2 prefill + 20 steps: 0.22 s
-    with pytest.raises(EngineOverloadedError, match=r"would take ~0\.62 s .* budget 0\.5 s") as exc:
-        engine.add_request("long", _prompt(rng, 16), greedy(60))     # 62 steps: 0.62 s
+    # Pin the measured input: 100 ms per step at this load, far slower than any machine runs these
+    # steps (a Zen 3 VM: ~10 ms), so the calibration below has something to learn everywhere.
+    engine.step_time_s = 0.1
+    engine.add_request("short", _prompt(rng, 16), greedy(20))        # 2 prefill + 20 steps: 2.2 s
+    with pytest.raises(EngineOverloadedError, match=r"would take ~6\.20 s .* budget 5 s") as exc:
+        engine.add_request("long", _prompt(rng, 16), greedy(60))     # 62 steps: 6.2 s
     assert exc.value.retry_after_s > 0
-    engine.step_time_s = 0.03              # the batch slowed down: the short one no longer fits
+    engine.step_time_s = 0.3               # the batch slowed down: the short one no longer fits
     with pytest.raises(EngineOverloadedError):
         engine.add_request("short2", _prompt(rng, 16), greedy(20))
     engine.run_until_done()
-    # "short" finished far faster than the pinned 10 ms per step predicted: the calibration learns
+    # "short" finished far faster than the pinned 100 ms per step predicted: the calibration learns
     # that predictions run high and admits more.
     assert engine.latency_ratio < 1.0
-    engine.step_time_s = 10.0              # stale from the busy period: an idle engine still admits
+    engine.step_time_s = 100.0             # stale from the busy period: an idle engine still admits
     engine.add_request("after", _prompt(rng, 16), greedy(60))
     engine.run_until_done()
     assert engine.blocks.num_used_blocks == 0
