@@ -264,11 +264,16 @@ class QuantLinear(nn.Module):
         v = _int4_kernel_ops(self.device_type)[1](eye, self.qweight, self.group_size, unit)  # [Kp, N]
         return pack_int4(v.t().round().to(torch.int8)), self.scales_and_zeros[..., 0].t().float()
 
+    @property
+    def lane_dtype(self) -> torch.dtype:
+        """The activation dtype this module was built for (its scales are kept in it)."""
+        return self.scales_and_zeros.dtype if self.mode == "int4" and self.path == "kernel" else self.scales.dtype
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [N, K] this module multiplies with."""
         packed = self.mode == "int4" and self.path == "kernel"
         codes, scales = self.codes() if packed else (self.qweight, self.scales)
-        dtype = dtype or (self.scales_and_zeros.dtype if packed else self.scales.dtype)
+        dtype = dtype or self.lane_dtype
         if self.mode == "int8":
             return codes.to(dtype) * scales.to(dtype)[:, None]                          # [N, K]
         n, q = scales.shape
@@ -281,8 +286,7 @@ class QuantLinear(nn.Module):
         where dequantizing on every call would make the fast path the slow one. Kernel path: for
         calls above `row_limit` rows (prefill chunks), where a GEMM beats the GEMV-shaped kernel."""
         if self.path == "dequant" or self.row_limit < NO_LIMIT:
-            lane = self.scales_and_zeros.dtype if self.mode == "int4" and self.path == "kernel" else self.scales.dtype
-            dense = self.dequantize(dense_copy_dtype(self.device_type, lane))
+            dense = self.dequantize(dense_copy_dtype(self.device_type, self.lane_dtype))
             self.register_buffer("dense", dense, persistent=False)                      # [N, K]
 
     def _dense_linear(self, x: torch.Tensor) -> torch.Tensor:
