@@ -14,6 +14,16 @@ a prefix-cache hit. A checkpoint trained on SPM says so in `tokenizer_config.jso
 and the ingress then builds SPM prompts. StarCoder, Qwen-Coder and DeepSeek-Coder checkpoints
 declare nothing and stay on PSM.
 
+The cursor's line. In PSM the text of the cursor's line before the cursor goes after <MID>, as
+llama.cpp's /infill places its `prompt` (llama.vim sends that line there):
+    <PRE> prefix up to the cursor's line <SUF> suffix <MID> cursor's line up to the cursor
+so that typing within a line changes only the tokens after <MID>: prefix and suffix stay a
+prefix-cache hit until the cursor leaves the line, where plain PSM recomputes the whole suffix
+on every keystroke. The model sees a middle that starts at a line start, which is where the
+spans of line-aligned FIM training (serve_app/train/spans.py) start too. A prefix that ends at a
+line start (the evaluation's cases, training samples) gives the plain PSM prompt. SPM needs no
+split: its prefix already runs into the middle.
+
 Fitting. Editors send the whole file around the cursor; dense files exceed a small model's
 context. Instead of refusing (400), an FIM prompt is trimmed at its far ends, as editor-facing
 servers do (llama.cpp's /infill keeps 3/4 of its budget for the prefix): the suffix keeps at most a
@@ -24,7 +34,7 @@ dropped (`prompt_tokens_details.dropped_tokens`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 FimOrder = Literal["psm", "spm"]
 FIM_ORDERS: tuple[str, ...] = ("psm", "spm")
@@ -57,12 +67,53 @@ FIM_FORMATS: tuple[FimFormat, ...] = (
 
 
 def assemble(order: str, lead: list[int], ids: tuple[int, int, int], prefix: list[int],
-             suffix: list[int]) -> list[int]:
-    """The prompt ids in `order`; ids = (prefix, suffix, middle) special token ids."""
+             suffix: list[int], cursor_line: list[int] = ()) -> list[int]:
+    """The prompt ids in `order`; ids = (prefix, suffix, middle) special token ids; `cursor_line`:
+    PSM's text after <MID> (see "The cursor's line" above; SPM takes the whole prefix as `prefix`)."""
     pre, suf, mid = ids
     if order == "spm":
-        return [*lead, pre, suf, *suffix, mid, *prefix]
-    return [*lead, pre, *prefix, suf, *suffix, mid]
+        return [*lead, pre, suf, *suffix, mid, *prefix, *cursor_line]
+    return [*lead, pre, *prefix, suf, *suffix, mid, *cursor_line]
+
+
+def split_cursor_line(prefix: str) -> tuple[str, str]:
+    """(the prefix up to the start of its last line, that last line): "a\n  b" → ("a\n", "  b")."""
+    start = prefix.rfind("\n") + 1
+    return prefix[:start], prefix[start:]
+
+
+@dataclass(frozen=True)
+class ContextFile:
+    """Another file an FIM prompt carries before the one being edited (llama.cpp's `input_extra`:
+    editor plugins send the chunks of recently seen files)."""
+    filename: str
+    text: str
+
+
+# Repo-level FIM tokens (Qwen2.5-Coder's and StarCoder2's pretraining format). With both in the
+# vocabulary other files go in as <repo> name \n (<sep> path \n text)* <sep> path \n before <PRE>, as
+# llama.cpp's /infill builds it (with its placeholder names: the client sends neither); without
+# them each file is plain text under a "--- snippet ---" line, as llama.cpp does too.
+REPO_TOKENS: tuple[tuple[str, str], ...] = (("<|repo_name|>", "<|file_sep|>"), ("<repo_name>", "<file_sep>"))
+
+
+def context_ids(files: Sequence[ContextFile], repo: tuple[int, int] | None, encode: Callable[[str], list[int]],
+                room: int | None) -> tuple[list[int], int]:
+    """(the ids of `files` that fit in `room` tokens, tokens left out): whole files are dropped
+    from the first on, since editors send the most recent chunks last."""
+    if not files:
+        return [], 0
+    if repo is not None:
+        head, tail = [repo[0], *encode("myproject\n")], [repo[1], *encode("filename\n")]
+        pieces = [[repo[1], *encode(f"{f.filename}\n{f.text}")] for f in files]
+    else:
+        head, tail = [], []
+        pieces = [encode(f"\n\n--- snippet ---\n\n{f.text}") for f in files]
+    total = sum(map(len, pieces))
+    while pieces and room is not None and len(head) + len(tail) + sum(map(len, pieces)) > room:
+        pieces.pop(0)
+    kept = [i for piece in pieces for i in piece]
+    return ([*head, *kept, *tail] if pieces else []), total - len(kept)
 
 
 @dataclass(frozen=True)
@@ -73,17 +124,20 @@ class FimParts:
     dropped_tokens: int         # prompt tokens left out (0: the file fitted whole)
 
 
-def fit(prefix: str, suffix: str, room: int, count: Callable[[str], int]) -> FimParts:
+def fit(prefix: str, suffix: str, room: int, count: Callable[[str], int],
+        count_prefix: Callable[[str], int] | None = None) -> FimParts:
     """Trim prefix (from its start) and suffix (from its end) at line boundaries until their token
-    counts sum to at most `room`; `count(text)` is the number of tokens a part encodes to."""
+    counts sum to at most `room`; `count(text)` is the number of tokens a part encodes to
+    (`count_prefix` for the prefix, when it encodes differently: PSM's cursor line)."""
+    count_prefix = count_prefix or count
     room = max(0, room)
-    p, s = count(prefix), count(suffix)
+    p, s = count_prefix(prefix), count(suffix)
     if p + s <= room:
         return FimParts(prefix, suffix, 0)
     suffix_room = min(s, max(int(room * SUFFIX_SHARE), room - p))
-    kept_prefix = keep_end(prefix, room - suffix_room, count)
-    kept_suffix = keep_start(suffix, room - count(kept_prefix), count)
-    return FimParts(kept_prefix, kept_suffix, p + s - count(kept_prefix) - count(kept_suffix))
+    kept_prefix = keep_end(prefix, room - suffix_room, count_prefix)
+    kept_suffix = keep_start(suffix, room - count_prefix(kept_prefix), count)
+    return FimParts(kept_prefix, kept_suffix, p + s - count_prefix(kept_prefix) - count(kept_suffix))
 
 
 def keep_end(text: str, room: int, count: Callable[[str], int]) -> str:

@@ -41,7 +41,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
-from serve_app.fim import FIM_FORMATS, FIM_ORDERS, FimFormat, assemble, fit  # noqa: F401 (re-exported)
+from serve_app.fim import (FIM_FORMATS, FIM_ORDERS, REPO_TOKENS, ContextFile, FimFormat,  # noqa: F401 (re-exported)
+                           assemble, context_ids, fit, split_cursor_line)
 
 
 class TokenizerError(ValueError):
@@ -304,22 +305,37 @@ class CodeTokenizer:
         return self.build_fim_prompt(prefix, suffix, None, add_special_tokens, order).ids
 
     def build_fim_prompt(self, prefix: str, suffix: str, max_prompt_tokens: int | None,
-                         add_special_tokens: bool = True, order: str | None = None) -> FimPrompt:
-        """Like build_fim_prompt_ids, trimmed at its far ends to at most `max_prompt_tokens` (fim.fit)."""
+                         add_special_tokens: bool = True, order: str | None = None,
+                         context: Sequence[ContextFile] = ()) -> FimPrompt:
+        """Like build_fim_prompt_ids, trimmed at its far ends to at most `max_prompt_tokens` (fim.fit),
+        after other files' `context` where it leaves room (fim.context_ids)."""
         fmt = self._checked_fim_format(prefix, suffix)
         order = order or self.fim_order
         ids = tuple(self._tok.token_to_id(t) for t in fmt.tokens)
         lead = list(self.leading_special_ids) if add_special_tokens else []
 
-        def prefix_text(text: str) -> str:
-            return " " + text if fmt.space_before_prefix and text else text
-        pre, suf = self._encode_fragment(prefix_text(prefix)), self._encode_fragment(suffix)
+        def encode_prefix(text: str) -> tuple[list[int], list[int]]:
+            """(ids of the prefix part, ids after <MID>): PSM moves the cursor's line after <MID>."""
+            head, line = split_cursor_line(text) if order == "psm" else (text, "")
+            head = " " + head if fmt.space_before_prefix and head else head
+            return self._encode_fragment(head), self._encode_fragment(line)
+
+        pre, suf, dropped = encode_prefix(prefix), self._encode_fragment(suffix), 0
         room = None if max_prompt_tokens is None else max_prompt_tokens - len(lead) - 3
-        if room is None or len(pre) + len(suf) <= room:       # the common case: encoded once
-            return FimPrompt(assemble(order, lead, ids, pre, suf), 0)
-        parts = fit(prefix, suffix, room, lambda text: len(self._encode_fragment(text)))
-        return FimPrompt(assemble(order, lead, ids, self._encode_fragment(prefix_text(parts.prefix)),
-                                  self._encode_fragment(parts.suffix)), parts.dropped_tokens)
+        if room is not None and len(pre[0]) + len(pre[1]) + len(suf) > room:   # else encoded once
+            parts = fit(prefix, suffix, room, lambda text: len(self._encode_fragment(text)),
+                        lambda text: sum(map(len, encode_prefix(text))))
+            pre, suf, dropped = encode_prefix(parts.prefix), self._encode_fragment(parts.suffix), parts.dropped_tokens
+        left = None if room is None else room - len(pre[0]) - len(pre[1]) - len(suf)
+        extra, extra_dropped = context_ids(context, self._repo_token_ids(), self._encode_fragment, left)
+        return FimPrompt(assemble(order, [*lead, *extra], ids, pre[0], suf, pre[1]), dropped + extra_dropped)
+
+    def _repo_token_ids(self) -> tuple[int, int] | None:
+        for names in REPO_TOKENS:
+            found = tuple(self._tok.token_to_id(t) for t in names)
+            if None not in found:
+                return found
+        return None
 
     def _checked_fim_format(self, prefix, suffix) -> FimFormat:
         fmt = self.fim_format

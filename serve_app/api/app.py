@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI-compatible completions and chat, the FIM endpoint, models and health.
+"""The FastAPI app: OpenAI-compatible completions and chat, the FIM endpoint, llama.cpp's
+/completion and /infill, models and health.
 
 `create_app(client, settings)` is the whole HTTP surface, with the engine injected as an
 `EngineClient`: tests run it over an in-process engine (`LocalEngineClient`), the Serve deployment
@@ -34,17 +35,16 @@ from serve_app.api.batch import BatchCompletion, batch_parts
 from serve_app.api.body import read_json_object
 from serve_app.api.client import EngineClient
 from serve_app.api.errors import ApiError, bad_request, from_exception, from_validation_error, internal_error
+from serve_app.api.llamacpp import LlamaCppServer
 from serve_app.api.prepare import PreparedRequest, check_model, prepare_chat, prepare_completion, prepare_fim
 from serve_app.api.protocol import ChatCompletionRequest, CompletionRequest, FimRequest, ModelCard, ModelList
 from serve_app.api.render import Renderer
 from serve_app.api.settings import ApiSettings
 from serve_app.api.shedding import EdgeShedding
-from serve_app.api.streaming import (ClientDisconnected, EventStreamResponse, abort_quietly, event_stream,
-                                     last_output, run_guarded)
+from serve_app.api.streaming import (CLIENT_CLOSED_REQUEST, ClientDisconnected, EventStreamResponse, abort_quietly,
+                                     event_stream, last_output, run_guarded)
 
 M = TypeVar("M", bound=BaseModel)
-# Status for "the client closed the connection before we answered" (nginx's convention); nobody reads it.
-CLIENT_CLOSED_REQUEST = 499
 
 
 def create_app(client: EngineClient, settings: ApiSettings, extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
@@ -56,6 +56,9 @@ def create_app(client: EngineClient, settings: ApiSettings, extra_routers: Seque
     app.add_api_route("/v1/completions", server.completions, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/fim/completions", server.fim_completions, methods=["POST"], dependencies=auth)
+    llama = LlamaCppServer(client, settings)         # llama.cpp's editor endpoints (api/llamacpp.py)
+    app.add_api_route("/completion", llama.completion, methods=["POST"], dependencies=auth)
+    app.add_api_route("/infill", llama.infill, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/models", server.list_models, methods=["GET"], dependencies=auth)
     app.add_api_route("/v1/models/{model_id:path}", server.get_model, methods=["GET"], dependencies=auth)
     app.add_api_route("/health", server.health, methods=["GET"])

@@ -22,6 +22,7 @@ from serve_app.api.settings import ApiSettings
 from serve_app.api.tiers import CompletionContext, ResolvedTier, TierError, classify_request
 from serve_app.api.tiers import Precision as TierPrecision
 from serve_app.engine import SamplingParams, SamplingParamsError
+from serve_app.fim import ContextFile
 from serve_app.tokenizer import ChatMessage, PromptError
 
 _OFFLOAD_CHARS = 16_384
@@ -61,7 +62,9 @@ def check_model(model: str | None, settings: ApiSettings) -> str:
     return settings.served_model_name
 
 
-async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> PreparedRequest:
+async def prepare_completion(req: CompletionRequest, settings: ApiSettings,
+                             fim_context: tuple[ContextFile, ...] = ()) -> PreparedRequest:
+    """`fim_context`: other files' chunks for an FIM prompt (llama.cpp's /infill `input_extra`)."""
     model = check_model(req.model, settings)
     _check_stream_options(req.stream, req.stream_options is not None)
     _check_echo_and_best_of(req)
@@ -77,7 +80,7 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings) -> P
     if req.suffix is not None:
         if not isinstance(req.prompt, str):
             raise bad_request("suffix (fill-in-the-middle) needs a text prompt, not token ids", "suffix")
-        prompt_ids, dropped = await _fim_prompt(req.prompt, req.suffix, tier, settings, "suffix")
+        prompt_ids, dropped = await _fim_prompt(req.prompt, req.suffix, tier, settings, "suffix", fim_context)
     elif isinstance(req.prompt, str):
         if not req.prompt:
             raise bad_request("prompt must not be empty", "prompt")
@@ -166,14 +169,14 @@ async def prepare_fim(req: FimRequest, settings: ApiSettings) -> PreparedRequest
 
 
 async def _fim_prompt(prefix: str, suffix: str, tier: ResolvedTier, settings: ApiSettings,
-                      param: str) -> tuple[list[int], int]:
+                      param: str, context: tuple[ContextFile, ...] = ()) -> tuple[list[int], int]:
     """The FIM prompt in the checkpoint's order, trimmed at its far ends so that it leaves the
     tier's max_tokens (the client's, when sent) to generate (serve_app/fim.py)."""
     room = settings.max_model_len - tier.max_tokens
     if room <= 0:    # max_tokens alone fills the context: nothing to trim to; _check_context says so
         room = None
-    prompt = await _tokenize(lambda: settings.tokenizer.build_fim_prompt(prefix, suffix, room), param,
-                             len(prefix) + len(suffix))
+    prompt = await _tokenize(lambda: settings.tokenizer.build_fim_prompt(prefix, suffix, room, context=context),
+                             param, len(prefix) + len(suffix) + sum(len(c.text) for c in context))
     return prompt.ids, prompt.dropped_tokens
 
 

@@ -29,7 +29,7 @@ def _check_stop(value: Any) -> Any:
     raise PydanticCustomError("stop_type", "stop must be a string or a list of strings")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -94,10 +94,10 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_shape(cls, value: Any) -> Any:
-        if isinstance(value, str) or (isinstance(value, list) and all(_is_int(t) for t in value)):
+        if isinstance(value, str) or (isinstance(value, list) and all(is_int(t) for t in value)):
             return value
         if isinstance(value, list) and (all(isinstance(p, str) for p in value) or all(
-                isinstance(p, list) and all(_is_int(t) for t in p) for p in value)):
+                isinstance(p, list) and all(is_int(t) for t in p) for p in value)):
             if len(value) > MAX_BATCH_PROMPTS:
                 raise PydanticCustomError("batch_too_large", "a batch holds at most {limit} prompts, got {count}",
                                           {"limit": MAX_BATCH_PROMPTS, "count": len(value)})
@@ -109,7 +109,7 @@ class CompletionRequest(_SamplingFields):
     def batch(self) -> list[str] | list[list[int]] | None:
         """The prompts of a batch request; None for a single prompt."""
         p = self.prompt
-        return p if isinstance(p, list) and p and not _is_int(p[0]) else None
+        return p if isinstance(p, list) and p and not is_int(p[0]) else None
 
 
 class ChatMessageIn(BaseModel):

@@ -71,20 +71,28 @@ class Renderer:
                                   **tags)
 
     def returned(self, outputs: list[CompletionOutput]) -> list[CompletionOutput]:
-        """The candidates the client gets: with OpenAI's best_of, the n best by cumulative logprob
-        (OpenAI's and vLLM's rule); when the tier ranks, the n best by mean token logprob
-        (length-fair, unlike the sum); re-indexed; logprobs only if the client asked for them."""
-        p = self.p
-        if p.best_of is not None and p.best_of > p.tier.n:
-            ranked = sorted(outputs, key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
-            outputs = [replace(c, index=i) for i, c in enumerate(ranked[:p.tier.n])]
-        elif p.tier.rank_by_mean_logprob:
-            ranked = sorted(outputs, key=lambda c: (c.cumulative_logprob or 0.0) / max(1, len(c.token_ids)),
-                            reverse=True)
-            outputs = [replace(c, index=i) for i, c in enumerate(ranked[:p.tier.n])]
-        if not p.client_logprobs:
+        """The candidates the client gets (`returned_indices`), re-indexed; logprobs only if the
+        client asked for them."""
+        by_index = {c.index: c for c in outputs}
+        outputs = [replace(by_index[i], index=k) for k, i in enumerate(self.returned_indices(outputs))]
+        if not self.p.client_logprobs:
             outputs = [replace(c, logprobs=None) for c in outputs]
         return outputs
+
+    def returned_indices(self, outputs: list[CompletionOutput]) -> list[int]:
+        """Which candidates the client gets, best first: with OpenAI's best_of, the n best by
+        cumulative logprob (OpenAI's and vLLM's rule); when the tier ranks, the n best by mean token
+        logprob (length-fair, unlike the sum); otherwise all, in order."""
+        p = self.p
+        if p.best_of is not None and p.best_of > p.tier.n:
+            def score(c: CompletionOutput) -> float:
+                return c.cumulative_logprob or 0.0
+        elif p.tier.rank_by_mean_logprob:
+            def score(c: CompletionOutput) -> float:
+                return (c.cumulative_logprob or 0.0) / max(1, len(c.token_ids))
+        else:
+            return [c.index for c in outputs]
+        return [c.index for c in sorted(outputs, key=score, reverse=True)[:p.tier.n]]
 
     # ---- streams -------------------------------------------------------------------------------
 

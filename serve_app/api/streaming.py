@@ -32,6 +32,8 @@ from serve_app.engine import RequestOutput
 
 T = TypeVar("T")
 DONE_EVENT = "data: [DONE]\n\n"
+# Status for "the client closed the connection before we answered" (nginx's convention); nobody reads it.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ClientDisconnected(Exception):
@@ -117,7 +119,7 @@ async def event_stream(first: RequestOutput, outputs: AsyncIterator[RequestOutpu
                 yield sse(chunk.model_dump_json())
             if out.finished:
                 break
-            out = await _next_before(outputs, deadline, timeout_s)
+            out = await next_before(outputs, deadline, timeout_s)
         if prepared.include_usage:
             yield sse(renderer.usage_chunk(out).model_dump_json())
     except Exception as exc:             # noqa: BLE001 - the status is sent; report in-band
@@ -130,7 +132,7 @@ async def event_stream(first: RequestOutput, outputs: AsyncIterator[RequestOutpu
     yield DONE_EVENT
 
 
-async def _next_before(outputs: AsyncIterator[RequestOutput], deadline: float, timeout_s: float) -> RequestOutput:
+async def next_before(outputs: AsyncIterator[RequestOutput], deadline: float, timeout_s: float) -> RequestOutput:
     remaining = deadline - asyncio.get_running_loop().time()
     try:
         out = await asyncio.wait_for(anext(outputs, None), timeout=max(0.0, remaining))

@@ -31,10 +31,34 @@ def test_psm_and_spm_layouts_for_each_family(tok_dirs, style):
     pre, suf, mid = (t.token_to_id(s) for s in FIM_STYLES[style])
     space = " " if style == "codellama" else ""             # CodeLlama's prefix carries a leading space
     p, s = t._encode_fragment(space + PREFIX), t._encode_fragment(SUFFIX)
+    head, line = t._encode_fragment(space + "def add(a, b):\n"), t._encode_fragment("    c = a")
     assert t.fim_order == "psm"                              # nothing declared: PSM
-    assert t.build_fim_prompt_ids(PREFIX, SUFFIX) == [pre, *p, suf, *s, mid]
+    # PSM: the cursor's line goes after <MID> (llama.cpp /infill's `prompt`), the rest before <SUF>
+    assert t.build_fim_prompt_ids(PREFIX, SUFFIX) == [pre, *head, suf, *s, mid, *line]
+    assert t.build_fim_prompt_ids(PREFIX + "\n", SUFFIX) == [pre, *t._encode_fragment(space + PREFIX + "\n"), suf,
+                                                             *s, mid]    # at a line start: plain PSM
     # SPM (Bavarian et al. 2022; bigcode / CodeLlama suffix_first): the prefix runs into the middle.
     assert t.build_fim_prompt_ids(PREFIX, SUFFIX, order="spm") == [pre, suf, *s, mid, *p]
+
+
+@pytest.mark.parametrize("style", ["starcoder", "spm"])
+def test_typing_within_a_line_changes_only_the_tokens_after_the_cursor_line_starts(tok_dirs, style):
+    """Keystrokes inside one line leave everything up to the cursor's line as it was, in both
+    orders, so the prefix cache serves it; in PSM that includes the whole suffix."""
+    t = CodeTokenizer.from_dir(tok_dirs[style])
+    mid = t.token_to_id(FIM_STYLES["starcoder"][2])
+    body = "def add(a, b):\n    total = 0\n"
+    prompts = [t.build_fim_prompt_ids(body + typed, SUFFIX) for typed in ("    c", "    c = ", "    c = a + b")]
+    shared = min(len(_common_prefix(a, b)) for a, b in zip(prompts, prompts[1:]))
+    assert shared >= prompts[0].index(mid) + (0 if style == "spm" else 1)    # PSM: the suffix and <MID>
+    assert shared >= len(t._encode_fragment(SUFFIX)) + 3
+
+
+def _common_prefix(a: list[int], b: list[int]) -> list[int]:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
 
 
 def test_codellama_sentencepiece_spm_follows_meta_suffix_first(tok_dirs):
@@ -114,11 +138,21 @@ async def test_fim_longer_than_the_context_is_trimmed_and_usage_says_so(spm_mode
         engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def psm_model(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("psm-model"), "mixtral")
+
+
+@pytest.mark.parametrize("order", ["spm", "psm"])
 @pytest.mark.anyio
-async def test_typing_into_a_hole_with_an_spm_checkpoint_is_served_from_the_prefix_cache(spm_model):
-    """An editor session: the suffix stays, the prefix grows by a few characters per request."""
-    engine = start_engine(spm_model, block_size=16)
-    tokenizer = CodeTokenizer.from_dir(spm_model)
+async def test_typing_into_a_hole_is_served_from_the_prefix_cache(spm_model, psm_model, order):
+    """An editor session: the suffix stays, the prefix grows by a few characters per request, within
+    one line. SPM keeps everything before the cursor cached; PSM does too, with the cursor's line
+    after <MID> (plain PSM recomputes the suffix on every keystroke: 53% cached here)."""
+    model = spm_model if order == "spm" else psm_model
+    engine = start_engine(model, block_size=16)
+    tokenizer = CodeTokenizer.from_dir(model)
+    assert tokenizer.fim_order == order
     head = "".join(f"def f{i}(a, b):\n    return a + b\n" for i in range(8)) + "def g(x):\n    y = "
     typed = "x * 2 + f1(x, 3) - f2(1, x)"
     suffix = "\n    return y\n\n" + "".join(f"print(f{i}(1, 2))\n" for i in range(10))

@@ -208,7 +208,9 @@ def test_sentencepiece_first_token_keeps_its_leading_space(sp_tok: CodeTokenizer
 
 # -- FIM --------------------------------------------------------------------------------------------
 
-PREFIX, SUFFIX = "def add(a, b):\n    ", "\n    return c\n"
+# The prefix ends at a line start, so these layouts are the references' (the cursor's line goes after
+# <MID> in PSM; tests/unit/test_fim_prompts.py covers that).
+PREFIX, SUFFIX = "def add(a, b):\n", "\n    return c\n"
 
 
 @pytest.mark.parametrize("style", ["starcoder", "qwen", "deepseek"])
@@ -223,10 +225,13 @@ def test_fim_prompt_is_prefix_suffix_middle_with_single_special_ids(tok_dirs: di
 
 
 def test_fim_special_tokens_are_never_split_even_next_to_angle_brackets(tok: CodeTokenizer) -> None:
-    ids = tok.build_fim_prompt_ids("x = a <", "> b\n")
+    ids = tok.build_fim_prompt_ids("x = 1\n", "> b\n")
     fim_ids = [tok.token_to_id(s) for s in FIM_STYLES["starcoder"]]
     assert [i for i in ids if i in fim_ids] == fim_ids  # each exactly once, in PSM order
-    assert tok.decode(ids) == "x = a <> b\n"
+    assert tok.decode(ids) == "x = 1\n> b\n"
+    ids = tok.build_fim_prompt_ids("x = a <", "> b\n")     # the cursor's line "x = a <" after <MID>
+    assert [i for i in ids if i in fim_ids] == fim_ids
+    assert tok.decode(ids, skip_special_tokens=False).endswith(f"{FIM_STYLES['starcoder'][2]}x = a <")
 
 
 def test_codellama_fim_byte_level_puts_a_space_before_the_prefix_only(tok_dirs: dict[str, Path]) -> None:
