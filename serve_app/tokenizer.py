@@ -299,14 +299,16 @@ class CodeTokenizer:
         return None
 
     def build_fim_prompt_ids(self, prefix: str, suffix: str, add_special_tokens: bool = True,
-                             order: str | None = None) -> list[int]:
+                             order: str | None = None, cursor_line_after_middle: bool = True) -> list[int]:
         """FIM prompt ids in `order` (default: the checkpoint's `fim_order`); `add_special_tokens`
-        prepends what the post-processor adds (e.g. bos)."""
-        return self.build_fim_prompt(prefix, suffix, None, add_special_tokens, order).ids
+        prepends what the post-processor adds (e.g. bos); `cursor_line_after_middle=False` gives
+        plain PSM (bench/fim_cursor_line.py compares the two)."""
+        return self.build_fim_prompt(prefix, suffix, None, add_special_tokens, order,
+                                     cursor_line_after_middle=cursor_line_after_middle).ids
 
     def build_fim_prompt(self, prefix: str, suffix: str, max_prompt_tokens: int | None,
                          add_special_tokens: bool = True, order: str | None = None,
-                         context: Sequence[ContextFile] = ()) -> FimPrompt:
+                         context: Sequence[ContextFile] = (), cursor_line_after_middle: bool = True) -> FimPrompt:
         """Like build_fim_prompt_ids, trimmed at its far ends to at most `max_prompt_tokens` (fim.fit),
         after other files' `context` where it leaves room (fim.context_ids)."""
         fmt = self._checked_fim_format(prefix, suffix)
@@ -316,7 +318,7 @@ class CodeTokenizer:
 
         def encode_prefix(text: str) -> tuple[list[int], list[int]]:
             """(ids of the prefix part, ids after <MID>): PSM moves the cursor's line after <MID>."""
-            head, line = split_cursor_line(text) if order == "psm" else (text, "")
+            head, line = split_cursor_line(text) if order == "psm" and cursor_line_after_middle else (text, "")
             head = " " + head if fmt.space_before_prefix and head else head
             return self._encode_fragment(head), self._encode_fragment(line)
 

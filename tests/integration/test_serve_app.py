@@ -58,6 +58,23 @@ def test_greedy_completions_over_http_equal_single_process_output(app, offline):
         assert got["usage"]["completion_tokens"] == len(ref.outputs[0].token_ids)
 
 
+def test_llama_vim_infill_through_ray_equals_single_process_fim(app, offline):
+    """llama.cpp's /infill, as llama.vim sends it, over the Ray app and its shards (precision full)."""
+    from serve_app.tokenizer import CodeTokenizer
+
+    prefix, line, suffix = "def add(a, b):\n", "    return", "\n\nprint(add(1, 2))\n"
+    body = {"id_slot": 0, "input_prefix": prefix, "input_suffix": suffix, "input_extra": [], "prompt": line,
+            "n_predict": 12, "n_indent": 0, "top_k": 40, "top_p": 0.90, "samplers": ["top_k", "top_p", "infill"],
+            "stream": False, "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1000,
+            "temperature": 0, "precision": "full", "response_fields": ["content", "timings/predicted_n"]}
+    resp = httpx.post(f"{app.url}/infill", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.text.startswith('{"content":"')                    # compact, as llama.vim parses it
+    ids = CodeTokenizer.from_dir(app.model_dir).build_fim_prompt_ids(prefix + line, suffix)
+    ref = offline.generate([ids], SamplingParams(max_tokens=12, temperature=0, top_k=40, top_p=0.9))[0]
+    assert resp.json() == {"content": ref.outputs[0].text, "timings/predicted_n": len(ref.outputs[0].token_ids)}
+
+
 def test_each_shard_loaded_only_its_own_experts(app):
     infos = app.router.health.remote().result(timeout_s=30)
     assert [i["shard"] for i in infos] == [0, 1, 2, 3]
