@@ -159,7 +159,7 @@ class OpenAIServer:
         return ModelCard(id=self.settings.served_model_name, created=0, max_model_len=self.settings.max_model_len)
 
     async def _parse(self, request: Request, model: type[M]) -> M:
-        body = await read_json_object(request, self.settings.max_body_bytes)
+        body = await read_json_object(request, self.settings.max_body_bytes, self.settings.request_timeout_s)
         try:
             return model.model_validate(body)
         except ValidationError as exc:

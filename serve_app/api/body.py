@@ -7,6 +7,7 @@ so a client cannot make a replica buffer gigabytes. Parsing errors are 400 in Op
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -22,7 +23,10 @@ _JSON_TYPES = ("application/json",)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+async def read_json_object(request: Request, max_bytes: int, timeout_s: float | None = None) -> dict[str, Any]:
+    """The body as a JSON object; a body still arriving after `timeout_s` is a 408 (the request's
+    deadline starts only once the body is read, so a client trickling bytes would otherwise hold a
+    connection and a task forever)."""
     _check_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -30,7 +34,11 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
             raise bad_request(f"invalid Content-Length header {declared[:40]!r}", code="invalid_header")
         if int(declared) > max_bytes:
             raise _too_large(int(declared), max_bytes)
-    raw = await _read_limited(request, max_bytes)
+    try:
+        raw = await asyncio.wait_for(_read_limited(request, max_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", type="timeout_error",
+                       code="request_timeout") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

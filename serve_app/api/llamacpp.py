@@ -134,7 +134,7 @@ class LlamaCppServer:
         return await self._serve(request, body, req, context)
 
     async def _parse(self, request: Request, model: type[LlamaCompletionRequest]) -> Any:
-        body = await read_json_object(request, self.settings.max_body_bytes)
+        body = await read_json_object(request, self.settings.max_body_bytes, self.settings.request_timeout_s)
         try:
             return model.model_validate(body)
         except ValidationError as exc:

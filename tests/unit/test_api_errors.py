@@ -204,6 +204,22 @@ async def test_chunked_body_over_the_limit_is_cut_off_without_content_length(app
     assert sent <= MAX_BODY + 2 * 4096                 # reading stopped right after the limit
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/infill"])
+async def test_a_body_that_stops_arriving_is_a_408_at_the_request_timeout(engine, tokenizer, path):
+    app = make_app(engine, tokenizer, request_timeout_s=0.3)
+
+    async def trickle():
+        yield b'{"prompt": "def f'
+        await asyncio.sleep(30)                      # the rest never comes (in time)
+        yield b'"}'
+
+    started = time.monotonic()
+    async with http_client(app) as client:
+        r = await client.post(path, content=trickle(), headers=JSON)
+    assert_openai_error(r, 408, None)
+    assert time.monotonic() - started < 5
+
+
 async def test_wrong_method_names_the_allowed_one(app):
     async with http_client(app, API_KEY) as client:
         r = await client.get("/v1/chat/completions")
