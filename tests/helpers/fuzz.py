@@ -20,10 +20,13 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from serve_app.api.llamacpp import LlamaCompletionRequest, LlamaInfillRequest
 from serve_app.api.protocol import ChatCompletionRequest, CompletionRequest, FimRequest
 
 ROUTES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-          "/v1/fim/completions": FimRequest}
+          "/v1/fim/completions": FimRequest, "/completion": LlamaCompletionRequest, "/infill": LlamaInfillRequest}
+# llama.cpp's routes: their streams end with a `"stop": true` object, not [DONE] (api/llamacpp_render.py).
+LLAMA_ROUTES = ("/completion", "/infill")
 
 # Text with every Unicode category, surrogates included: json.dumps writes a lone one as "\\ud800".
 odd_text = st.text(st.characters(codec=None), max_size=40)
@@ -58,6 +61,15 @@ FIELD_VALUES: dict[str, st.SearchStrategy] = {
     "logit_bias": st.one_of(st.none(), st.dictionaries(st.one_of(st.integers(-1, 70000).map(str), text), number,
                                                        max_size=3)),
     "user": text,
+    # llama.cpp's fields (api/llamacpp.py), and its other names for some of ours
+    "n_predict": st.one_of(small_int, edge_int), "n_cmpl": st.integers(-1, 4), "n_indent": st.one_of(small_int, edge_int),
+    "t_max_predict_ms": st.one_of(small_int, edge_int), "return_tokens": st.booleans(),
+    "input_prefix": text, "input_suffix": text,
+    "input_extra": st.lists(st.fixed_dictionaries({"text": text}, optional={"filename": text, "time": any_json}),
+                            max_size=3),
+    "response_fields": st.one_of(st.none(), st.lists(st.sampled_from(["content", "timings/prompt_n", "", "a/b/c",
+                                                                      "generation_settings/n_ctx"]), max_size=4)),
+    "n_probs": small_int, "repeat_penalty": number, "min_p": number, "extra_context": any_json,
 }
 
 
@@ -112,9 +124,9 @@ requests = st.one_of(
 )
 
 
-def check_response(status: int, content_type: str, body: bytes) -> None:
-    """The property: never a 5xx; an error is OpenAI-shaped; a stream is well-formed and has no
-    server error inside it."""
+def check_response(status: int, content_type: str, body: bytes, path: str = "") -> None:
+    """The property: never a 5xx; an error is OpenAI-shaped; a stream is well-formed (OpenAI's
+    end with [DONE], llama.cpp's with a `stop: true` object) and has no server error inside it."""
     assert status < 500, f"{status}: {body[:500]!r}"
     if status >= 400:
         error = json.loads(body)["error"]
@@ -122,6 +134,9 @@ def check_response(status: int, content_type: str, body: bytes) -> None:
         return
     if content_type.startswith("text/event-stream"):
         events = [block[len("data: "):] for block in body.decode().split("\n\n") if block.strip()]
+        if path in LLAMA_ROUTES:
+            assert events and (json.loads(events[-1]).get("stop") is True or "error" in json.loads(events[-1]))
+            events.append("[DONE]")
         assert events and events[-1] == "[DONE]", body[-300:]
         for event in events[:-1]:
             payload = json.loads(event)

@@ -82,7 +82,7 @@ def run_fuzz(url: str, examples: int, busy: Callable[[httpx2.Client], float]) ->
             started = time.perf_counter()
             r = send(client, req)
             seen["slowest"] = max(seen.get("slowest", (0.0, None)), (time.perf_counter() - started, repr(req)))
-            check_response(r.status_code, r.headers.get("content-type", ""), r.content)
+            check_response(r.status_code, r.headers.get("content-type", ""), r.content, req.path)
 
         one()
         ok = client.post("/v1/completions", json={"prompt": "def f(x):", "max_tokens": 2})
