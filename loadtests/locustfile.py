@@ -14,7 +14,10 @@ set, names a file that gets one line per request (name, start, milliseconds, ok,
 when no response came —, Retry-After, error), so the runner computes exact percentiles over all
 inline requests together and plots latency over time, and the chaos soak (loadtests/chaos.py)
 judges every answer. Requests still open when Locust stops are written last with status "open"
-and their age, so a request that never ends is seen rather than lost.
+and their age, so a request that never ends is seen rather than lost. Locust kills users mid-request
+when the run time is up (a user it finds between waits is killed at once, even if it has just
+sent a request); such a request is written with its age when it was cut and the error "cut by
+Locust stopping", so the judges can tell it from one that was stuck.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import os
 import random
 import time
 
+from gevent import GreenletExit
 from locust import FastHttpUser, between, events, task
 
 import workloads as wl
@@ -36,7 +40,7 @@ API_KEY = os.environ.get("MOE_LT_API_KEY", "")
 HEADERS = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
 RAW_COLUMNS = ("name", "start_s", "ms", "ok", "status", "retry_after", "error")
 _raw_file = _raw = None
-_open: dict[int, tuple[str, float]] = {}          # requests sent and not yet answered: name, start
+_open: dict[int, tuple[str, float, float | None]] = {}   # not yet answered: name, start, when Locust cut it
 _ids = itertools.count()
 
 
@@ -70,10 +74,14 @@ def _log_request(name, start_time, response_time, exception, response=None, **_)
 @contextlib.contextmanager
 def _in_flight(name: str):
     """Marks a request open until its answer is logged. No `finally`: a request interrupted by
-    Locust stopping stays open, and is written as such when Locust quits."""
+    Locust stopping stays open (with the time it was cut), and is written as such when Locust quits."""
     key = next(_ids)
-    _open[key] = (name, time.time())
-    yield
+    _open[key] = (name, time.time(), None)
+    try:
+        yield
+    except GreenletExit:
+        _open[key] = (name, _open[key][1], time.time())
+        raise
     _open.pop(key, None)
 
 
@@ -82,8 +90,9 @@ def _close_raw_log(environment, **_):
     if _raw is None:
         return
     now = time.time()
-    for name, started in list(_open.values()):
-        _raw.writerow((name, f"{started:.3f}", f"{(now - started) * 1000:.3f}", 0, "open", "", "no answer yet"))
+    for name, started, cut in list(_open.values()):
+        error = "no answer yet" if cut is None else "cut by Locust stopping"
+        _raw.writerow((name, f"{started:.3f}", f"{((cut or now) - started) * 1000:.3f}", 0, "open", "", error))
     _raw_file.close()
 
 

@@ -104,8 +104,18 @@ def run_locust(args: argparse.Namespace, workload: wl.WorkloadConfig) -> int:
 
 def read_requests(path: Path) -> list[dict]:
     with path.open() as f:
-        return [{"name": r["name"], "start": float(r["start_s"]), "ms": float(r["ms"]), "ok": r["ok"] == "1"}
-                for r in csv.DictReader(f)]
+        return [{"name": r["name"], "start": float(r["start_s"]), "ms": float(r["ms"]), "ok": r["ok"] == "1",
+                 "status": r["status"], "error": r["error"]} for r in csv.DictReader(f)]
+
+
+def without_stop_cuts(requests: list[dict]) -> tuple[list[dict], int]:
+    """The requests minus those Locust cut when it stopped (no latency sample, no failure) — unless
+    one had waited longer than every answered request when it was cut: that one was stuck, and
+    stays a failure."""
+    answered = max((r["ms"] for r in requests if r["status"] != "open"), default=0.0)
+    kept = [r for r in requests if not (r["status"] == "open" and r["error"].startswith("cut by Locust")
+                                        and r["ms"] <= answered)]
+    return kept, len(requests) - len(kept)
 
 
 def summarize(requests: list[dict]) -> dict:
@@ -222,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     time.sleep(args.metrics_settle_s)
     after = try_scrape(args.host) if before is not None else None
-    requests = read_requests(raw)
+    requests, cut = without_stop_cuts(read_requests(raw))
+    if cut:
+        print(f"{cut} request(s) cut by Locust stopping, younger than the slowest answer: not counted")
     stats = summarize(requests)
     rows = breakdown.breakdown(before, after) if after is not None else []
     if rows:
@@ -231,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     broken = verdict(stats, requests, args)
     summary = {"label": args.label, "host": args.host, "users": args.users, "run_time": args.run_time,
                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
-               "commit": git_commit(), "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+               "commit": git_commit(), "cpus": os.cpu_count(), "cut_by_locust_stopping": cut, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                "workload": asdict(workload), "slo": {"p80_ms": args.p80_ms, "p99_ms": args.p99_ms,
                                                       "failures_only": args.failures_only},
                "stats": stats, "server_breakdown": rows, "plot": plotted, "slo_met": not broken,
