@@ -25,24 +25,25 @@ from typing import Sequence, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.api.batch import BatchCompletion, batch_parts
-from serve_app.api.body import read_json_object
+from serve_app.api.body import read_model
 from serve_app.api.client import EngineClient
-from serve_app.api.errors import ApiError, bad_request, from_exception, from_validation_error, internal_error
+from serve_app.api.errors import ApiError, bad_request, from_exception, internal_error
 from serve_app.api.llamacpp import LlamaCppServer
 from serve_app.api.prepare import PreparedRequest, check_model, prepare_chat, prepare_completion, prepare_fim
 from serve_app.api.protocol import ChatCompletionRequest, CompletionRequest, FimRequest, ModelCard, ModelList
 from serve_app.api.render import Renderer
 from serve_app.api.settings import ApiSettings
 from serve_app.api.shedding import EdgeShedding
-from serve_app.api.streaming import (CLIENT_CLOSED_REQUEST, ClientDisconnected, EventStreamResponse, abort_quietly,
-                                     event_stream, last_output, run_guarded)
+from serve_app.api.streaming import (CLIENT_CLOSED_REQUEST, SSE_HEADERS, ClientDisconnected, EventStreamResponse,
+                                     event_stream, fail_before_response, last_output, response_headers, run_guarded,
+                                     start_generation)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -130,8 +131,7 @@ class OpenAIServer:
             raise
         except Exception as exc:         # noqa: BLE001 - engine errors keep their status (429, 503, 400)
             raise from_exception(exc) from exc
-        return EventStreamResponse(batch.events(firsts, deadline, timeout_s),
-                                   headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStreamResponse(batch.events(firsts, deadline, timeout_s), headers={**headers, **SSE_HEADERS})
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._parse(request, ChatCompletionRequest)
@@ -159,21 +159,13 @@ class OpenAIServer:
         return ModelCard(id=self.settings.served_model_name, created=0, max_model_len=self.settings.max_model_len)
 
     async def _parse(self, request: Request, model: type[M]) -> M:
-        body = await read_json_object(request, self.settings.max_body_bytes, self.settings.request_timeout_s)
-        try:
-            return model.model_validate(body)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from exc
+        return await read_model(request, model, self.settings.max_body_bytes, self.settings.request_timeout_s)
 
     async def _serve(self, request: Request, prepared: PreparedRequest) -> Response:
         timeout_s = self.settings.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
-        outputs = self.client.generate(prepared.request_id, prepared.prompt_token_ids, prepared.params,
-                                       tag=prepared.tier.tier.value, precision=prepared.precision,
-                                       stream=prepared.stream)
-        headers = {"X-Request-Id": prepared.request_id, "x-moe-tier": prepared.tier.tier.value,
-                   "x-moe-precision": prepared.precision}
-        renderer = Renderer(prepared, self.settings.tokenizer)
+        outputs = start_generation(self.client, prepared, prepared.stream)
+        headers, renderer = response_headers(prepared), Renderer(prepared, self.settings.tokenizer)
         try:
             if prepared.stream:
                 first = await run_guarded(request, anext(outputs, None), deadline, timeout_s)
@@ -183,16 +175,11 @@ class OpenAIServer:
                 final = await run_guarded(request, last_output(outputs), deadline, timeout_s)
                 await outputs.aclose()
         except BaseException as exc:
-            await abort_quietly(self.client, outputs, prepared.request_id)
-            if isinstance(exc, ClientDisconnected):
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-            if isinstance(exc, Exception):
-                raise from_exception(exc, prepared.param_aliases) from exc
-            raise
+            return await fail_before_response(self.client, outputs, prepared, exc)
         if not prepared.stream:
             return _json(renderer.response(final), headers)
         body = event_stream(first, outputs, prepared, renderer, self.client, deadline, timeout_s)
-        return EventStreamResponse(body, headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStreamResponse(body, headers={**headers, **SSE_HEADERS})
 
 
 def _json(model: BaseModel, headers: dict[str, str] | None = None, status: int = 200) -> Response:

@@ -10,17 +10,30 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from starlette.requests import ClientDisconnect, Request
 
-from serve_app.api.errors import ApiError, bad_request
+from serve_app.api.errors import ApiError, bad_request, from_validation_error
+
+M = TypeVar("M", bound=BaseModel)
 
 # What we accept as JSON. No Content-Type at all is accepted too: curl users forget it, and the
 # body is still parsed as JSON; an explicit other type is almost always a client bug (form posts).
 _JSON_TYPES = ("application/json",)
 # \uD800-\uDFFF written as a JSON escape; a valid pair decodes to one character, a lone one does not.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+async def read_model(request: Request, model: type[M], max_bytes: int, timeout_s: float | None = None) -> M:
+    """The body validated as `model` (pydantic errors → a 400 naming the field)."""
+    body = await read_json_object(request, max_bytes, timeout_s)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
 
 
 async def read_json_object(request: Request, max_bytes: int, timeout_s: float | None = None) -> dict[str, Any]:

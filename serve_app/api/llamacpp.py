@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serve_app.api.body import read_json_object
+from serve_app.api.body import read_model
 from serve_app.api.client import EngineClient
 from serve_app.api.errors import ApiError, bad_request, from_validation_error
 from serve_app.api.llamacpp_render import LlamaOptions, serve_llama
@@ -134,11 +134,7 @@ class LlamaCppServer:
         return await self._serve(request, body, req, context)
 
     async def _parse(self, request: Request, model: type[LlamaCompletionRequest]) -> Any:
-        body = await read_json_object(request, self.settings.max_body_bytes, self.settings.request_timeout_s)
-        try:
-            return model.model_validate(body)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from exc
+        return await read_model(request, model, self.settings.max_body_bytes, self.settings.request_timeout_s)
 
     async def _serve(self, request: Request, body: LlamaCompletionRequest, req: CompletionRequest,
                      context: tuple[ContextFile, ...]) -> Response:

@@ -35,8 +35,8 @@ from serve_app.api.errors import from_exception
 from serve_app.api.prepare import PreparedRequest
 from serve_app.api.render import Renderer
 from serve_app.api.settings import ApiSettings
-from serve_app.api.streaming import (CLIENT_CLOSED_REQUEST, ClientDisconnected, EventStreamResponse, abort_quietly,
-                                     next_before, run_guarded, sse)
+from serve_app.api.streaming import (SSE_HEADERS, EventStreamResponse, abort_quietly, fail_before_response,
+                                     next_before, response_headers, run_guarded, sse, start_generation)
 from serve_app.engine import CompletionOutput, RequestOutput
 
 UNSEEDED = 2**32 - 1                    # how llama.cpp reports a random seed (-1 as uint32)
@@ -222,10 +222,7 @@ async def serve_llama(request: Request, client: EngineClient, settings: ApiSetti
     deadline = asyncio.get_running_loop().time() + timeout_s
     run, renderer = LlamaRun(prepared, opts, settings), Renderer(prepared, settings.tokenizer)
     every_step = prepared.stream or opts.n_indent > 0 or opts.t_max_predict_ms > 0   # the stop rules read each step
-    outputs = client.generate(prepared.request_id, prepared.prompt_token_ids, prepared.params,
-                              tag=prepared.tier.tier.value, precision=prepared.precision, stream=every_step)
-    headers = {"X-Request-Id": prepared.request_id, "x-moe-tier": prepared.tier.tier.value,
-               "x-moe-precision": prepared.precision}
+    outputs, headers = start_generation(client, prepared, every_step), response_headers(prepared)
     try:
         if prepared.stream:
             first = await run_guarded(request, anext(outputs, None), deadline, timeout_s)
@@ -235,19 +232,14 @@ async def serve_llama(request: Request, client: EngineClient, settings: ApiSetti
         else:
             await run_guarded(request, _drive(outputs, run), deadline, timeout_s)
     except BaseException as exc:
-        await abort_quietly(client, outputs, prepared.request_id)
-        if isinstance(exc, ClientDisconnected):
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        if isinstance(exc, Exception):
-            raise from_exception(exc, prepared.param_aliases) from exc
-        raise
+        return await fail_before_response(client, outputs, prepared, exc)
     if not prepared.stream:
         await _close(client, outputs, run, prepared)
         results = run.results(renderer)
         return Response(compact(results if opts.as_array else results[0]), headers=headers,
                         media_type="application/json")
     body = _events(run, renderer, outputs, client, deadline, timeout_s)
-    return EventStreamResponse(body, headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStreamResponse(body, headers={**headers, **SSE_HEADERS})
 
 
 async def _drive(outputs: AsyncIterator[RequestOutput], run: LlamaRun) -> None:

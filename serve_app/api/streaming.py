@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serve_app.api.client import EngineClient
@@ -89,6 +89,33 @@ async def abort_quietly(client: EngineClient, outputs: AsyncIterator[Any], reque
             await outputs.aclose()
         finally:
             await client.abort(request_id)
+
+
+def start_generation(client: EngineClient, prepared: PreparedRequest, stream: bool) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs for a prepared request (`stream`: every step's, else the final one)."""
+    return client.generate(prepared.request_id, prepared.prompt_token_ids, prepared.params,
+                           tag=prepared.tier.tier.value, precision=prepared.precision, stream=stream)
+
+
+def response_headers(prepared: PreparedRequest) -> dict[str, str]:
+    return {"X-Request-Id": prepared.request_id, "x-moe-tier": prepared.tier.tier.value,
+            "x-moe-precision": prepared.precision}
+
+
+# Event streams are not to be cached or buffered by proxies (nginx reads X-Accel-Buffering).
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def fail_before_response(client: EngineClient, outputs: AsyncIterator[Any], prepared: PreparedRequest,
+                               exc: BaseException) -> Response:
+    """An error before the response started: free the request's blocks first, then answer 499 to
+    a client that left, or raise the error's API response (cancellation propagates)."""
+    await abort_quietly(client, outputs, prepared.request_id)
+    if isinstance(exc, ClientDisconnected):
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if isinstance(exc, Exception):
+        raise from_exception(exc, prepared.param_aliases) from exc
+    raise exc
 
 
 class EventStreamResponse(StreamingResponse):
