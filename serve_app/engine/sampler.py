@@ -183,7 +183,9 @@ def _sample_random(logits: torch.Tensor, params: Sequence[SamplingParams],
     # rounding in the cumsum cannot leave it past the end; the clamp covers u × total rounding up.
     total = cdf[:, -1:]  # [S, 1]
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # [S, 1] < total
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # [S]
+    # NaN logits (a broken checkpoint) would put the draw past the end: a wrong token for that row
+    # is its problem, an id past the vocabulary would fail the whole batch's next step.
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)  # [S]
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,

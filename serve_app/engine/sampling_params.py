@@ -6,7 +6,7 @@ sampler, stop checker, API layer) can trust the values without re-checking. Vali
 to an OpenAI-style 400 with `param` set, and whose message names the offending value.
 
 Bounds are chosen to be sane for a latency-bound code-completion server, not to be maximal:
-- temperature in [0, 2]: OpenAI's range; 0 means greedy (argmax, no randomness).
+- temperature in [0, 2]: OpenAI's range; 0 (and anything below GREEDY_BELOW) means greedy (argmax, no randomness).
 - top_p in (0, 1]: 0 would keep nothing; the sampler always keeps at least one token anyway.
 - top_k >= -1: 0 and -1 both mean "off" (vLLM uses -1, OpenAI-style clients send 0).
 - n in [1, 16]: every candidate holds its own KV blocks after the shared prefix; 16 bounds that.
@@ -27,6 +27,10 @@ MAX_TEMPERATURE = 2.0
 MAX_N = 16
 MAX_STOP_STRINGS = 8
 MAX_LOGPROBS = 20
+# Temperatures below this sample as greedy (vLLM's _SAMPLING_EPS): the distribution is the argmax's
+# already, and dividing logits by, say, 1e-138 overflows to inf, the softmax to NaN, and the draw
+# to a token id past the vocabulary (found by the API fuzzer: "index out of range" in the engine step).
+GREEDY_BELOW = 1e-5
 MAX_PENALTY = 2.0  # OpenAI's range for frequency_penalty and presence_penalty
 MAX_SEED = 2**63  # exclusive; leaves room for seed + candidate index in torch's 64-bit seed
 MAX_LOGIT_BIAS_TOKENS = 300
@@ -94,8 +98,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Temperature 0: the sampler takes the argmax and ignores top-k/top-p/seed."""
-        return self.temperature == 0
+        """Temperature 0 (or below GREEDY_BELOW): the sampler takes the argmax and ignores
+        top-k/top-p/seed."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _normalise_stop(stop: Any) -> tuple[str, ...]:

@@ -39,6 +39,23 @@ def test_greedy_rows_in_mixed_batch_equal_argmax():
     assert len(out.token_ids) == 6 and all(0 <= t < V for t in out.token_ids)
 
 
+@pytest.mark.parametrize("temperature", [1.267186652786592e-138, 1e-30, 5e-6])
+def test_a_vanishing_temperature_is_greedy_not_an_id_past_the_vocabulary(temperature):
+    """The API fuzzer's find: logits / 1e-138 overflowed, the softmax went NaN and the draw
+    returned an id past the vocabulary, which failed the engine's next step."""
+    logits = _logits(4)
+    params = [SamplingParams(temperature=temperature, top_p=0.9, seed=i) for i in range(4)]
+    assert all(p.greedy for p in params)
+    assert _sample_rows(logits, params).token_ids == logits.argmax(-1).tolist()
+
+
+def test_nan_logits_never_give_an_id_past_the_vocabulary():
+    logits = _logits(3)
+    logits[1] = float("nan")
+    out = _sample_rows(logits, [SamplingParams(temperature=1.0, seed=i) for i in range(3)])
+    assert all(0 <= t < V for t in out.token_ids)
+
+
 def test_greedy_on_bfloat16_logits_equals_argmax():
     logits = _logits(4).to(torch.bfloat16)
     out = _sample_rows(logits, [SamplingParams(temperature=0)] * 4)
