@@ -329,10 +329,12 @@ class CodeTokenizer:
                         lambda text: sum(map(len, encode_prefix(text))))
             pre, suf, dropped = encode_prefix(parts.prefix), self._encode_fragment(parts.suffix), parts.dropped_tokens
         left = None if room is None else room - len(pre[0]) - len(pre[1]) - len(suf)
-        extra, extra_dropped = context_ids(context, self._repo_token_ids(), self._encode_fragment, left)
+        extra, extra_dropped = context_ids(context, self.repo_token_ids, self._encode_fragment, left)
         return FimPrompt(assemble(order, [*lead, *extra], ids, pre[0], suf, pre[1]), dropped + extra_dropped)
 
-    def _repo_token_ids(self) -> tuple[int, int] | None:
+    @cached_property
+    def repo_token_ids(self) -> tuple[int, int] | None:
+        """(repo name, file separator) ids of the first REPO_TOKENS pair in the vocabulary; None if none is."""
         for names in REPO_TOKENS:
             found = tuple(self._tok.token_to_id(t) for t in names)
             if None not in found:

@@ -28,7 +28,7 @@ from serve_app.api.errors import from_exception
 from serve_app.api.prepare import PreparedRequest
 from serve_app.api.protocol import CompletionResponse, PromptTokensDetails, Usage
 from serve_app.api.render import Renderer, StreamState
-from serve_app.api.streaming import DONE_EVENT, last_output, request_timeout, run_guarded, sse
+from serve_app.api.streaming import DONE_EVENT, last_output, request_timeout, run_guarded, sse, start_generation
 from serve_app.engine import RequestOutput, RequestRejectedError
 from serve_app.tokenizer import CodeTokenizer
 
@@ -48,8 +48,7 @@ class BatchCompletion:
         self.parts = parts
         self.response_id = response_id
         self.renderers = [Renderer(p, tokenizer) for p in parts]
-        self.outputs = [client.generate(p.request_id, p.prompt_token_ids, p.params, tag=p.tier.tier.value,
-                                        precision=p.precision, stream=p.stream) for p in parts]
+        self.outputs = [start_generation(client, p, p.stream) for p in parts]
         self.finished = [False] * len(parts)
         # Choice index of each prompt's first candidate: prompts may return different numbers of
         # choices (an unranked tier returns all its candidates), so offsets are a running sum.

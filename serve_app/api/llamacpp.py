@@ -42,7 +42,7 @@ from serve_app.fim import ContextFile
 _ALIASES = {"max_tokens": "n_predict", "max_completion_tokens": "n_predict", "n": "n_cmpl",
             "extra_context": "input_extra"}
 # Our field → the client's, so errors name what the client sent.
-_CLIENT_NAMES = {"max_tokens": "n_predict", "n": "n_cmpl", "prompt": "prompt", "suffix": "input_suffix"}
+_CLIENT_NAMES = {"max_tokens": "n_predict", "n": "n_cmpl", "suffix": "input_suffix"}
 # Known llama.cpp sampling fields this server does not implement, with the value that means "off".
 _UNSUPPORTED_UNLESS = {"n_probs": 0, "repeat_penalty": 1.0, "mirostat": 0, "typical_p": 1.0, "min_p": 0.0,
                        "dry_multiplier": 0.0, "xtc_probability": 0.0, "grammar": "", "json_schema": {}}
@@ -123,8 +123,6 @@ class LlamaCppServer:
 
     async def completion(self, request: Request) -> Response:
         body = await self._parse(request, LlamaCompletionRequest)
-        if isinstance(body.prompt, str) and not body.prompt:
-            raise bad_request("prompt must not be empty", "prompt")
         return await self._serve(request, body, _completion_request(body, body.prompt, None), ())
 
     async def infill(self, request: Request) -> Response:
