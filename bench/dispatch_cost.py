@@ -7,10 +7,17 @@ experts placed round-robin on 1, 2 and 4 shards. `combine` (the weighted sum bac
 is the same for every transport and is left out. Ways of reaching the shards:
 
 - in-process: `PartitionedBackend` over one `LocalExpertBackend` per shard (no hop; the FFN cost);
-- serve, inside a replica: a bench deployment holds a `ServeTransport` over the ExpertShard
-  handles and times it on a plain thread, as the Router's engine loop calls it (DESIGN.md §2);
-- serve, from the driver: the same transport over handles the driver got from Serve;
-- ray actor, from the driver: plain actors holding the same experts, `.remote()` + `ray.get`.
+- socket / serve, inside a replica: a bench deployment holds a `SocketTransport` (the data plane,
+  parallel/socket_plane.py) and a `ServeTransport` over the ExpertShard handles and times them on
+  a plain thread, as the Router's engine loop calls them (DESIGN.md §2);
+- socket / serve, from the driver: the same transports over handles the driver got from Serve;
+- ray actor, compiled graph, gloo (from the driver): plain actors holding the same experts,
+  reached by `.remote()` + `ray.get`, by a Ray Compiled Graph, or by torch.distributed over gloo
+  (bench/dataplane_candidates.py).
+
+"hop" = a method's median minus in-process's, same shape and shard count: what the transport
+adds to the layer (with 2 and 4 shards the FFNs also run in parallel processes, so on more cores
+than this machine's 2 it can come out below zero).
 
 Why: expert parallelism puts this hop in every MoE layer of every decode step, and DESIGN.md §3
 builds the placement strategy on these numbers; they must be reproducible on this machine.
@@ -29,6 +36,7 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -49,8 +57,10 @@ from serve_app.deployments.expert_shard import ExpertShard  # noqa: E402
 from serve_app.model import ModelConfig, PartitionedBackend, load_expert_weights  # noqa: E402
 from serve_app.model.moe import DispatchPlan, route  # noqa: E402
 from serve_app.parallel.placement import PlacementPlan, ShardSpec  # noqa: E402
-from serve_app.parallel.transport import (ServeTransport, build_requests, run_shard_request,  # noqa: E402
-                                          split_response)
+from serve_app.parallel.socket_plane import SocketTransport  # noqa: E402
+from serve_app.parallel.transport import ServeTransport  # noqa: E402
+from bench.dataplane_candidates import (ActorTransport, CompiledGraphTransport, GlooTransport,  # noqa: E402
+                                        ShardActor)
 
 SHARD_COUNTS = (1, 2, 4)
 ROW_COUNTS = (8, 32)
@@ -59,8 +69,10 @@ MODEL_SHAPE = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=1, num_at
                    num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
                    intermediate_size=512, max_position_embeddings=2048)
 # Every Serve replica and actor asks for a tenth of a CPU, as build_app does, so a 4-shard graph
-# fits on ray.init(num_cpus=8) whatever else this machine runs.
+# (and each candidate's own actors) fits on ray.init(num_cpus=8) whatever else this machine runs.
 FRACTION = {"num_cpus": 0.1}
+METHODS = ("in-process", "socket, inside a replica", "socket, from driver", "serve, inside a replica",
+           "serve, from driver", "ray actor, from driver", "compiled graph, from driver", "gloo, from driver")
 
 
 @dataclass(frozen=True)
@@ -83,45 +95,19 @@ def time_calls(fn, iters: int) -> list[float]:
 
 @serve.deployment(name="DispatchBench", max_ongoing_requests=4)
 class DispatchBench:
-    """Stands in for the Router: holds a ServeTransport over the shard handles it was bound to."""
+    """Stands in for the Router: holds both product transports over the shard handles it was bound to."""
 
     def __init__(self, shards: list, placement: PlacementPlan):
-        self.transport = ServeTransport(shards, placement)
+        self.transports = {"serve": ServeTransport(shards, placement), "socket": SocketTransport(shards, placement)}
 
-    async def measure(self, x: torch.Tensor, plan: DispatchPlan, iters: int) -> tuple[list[float], dict]:
-        # ServeTransport blocks on .result(); like AsyncEngine, run it off the replica's event loop.
+    async def measure(self, kind: str, x: torch.Tensor, plan: DispatchPlan, iters: int) -> tuple[list[float], dict]:
+        # The transports block; like AsyncEngine, run them off the replica's event loop.
+        transport = self.transports[kind]
+
         def loop():
-            out = self.transport.run_experts(x, plan)
-            return time_calls(lambda: self.transport.run_experts(x, plan), iters), out
+            out = transport.run_experts(x, plan)
+            return time_calls(lambda: transport.run_experts(x, plan), iters), out
         return await asyncio.to_thread(loop)
-
-
-# ---- plain Ray actors ---------------------------------------------------------------------------
-
-@ray.remote(**FRACTION)
-class ShardActor:
-    def __init__(self, model_dir: str, spec: ShardSpec):
-        torch.set_num_threads(1)
-        self.backend = load_expert_weights(model_dir, spec.experts)
-
-    def run(self, req):
-        with torch.inference_mode():
-            return run_shard_request(self.backend, req)
-
-
-class ActorTransport:
-    """The ServeTransport protocol over plain actor handles: one call per shard, all in flight."""
-
-    def __init__(self, actors: list, placement: PlacementPlan):
-        self.actors, self.owner = actors, placement.owner()
-
-    def run_experts(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
-        requests = build_requests(x, plan, self.owner)
-        refs = [self.actors[shard].run.remote(req) for shard, (req, _) in requests.items()]
-        out: dict[int, torch.Tensor] = {}
-        for (req, assigns), y in zip(requests.values(), ray.get(refs)):
-            out.update(split_response(y, assigns))
-        return out
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -156,49 +142,84 @@ def measure_shards(model_dir: str, cfg: ModelConfig, n: int, cases: list[Case], 
     app = f"dispatch-{n}"
     bench = serve.run(DispatchBench.options(ray_actor_options=FRACTION).bind(shards, placement),
                       name=app, route_prefix=None)
-    driver = ServeTransport([serve.get_deployment_handle(f"ExpertShard{i}", app) for i in range(n)], placement)
-    actors = ActorTransport([ShardActor.remote(model_dir, s) for s in placement.shards], placement)
+    handles = [serve.get_deployment_handle(f"ExpertShard{i}", app) for i in range(n)]
+    # Each candidate gets actors of its own: a compiled graph or a gloo loop owns its actors' threads.
+    remote = {"socket, from driver": SocketTransport(handles, placement),
+              "serve, from driver": ServeTransport(handles, placement),
+              "ray actor, from driver": ActorTransport(_actors(model_dir, placement), placement),
+              "compiled graph, from driver": CompiledGraphTransport(_actors(model_dir, placement), placement,
+                                                                    cfg.hidden_size),
+              "gloo, from driver": GlooTransport(_actors(model_dir, placement), placement, cfg.hidden_size,
+                                                 cfg.num_experts, free_port())}
     samples: dict[tuple[str, int], list[float]] = {}
     try:
         for case in cases:
             want = local.run_experts(case.x, case.plan)
-            for name, transport in (("serve, from driver", driver), ("ray actor, from driver", actors)):
-                if not same(transport.run_experts(case.x, case.plan), want):
-                    raise RuntimeError(f"{name}, {n} shards: outputs differ from in-process")
+            for name, transport in remote.items():
+                with opened(transport):
+                    if not same(transport.run_experts(case.x, case.plan), want):
+                        raise RuntimeError(f"{name}, {n} shards: outputs differ from in-process")
         for _ in range(rounds):
             for case in cases:
                 with torch.inference_mode():
                     got = {"in-process": time_calls(lambda: local.run_experts(case.x, case.plan), iters)}
-                got["serve, inside a replica"], out = bench.measure.remote(case.x, case.plan, iters).result(
-                    timeout_s=300)
-                if not same(out, local.run_experts(case.x, case.plan)):
-                    raise RuntimeError(f"serve inside a replica, {n} shards: outputs differ from in-process")
-                got["serve, from driver"] = time_calls(lambda: driver.run_experts(case.x, case.plan), iters)
-                got["ray actor, from driver"] = time_calls(lambda: actors.run_experts(case.x, case.plan), iters)
+                for kind in ("socket", "serve"):
+                    got[f"{kind}, inside a replica"], out = bench.measure.remote(
+                        kind, case.x, case.plan, iters).result(timeout_s=300)
+                    if not same(out, local.run_experts(case.x, case.plan)):
+                        raise RuntimeError(f"{kind} inside a replica, {n} shards: outputs differ from in-process")
+                for name, transport in remote.items():
+                    with opened(transport):
+                        got[name] = time_calls(lambda: transport.run_experts(case.x, case.plan), iters)
                 for name, values in got.items():
                     samples.setdefault((name, case.rows), []).extend(values)
     finally:
+        remote["gloo, from driver"].close()
         serve.delete(app)
-        for a in actors.actors:
-            ray.kill(a)
+        for transport in remote.values():
+            for actor in getattr(transport, "actors", ()):
+                ray.kill(actor)
     return samples
 
 
+@contextlib.contextmanager
+def opened(transport):
+    """A candidate that must exist only while measured (a compiled graph) is opened around its use."""
+    if hasattr(transport, "open"):
+        transport.open()
+    try:
+        yield transport
+    finally:
+        if hasattr(transport, "open"):
+            transport.close()
+
+
+def _actors(model_dir: str, placement: PlacementPlan) -> list:
+    return [ShardActor.remote(model_dir, s) for s in placement.shards]
+
+
 def print_table(results: dict[int, dict[tuple[str, int], list[float]]], cases: list[Case]) -> None:
-    methods = ("in-process", "serve, inside a replica", "serve, from driver", "ray actor, from driver")
     print("\nexperts hit per plan (expert e lives on shard e % n): " + "; ".join(
         f"{c.rows} rows -> experts {c.plan.experts}" for c in cases))
     print("\nper MoE layer, router -> shards -> router: median / p90 ms")
     head = f"{'method':<26}{'rows':>5}" + "".join(f"{f'{n} shard' + ('s' if n > 1 else ''):>16}" for n in results)
     print(head)
     print("-" * len(head))
-    for method in methods:
+    for method in METHODS:
         for rows in ROW_COUNTS:
             cells = []
             for n, samples in results.items():
                 s = np.array(samples[(method, rows)]) * 1e3
                 cells.append(f"{np.median(s):.2f} / {np.percentile(s, 90):.2f}")
             print(f"{method:<26}{rows:>5}" + "".join(f"{c:>16}" for c in cells))
+    print("\nhop: median minus in-process median, ms")
+    print(head)
+    print("-" * len(head))
+    for method in METHODS[1:]:
+        for rows in ROW_COUNTS:
+            cells = [np.median(samples[(method, rows)]) - np.median(samples[("in-process", rows)])
+                     for samples in results.values()]
+            print(f"{method:<28}{rows:>3}" + "".join(f"{c * 1e3:>16.2f}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         build_checkpoint(tmp, "mixtral", seed=0, **MODEL_SHAPE)
         cfg = ModelConfig.from_dir(tmp)
         cases = build_cases(cfg)
+        # Workers import bench.dataplane_candidates' actor classes: they need the repository on their path.
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         results = {}

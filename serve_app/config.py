@@ -118,6 +118,10 @@ class AppConfig(BaseModel):
         default_factory=dict, description="extra Ray resources per shard replica (e.g. {'expert_slot': 1} "
         "with one slot per worker node spreads shards one per node)")
     dispatch_timeout_s: float = Field(10.0, gt=0, description="a shard call slower than this fails the step (503)")
+    expert_transport: Literal["socket", "serve"] = Field(
+        "socket", description="how a MoE layer's rows reach the shards: 'socket' = the data plane (one TCP "
+        "connection per shard, addresses from Serve); 'serve' = a Serve handle call per shard per layer. "
+        "Per layer with 4 shards: see docs/benchmarks.md, 'Data plane'")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
     quantized_precisions: tuple[Literal["int8", "int4"], ...] = Field(
         ("int8", "int4"), description="quantized copies of all experts the router holds (the fast path); "

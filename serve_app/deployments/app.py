@@ -48,7 +48,7 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
     shards = [ExpertShard.options(name=f"ExpertShard{spec.index}", ray_actor_options=shard_resources)
               .bind(config.model, spec, dtype, config.process_settings()) for spec in plan.shards]
     router = Router.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        config.model, plan, config.engine_config(), shards, dtype, config.dispatch_timeout_s,
+        config.model, plan, config.engine_config(), shards, dtype, config.dispatch_timeout_s, config.expert_transport,
         tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction,
         config.quant_materialize, config.full_lane_max_defer_s, config.fast_dtype, config.process_settings())
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(router, config)

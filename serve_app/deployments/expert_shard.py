@@ -1,5 +1,9 @@
 """ExpertShard deployment: holds one slice of the experts (only their tensors are read from disk)
-and computes their FFNs on the rows the router sends, one request per MoE layer per step."""
+and computes their FFNs on the rows the router sends, one request per MoE layer per step.
+
+The rows arrive over the data plane (`parallel/socket_plane.py`: the replica listens on a port
+of its node and tells the router where through `data_plane`), or as Serve calls of `run` (the
+`serve` transport, kept as the measured baseline)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +16,7 @@ from serve_app.config import AppConfig, ProcessSettings
 from serve_app.model import load_expert_weights
 from serve_app.model.loader import resolve_dtype
 from serve_app.parallel.placement import ShardSpec
+from serve_app.parallel.socket_plane import PlaneAddress, ShardServer
 from serve_app.parallel.transport import ShardRequest, run_shard_request
 
 
@@ -27,13 +32,21 @@ class ExpertShard:
         self.backend = load_expert_weights(model_dir, shard.experts, dtype=dtype, device=device)
         self.device = device
         self.dtype = resolve_dtype(dtype, model_dir, device)          # what this shard computes in
+        self.plane = ShardServer(self._compute, ray.util.get_node_ip_address(), os.getpid())
 
-    @torch.inference_mode()
-    def run(self, req: ShardRequest) -> torch.Tensor:
+    def _compute(self, req: ShardRequest) -> torch.Tensor:
         # Rows come back in the dtype they came in, whatever this shard computes in.
         x = req.x.to(self.device, self.dtype)
         out = run_shard_request(self.backend, ShardRequest(req.layer, req.experts, req.counts, x))
         return out.to("cpu", req.x.dtype)
+
+    @torch.inference_mode()
+    def run(self, req: ShardRequest) -> torch.Tensor:
+        return self._compute(req)
+
+    def data_plane(self) -> PlaneAddress:
+        """Where this replica's data plane listens, and the token a connection must present."""
+        return self.plane.address
 
     def info(self) -> dict:
         """Where this shard runs and what it loaded (placement checks, /health)."""

@@ -25,6 +25,7 @@ from serve_app.metrics import EngineMetricsObserver, Metrics
 from serve_app.model import PartitionedBackend, load_expert_weights, load_model
 from serve_app.model.precision import add_quantized_lanes, fast_dtype
 from serve_app.parallel.placement import PlacementPlan
+from serve_app.parallel.socket_plane import SocketTransport
 from serve_app.parallel.transport import ServeTransport
 from serve_app.tokenizer import CodeTokenizer
 
@@ -34,6 +35,7 @@ from serve_app.tokenizer import CodeTokenizer
 class Router:
     def __init__(self, model_dir: str, placement: PlacementPlan, engine_config: EngineConfig,
                  shards: list, dtype: str = "float32", dispatch_timeout_s: float = 10.0,
+                 expert_transport: str = "socket",
                  quantized_precisions: tuple[str, ...] = (), int4_group_size: int = 64,
                  fast_lane_kv_fraction: float = 0.5, quant_materialize: bool | str = "auto",
                  full_lane_max_defer_s: float = 1.0, fast_lane_dtype: str = "auto",
@@ -42,8 +44,8 @@ class Router:
         model = load_model(model_dir, dtype=dtype, expert_ids=placement.local)
         observer = EngineMetricsObserver(Metrics("ray"))
         if placement.num_shards:
-            transport = ServeTransport(shards, placement, timeout_s=dispatch_timeout_s,
-                                       on_dispatch=observer.on_dispatch)
+            kind = SocketTransport if expert_transport == "socket" else ServeTransport
+            transport = kind(shards, placement, timeout_s=dispatch_timeout_s, on_dispatch=observer.on_dispatch)
             model.set_expert_backend(PartitionedBackend([model.local_experts, transport]))
         if quantized_precisions:
             # Quantized at load time from the checkpoint's float experts, which are then dropped.

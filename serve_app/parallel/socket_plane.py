@@ -1,0 +1,212 @@
+"""The socket data plane: router ⇄ expert shards over plain TCP connections, Serve as the control plane.
+
+Why (docs/benchmarks.md, "Data plane"): a Serve handle call per shard per MoE layer costs
+milliseconds (request routing, the replica's event loop, pickling, the object store), and every
+decode step makes one per MoE layer. Here each shard replica listens on a port of its node; the
+router keeps one connection per shard and a layer is one frame out and one frame back per shard
+(`wire.py`): on one node the kernel's loopback, across nodes the network, no Ray code in between.
+
+Serve stays the control plane: it places, health-checks and restarts the ExpertShard replicas,
+and the router learns a shard's address by asking the shard through its Serve handle
+(`ExpertShard.data_plane`). A connection that fails (the replica died, was restarted, timed out)
+is dropped; the layer fails with ShardUnavailableError (503 for the requests in that step), and
+the next layer asks Serve again — it reaches the restarted replica without the router restarting.
+A connection found closed while idle is replaced before sending, so a restart between steps costs
+no request.
+
+Each replica draws a random token when it starts and hands it out only through Serve; a
+connection must present it first, so only a caller that Serve lets reach the replica can use its
+port (nothing the peer sends is unpickled either way).
+
+Legend: R=rows sent to one shard, D=hidden.
+"""
+from __future__ import annotations
+
+import hmac
+import itertools
+import secrets
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from serve_app.model.moe import DispatchPlan, ExpertKey
+from serve_app.parallel import wire
+from serve_app.parallel.placement import PlacementPlan
+from serve_app.parallel.transport import (DispatchRecord, ShardRequest, ShardUnavailableError,
+                                          build_requests, split_response)
+
+HELLO_TIMEOUT_S = 5.0          # a connection that does not present the token in time is closed
+
+
+@dataclass(frozen=True)
+class PlaneAddress:
+    """Where one shard replica's data plane listens (returned by `ExpertShard.data_plane`)."""
+    host: str
+    port: int
+    token: bytes               # wire.TOKEN_BYTES: the first bytes a connection must send
+    pid: int                   # the replica's process, to tell a restarted replica from the old one
+
+
+def _nodelay(sock: socket.socket) -> socket.socket:
+    # One small frame per layer: Nagle's algorithm would hold it back waiting for an ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class ShardServer:
+    """Shard side: a listening socket and one thread per connected router, each serving requests
+    in order with `compute` (ShardRequest → [R, D], in the request's dtype)."""
+
+    def __init__(self, compute: Callable[[ShardRequest], torch.Tensor], host: str, pid: int):
+        self._compute = compute
+        self._listener = socket.create_server((host, 0))
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.address = PlaneAddress(host, self._listener.getsockname()[1], secrets.token_bytes(wire.TOKEN_BYTES), pid)
+        threading.Thread(target=self._accept, daemon=True, name="shard-data-plane").start()
+
+    def close(self) -> None:
+        """Stop serving, as the replica's death would: the listener and every connection close."""
+        self._listener.close()
+        with self._lock:
+            for conn in self._open:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:                                # the peer closed it first
+                    pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:                                    # closed
+                return
+            with self._lock:
+                self._open.add(conn)
+            threading.Thread(target=self._serve, args=(_nodelay(conn),), daemon=True,
+                             name="shard-data-plane-conn").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(HELLO_TIMEOUT_S)
+                if not hmac.compare_digest(bytes(wire.recv_exact(conn, wire.TOKEN_BYTES)), self.address.token):
+                    return
+                conn.settimeout(None)                          # a router may stay idle for hours
+                with torch.inference_mode():                   # thread-local: set on this thread
+                    while True:
+                        frame = wire.recv_request(conn)
+                        try:
+                            y = self._compute(frame.request)
+                        except Exception as exc:               # noqa: BLE001 - reported to the router
+                            wire.send_error(conn, frame.seq, f"{type(exc).__name__}: {exc}")
+                            continue
+                        wire.send_response(conn, frame.seq, y)
+            except (OSError, wire.WireError):                  # the router went away, or a stranger
+                return
+            finally:
+                with self._lock:
+                    self._open.discard(conn)
+
+
+@dataclass
+class SocketTransport:
+    """ExpertBackend over the shards' data planes (`handles[i]` = ExpertShard<i>'s Serve handle, used
+    only to learn addresses); called from the engine thread."""
+    handles: Sequence                       # DeploymentHandle per shard index
+    placement: PlacementPlan
+    timeout_s: float = 10.0
+    on_dispatch: Callable[[DispatchRecord], None] | None = None
+    owner: dict[ExpertKey, int] = field(init=False)
+
+    def __post_init__(self):
+        self.owner = self.placement.owner()
+        self._conns: dict[int, socket.socket] = {}
+        self._selector = selectors.DefaultSelector()
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()       # one layer on the wire at a time (lanes share a transport)
+
+    def holds(self) -> frozenset[ExpertKey]:
+        return frozenset(self.owner)
+
+    def close(self) -> None:
+        with self._lock:
+            for shard in list(self._conns):
+                self._drop(shard)
+
+    def run_experts(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
+        """Every shard's frame goes out before any answer is read, and all share one deadline; answers
+        are taken as they arrive, so each shard's recorded round trip is its own."""
+        with self._lock:
+            return self._run(x, plan)
+
+    def _run(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
+        started = time.perf_counter()
+        deadline = started + self.timeout_s
+        requests = build_requests(x, plan, self.owner)
+        seq = next(self._seq)
+        self._drop_closed()
+        waiting: dict[int, tuple[ShardRequest, list]] = {}
+        out: dict[int, torch.Tensor] = {}
+        blame = next(iter(requests), -1)    # the shard a failure is reported against
+        try:
+            for shard, (req, assigns) in requests.items():
+                blame = shard
+                conn = self._connection(shard, deadline)
+                conn.settimeout(self._left(deadline))
+                wire.send_request(conn, seq, req)
+                waiting[shard] = (req, assigns)
+            while waiting:
+                events = self._selector.select(self._left(deadline))
+                if not events:
+                    blame = next(iter(waiting))
+                    raise TimeoutError(f"no answer within {self.timeout_s:g} s")
+                for key, _ in events:
+                    blame = key.data
+                    if blame not in waiting:            # readable without a question: closed
+                        raise wire.WireError("connection closed by the peer")
+                    req, assigns = waiting.pop(blame)
+                    conn = self._conns[blame]
+                    conn.settimeout(self._left(deadline))
+                    y = wire.recv_response(conn, seq, x.dtype)
+                    if self.on_dispatch is not None:
+                        self.on_dispatch(DispatchRecord(blame, plan.layer, req.x.shape[0], time.perf_counter() - started))
+                    out.update(split_response(y.to(x.device), assigns))
+        except Exception as exc:            # noqa: BLE001 - death, timeout, a bad frame alike
+            # An answer still on its way would arrive out of turn: those connections go too.
+            for shard in {blame, *waiting}:
+                self._drop(shard)
+            raise ShardUnavailableError(blame, exc) from exc
+        return out
+
+    def _connection(self, shard: int, deadline: float) -> socket.socket:
+        if (conn := self._conns.get(shard)) is not None:
+            return conn
+        # The control plane: Serve routes this to a live replica of the shard (waiting for one
+        # that is restarting, up to the deadline) and it answers with where it listens.
+        addr: PlaneAddress = self.handles[shard].data_plane.remote().result(timeout_s=self._left(deadline))
+        conn = _nodelay(socket.create_connection((addr.host, addr.port), timeout=self._left(deadline)))
+        conn.sendall(addr.token)
+        self._conns[shard] = conn
+        self._selector.register(conn, selectors.EVENT_READ, shard)
+        return conn
+
+    def _drop_closed(self) -> None:
+        """Between layers nothing should be readable: a readable connection was closed by its
+        shard (a replica that died or restarted while idle) and is replaced before use."""
+        for key, _ in self._selector.select(0):
+            self._drop(key.data)
+
+    def _drop(self, shard: int) -> None:
+        if (conn := self._conns.pop(shard, None)) is not None:
+            self._selector.unregister(conn)
+            conn.close()
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        return max(1e-3, deadline - time.perf_counter())
