@@ -49,6 +49,11 @@ class EngineConfig:
     max_predicted_latency_s: float | None = None
     # What a rejected client is told to wait before retrying.
     retry_after_s: float = 1.0
+    # Speculative decoding of full-precision rows (engine/speculative.py): draft this many tokens
+    # with the model's `speculative_precision` copy (in-process, no shard hop), verify them in one
+    # full-precision pass. 0 = off. Needs the model to hold that precision (quantized_precisions).
+    speculative_tokens: int = 0
+    speculative_precision: str = "int8"
     # "continuous" admits work every step; "static" only when the running batch has drained
     # (the classic batching server, kept as the peer our benchmarks measure against).
     scheduling: str = "continuous"
@@ -58,6 +63,8 @@ class EngineConfig:
                      "long_prefill_chunk", "max_waiting_requests", "max_waiting_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.speculative_tokens < 0:
+            raise ValueError(f"EngineConfig.speculative_tokens must be >= 0, got {self.speculative_tokens}")
         for name in ("max_queue_delay_s", "max_predicted_latency_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:

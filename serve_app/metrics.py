@@ -64,6 +64,10 @@ DEFINITIONS = [
               ("layer", "expert")),
     MetricDef("moe_dispatch_latency_seconds", "histogram", "Router to shard and back, per shard per MoE layer",
               ("shard",), LATENCY_BUCKETS),
+    MetricDef("moe_spec_verifications_total", "counter", "Sequences whose drafts one full-precision pass verified",
+              ()),
+    MetricDef("moe_spec_draft_tokens_total", "counter", "Draft tokens proposed by the quantized experts", ()),
+    MetricDef("moe_spec_accepted_tokens_total", "counter", "Draft tokens kept by the verification", ()),
 ]
 BY_NAME = {d.name: d for d in DEFINITIONS}
 
@@ -176,6 +180,10 @@ class EngineMetricsObserver:
                 m.observe("moe_engine_latency_seconds", times.finished - times.arrival, tier=tier)
             m.inc("moe_prompt_tokens_total", len(out.prompt_token_ids))
             m.inc("moe_generation_tokens_total", sum(len(c.token_ids) for c in out.outputs))
+        if (spec := stats.speculative) is not None and spec.sequences:
+            m.inc("moe_spec_verifications_total", spec.sequences)
+            m.inc("moe_spec_draft_tokens_total", spec.drafted)
+            m.inc("moe_spec_accepted_tokens_total", spec.accepted)
         if stats.expert_tokens is not None:
             with self._lock:
                 pending = self._expert_pending

@@ -20,9 +20,10 @@ import torch
 from serve_app.config import EngineConfig
 from serve_app.engine.block_manager import BlockManager, OutOfBlocksError
 from serve_app.engine.runner import ModelRunner
-from serve_app.engine.sampler import make_generator, sample
+from serve_app.engine.sampler import logprobs_of, make_generator, sample
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler, SchedulerOutput
+from serve_app.engine.speculative import Draft, Speculator, SpecStats
 from serve_app.engine.sequence import (CompletionOutput, EngineOverloadedError, FinishReason, Request,
                                        RequestOutput, RequestRejectedError, RequestTimes, Sequence)
 from serve_app.engine.stats import EngineObserver, StepStats, TokenTiming
@@ -44,6 +45,13 @@ class EngineCore:
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks)
         self.runner = ModelRunner(model, cfg, dtype)
+        # Speculative decoding of full-precision rows with the model's quantized copy as the
+        # draft (engine/speculative.py); off where the model holds no such copy.
+        self.speculator = (Speculator(self.runner, self.blocks, cfg.speculative_tokens, cfg.speculative_precision,
+                                      self.max_model_len)
+                           if cfg.speculative_tokens > 0 and cfg.speculative_precision in model.precisions
+                           and cfg.speculative_precision != "full" else None)
+        self._spec = SpecStats()
         if observer is not None:
             self.runner.track_expert_load()
         self.requests: dict[str, Request] = {}
@@ -176,17 +184,29 @@ class EngineCore:
         self.num_steps += 1
         started = time.perf_counter()
         now = time.monotonic()
-        logits = self.runner.execute(batch, self.blocks)                  # [N, V]
+        drafts = self._draft(batch) if self.speculator is not None else {}
+        logits = self.runner.execute(batch, self.blocks, {s: d.tokens for s, d in drafts.items()})  # [N, V]
         samplers: list[Sequence] = []
+        sample_rows: list[int] = []
+        verified: list[tuple[Sequence, torch.Tensor, Draft]] = []
+        row = 0
         for item in batch.scheduled:
             seq = item.seq
             seq.request.times.first_scheduled = seq.request.times.first_scheduled or now
             seq.num_computed_tokens = item.start + item.num_new_tokens
             self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-            if item.samples:
+            if (draft := drafts.get(seq.seq_id)) is not None:
+                verified.append((seq, logits[row:row + 1 + len(draft.tokens)], draft))
+                row += 1 + len(draft.tokens)
+            elif item.samples:
                 samplers.append(seq)
-        touched = self._sample_and_update(samplers, logits) if samplers else []
-        outputs = [self._output(req) for req in touched]
+                sample_rows.append(row)
+                row += 1
+        touched = self._sample_and_update(samplers, logits[sample_rows] if len(sample_rows) < row else logits) \
+            if samplers else {}
+        touched.update(self._verify_and_update(verified))
+        self._settle(touched.values())
+        outputs = [self._output(req) for req in touched.values()]
         elapsed = time.perf_counter() - started
         self.step_time_s = elapsed if self.step_time_s is None else 0.8 * self.step_time_s + 0.2 * elapsed
         if self.observer is not None:
@@ -212,9 +232,10 @@ class EngineCore:
         self._prefix_seen = (prefix.queries, prefix.hits)
         expert_tokens = self.runner.take_expert_load()
         timings, self._timings = self._timings, []
+        spec, self._spec = self._spec, SpecStats()
         return StepStats(duration_s, len(batch.scheduled), batch.num_batched_tokens, len(self.scheduler.running),
                          len(self.scheduler.waiting), self.blocks.num_used_blocks, self.cfg.num_kv_blocks,
-                         queries, hits, timings, [o for o in outputs if o.finished], expert_tokens)
+                         queries, hits, timings, [o for o in outputs if o.finished], expert_tokens, spec)
 
     def _sample_and_update(self, seqs: list[Sequence], logits) -> list[Request]:
         # Rows to sample: one per sequence, except a request finishing its prompt with n > 1,
@@ -241,13 +262,50 @@ class EngineCore:
         for cand, token, lp in zip(targets, result.token_ids, result.logprobs):
             self._append_token(cand, token, lp)
             touched[cand.request.request_id] = cand.request
-        for req in touched.values():
+        return touched
+
+    def _settle(self, touched: Iterable[Request]) -> None:
+        for req in touched:
             req.forked = True
             if req.finished:
                 req.times.finished = time.monotonic()
                 self.requests.pop(req.request_id, None)
                 self._calibrate(req.times)
-        return list(touched.values())
+
+    # ---- speculative decoding (engine/speculative.py) ------------------------------------------
+
+    def _draft(self, batch: SchedulerOutput) -> dict[str, Draft]:
+        budgets = [(item.seq, k) for item in batch.scheduled if (k := self.speculator.budget(item)) > 0]
+        if not budgets:
+            return {}
+        return self.speculator.propose(budgets, self._structural_for([s.request.params for s, _ in budgets]))
+
+    def _verify_and_update(self, verified: list[tuple[Sequence, torch.Tensor, Draft]]) -> dict[str, Request]:
+        touched: dict[str, Request] = {}
+        for seq, logits, draft in verified:
+            params = seq.request.params
+            tokens = self.speculator.verify(seq, logits, draft, self._structural_for([params]))
+            lps = (logprobs_of(logits[:len(tokens)], torch.tensor(tokens, device=logits.device),
+                               [params] * len(tokens)) if params.logprobs is not None else [None] * len(tokens))
+            start = seq.num_tokens            # positions start-1 .. start-1+k were computed at full precision
+            for token, lp in zip(tokens, lps):
+                self._append_token(seq, token, lp)
+                if seq.finished:
+                    break
+            kept = len(tokens) - 1            # drafts kept: their KV (positions start .. start+kept-1) is valid
+            self._spec.sequences += 1
+            self._spec.drafted += len(draft.tokens)
+            self._spec.accepted += kept
+            if not seq.finished:
+                seq.num_computed_tokens = start + kept
+                self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            touched[seq.request.request_id] = seq.request
+        return touched
+
+    def _structural_for(self, params: list[SamplingParams]) -> torch.Tensor | None:
+        if not any(p.penalty_skips_structural for p in params):
+            return None
+        return self._structural_mask(torch.empty(1, self.model.config.vocab_size, device=self.runner.device))
 
     def _calibrate(self, times: RequestTimes) -> None:
         if times.predicted_s:

@@ -49,9 +49,11 @@ class ModelRunner:
         self.kv.copy_blocks([c.src for c in copies], [c.dst for c in copies])
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput, blocks: BlockManager) -> torch.Tensor:
+    def execute(self, batch: SchedulerOutput, blocks: BlockManager,
+                drafts: dict[str, list[int]] | None = None) -> torch.Tensor:
         """Run the step; logits [N, V] for the scheduled sequences whose chunk reaches their end,
-        in batch order."""
+        in batch order. A sequence with `drafts` (speculative decoding) runs its last token and
+        its k draft tokens at k+1 positions and gets k+1 rows, one per position."""
         tokens: list[int] = []
         positions: list[list[int]] = []
         tables: list[list[int]] = []
@@ -59,12 +61,29 @@ class ModelRunner:
         precisions: list[str] = []
         for item in batch.scheduled:
             end = item.start + item.num_new_tokens
+            draft = drafts.get(item.seq.seq_id, ()) if drafts else ()
+            first_row = len(tokens)
             tokens.extend(item.seq.token_ids[item.start:end])
-            precisions += [item.seq.request.precision] * item.num_new_tokens
-            positions.append(list(range(item.start, end)))
+            tokens.extend(draft)
+            precisions += [item.seq.request.precision] * (item.num_new_tokens + len(draft))
+            positions.append(list(range(item.start, end + len(draft))))
             tables.append(blocks.block_table(item.seq.seq_id))
-            if item.samples:
+            if draft:
+                sample_rows.extend(range(first_row + item.num_new_tokens - 1, len(tokens)))
+            elif item.samples:
                 sample_rows.append(len(tokens) - 1)
+        return self._forward(tokens, positions, tables, sample_rows, precisions)
+
+    @torch.inference_mode()
+    def decode_rows(self, seq_ids: list[str], tokens: list[int], positions: list[int], blocks: BlockManager,
+                    precision: str) -> torch.Tensor:
+        """One decode position per sequence at `precision` (a speculative draft pass), KV written at
+        those positions; logits [B, V]."""
+        return self._forward(tokens, [[p] for p in positions], [blocks.block_table(s) for s in seq_ids],
+                             list(range(len(tokens))), [precision] * len(tokens))
+
+    def _forward(self, tokens: list[int], positions: list[list[int]], tables: list[list[int]],
+                 sample_rows: list[int], precisions: list[str]) -> torch.Tensor:
         meta = AttentionMetadata.build(positions, tables, self.block_size, self.device, self.attention_dtype)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)               # [T]
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)                # [N]

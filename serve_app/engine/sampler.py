@@ -84,7 +84,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     B, V = logits.shape
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     raw = logits
-    logits = _apply_penalties(logits, params, output_ids, structural)  # [B, V] raw unless a row asks
+    logits = apply_penalties(logits, params, output_ids, structural)  # [B, V] raw unless a row asks
 
     if len(random_rows) < B:
         token_ids = logits.argmax(dim=-1)  # [B] greedy rows are final; random rows overwritten below
@@ -101,7 +101,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         else:
             token_ids[idx] = sampled  # [B]
 
-    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=_logprobs(raw, token_ids, params))
+    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs_of(raw, token_ids, params))
 
 
 def _check_inputs(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -117,7 +117,7 @@ def _check_inputs(logits: torch.Tensor, params: Sequence[SamplingParams],
         raise SamplerError(f"need output_ids for every row: {logits.shape[0]} rows, {len(output_ids)} given")
 
 
-def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
+def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
                      output_ids: Sequence[Sequence[int]] | None,
                      structural: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] with each penalized row lowered on the tokens it generated and each biased
@@ -159,6 +159,12 @@ def _apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
 def _sample_random(logits: torch.Tensor, params: Sequence[SamplingParams],
                    generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Temperature, top-k, top-p, then one inverse-CDF draw per row. logits [S, V] -> tokens [S]."""
+    return draw(tempered_probs(logits, params), generators)
+
+
+def tempered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The distribution random rows sample from: softmax of the tempered, top-k / top-p masked
+    logits [S, V] → [S, V] float32 (speculative verification compares these for draft and target)."""
     S, V = logits.shape
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)  # [S]
@@ -170,8 +176,14 @@ def _sample_random(logits: torch.Tensor, params: Sequence[SamplingParams],
     top_p = torch.tensor(ps, dtype=torch.float32, device=dev) if min(ps) < 1.0 else None  # [S]
     if top_k is not None or top_p is not None:
         scaled = _apply_top_k_top_p(scaled, top_k, top_p)  # [S, V] dropped tokens at -inf
+    return scaled.softmax(dim=-1)  # [S, V] masked tokens at 0
 
-    cdf = scaled.softmax(dim=-1).cumsum_(dim=-1)  # [S, V] non-decreasing; masked tokens add 0
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One inverse-CDF draw per row of probs [S, V] (rows need not sum to 1) → tokens [S]."""
+    S, V = probs.shape
+    dev = probs.device
+    cdf = probs.cumsum(dim=-1)  # [S, V] non-decreasing; masked tokens add 0
     u = torch.empty(S, 1, dtype=cdf.dtype, device=dev)  # [S, 1] one U[0, 1) draw per row
     if any(g is None for g in generators):
         u.uniform_()  # shared RNG for unseeded rows (seeded rows are overwritten next)
@@ -206,7 +218,7 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)  # [S, V] back in vocab order
 
 
-def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor,
               params: Sequence[SamplingParams]) -> list[TokenLogprobs | None]:
     """Logprobs of the chosen tokens (+ alternatives) from the raw logits [B, V]; tokens [B]."""
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]

@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from serve_app.engine.sequence import RequestOutput
+from serve_app.engine.speculative import SpecStats
 
 
 @dataclass
@@ -34,6 +35,7 @@ class StepStats:
     token_timings: list[TokenTiming] = field(default_factory=list)
     finished: list[RequestOutput] = field(default_factory=list)
     expert_tokens: torch.Tensor | None = None   # [layers, E] routed this step, when tracked
+    speculative: SpecStats | None = None        # drafts verified this step (engine/speculative.py)
 
 
 class EngineObserver(Protocol):

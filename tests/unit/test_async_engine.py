@@ -63,11 +63,11 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_goes_on(mode
     real = core.runner.execute
     calls = {"n": 0}
 
-    def flaky(batch, blocks):
+    def flaky(batch, blocks, drafts=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("shard went away")
-        return real(batch, blocks)
+        return real(batch, blocks, drafts)
 
     core.runner.execute = flaky
 

@@ -1,0 +1,134 @@
+"""Speculative decoding: the router's quantized experts draft, full precision verifies in one pass.
+
+Why: every full-precision decode step crosses the expert shards once per MoE layer. The router
+already holds INT8/INT4 copies of every expert (the fast lane's), so it can draft k tokens with
+no hop at all and verify them in ONE full-precision forward of k+1 positions: up to k+1 tokens
+per shard round trip instead of one (DESIGN.md §3, "amortise hops").
+
+How it sits in the one engine over the one model:
+- Drafts: k decode passes of the same model with the rows at the draft precision (its INT8
+  dense weights and INT8 experts, in-process), reading the sequence's full-precision KV of the
+  context and writing draft KV into the slots after it. Those slots are rewritten by the
+  verification, which recomputes every draft position at full precision.
+- Verification: the step's scheduled decode row carries its drafts (`ModelRunner.execute`):
+  positions n-1 .. n-1+k in one forward, logits at each.
+- Acceptance (Leviathan et al. 2023; Chen et al. 2023): draft d_i, drawn from the draft's sampling
+  distribution q_i, is kept with probability min(1, p_i(d_i) / q_i(d_i)) where p_i is the target's;
+  the first rejected position draws from norm(max(0, p_i - q_i)); when all k are kept a bonus
+  token is drawn from p_{k+1}. The output then has exactly the target's distribution. Greedy rows
+  are the one-hot case: a draft is kept iff it is the target's argmax and the correction is that
+  argmax, so greedy output is the non-speculative output. p and q are the *sampling*
+  distributions (penalties over the tokens before each position, logit_bias, temperature,
+  top-k/top-p: sampler.py), so every sampling option keeps its meaning.
+- KV and the prefix cache: a sequence's computed count advances only over kept positions, and
+  blocks are marked computed (hashed for the cache) only up to there, so the prefix cache never
+  holds draft KV, nor KV of a rejected token.
+
+Who speculates: decode rows of full-precision requests (the rows that would cross the shards),
+when the model holds the draft precision. k is `EngineConfig.speculative_tokens`, cut where the
+request has fewer tokens left, or blocks are short (then that row decodes normally).
+
+Legend: k = drafts of one sequence, V = vocab, B = sequences drafting together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serve_app.engine.block_manager import BlockManager
+from serve_app.engine.runner import ModelRunner
+from serve_app.engine.sampler import apply_penalties, draw, tempered_probs
+from serve_app.engine.scheduler import ScheduledSeq
+from serve_app.engine.sequence import Sequence
+
+
+@dataclass
+class Draft:
+    """The k tokens proposed for one sequence this step, and what they were drawn from."""
+    tokens: list[int]
+    probs: list[torch.Tensor]        # per draft: its sampling distribution q_i [V] (empty when greedy)
+
+
+@dataclass
+class SpecStats:
+    """Counted over a step's verified sequences (metrics: acceptance rate, tokens per pass)."""
+    sequences: int = 0               # sequences whose drafts were verified
+    drafted: int = 0                 # draft tokens proposed
+    accepted: int = 0                # of those, kept
+
+
+class Speculator:
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, k: int, precision: str, max_model_len: int):
+        self.runner, self.blocks, self.k, self.precision = runner, blocks, k, precision
+        self.max_model_len = max_model_len
+
+    # ---- drafting ------------------------------------------------------------------------------
+
+    def budget(self, item: ScheduledSeq) -> int:
+        """Drafts for this scheduled row: 0 unless it is a full-precision decode row with tokens
+        and KV slots to spare (the extra slots are allocated here)."""
+        seq = item.seq
+        req = seq.request
+        if item.num_new_tokens != 1 or not item.samples or not req.forked or req.precision != "full":
+            return 0
+        # Each verification yields up to k+1 tokens: never draft past max_tokens or the window.
+        k = min(self.k, req.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens - 1)
+        while k > 0 and self.blocks.allocate(seq.seq_id, seq.token_ids, seq.num_tokens + k) is None:
+            k -= 1
+        return max(k, 0)
+
+    def propose(self, items: list[tuple[Sequence, int]], structural) -> dict[str, Draft]:
+        """k_s drafts for each (sequence, k_s), all sequences in one draft pass per position."""
+        drafts = {seq.seq_id: Draft([], []) for seq, _ in items}
+        for j in range(max((k for _, k in items), default=0)):
+            active = [seq for seq, k in items if k > j]
+            last = [drafts[s.seq_id].tokens[-1] if j else s.token_ids[-1] for s in active]
+            logits = self.runner.decode_rows([s.seq_id for s in active], last,
+                                             [s.num_tokens - 1 + j for s in active], self.blocks, self.precision)
+            params = [s.request.params for s in active]
+            outputs = [s.output_token_ids + drafts[s.seq_id].tokens for s in active]
+            logits = apply_penalties(logits, params, outputs, structural)              # [B, V]
+            tokens = logits.argmax(dim=-1).tolist()
+            random_rows = [b for b, p in enumerate(params) if not p.greedy]
+            if random_rows:
+                q = tempered_probs(logits[random_rows], [params[b] for b in random_rows])   # [S, V]
+                sampled = draw(q, [active[b].generator for b in random_rows]).tolist()
+                for i, b in enumerate(random_rows):
+                    tokens[b] = sampled[i]
+                    drafts[active[b].seq_id].probs.append(q[i])
+            for seq, token in zip(active, tokens):
+                drafts[seq.seq_id].tokens.append(token)
+        return drafts
+
+    # ---- verification --------------------------------------------------------------------------
+
+    def verify(self, seq: Sequence, logits: torch.Tensor, draft: Draft, structural) -> list[int]:
+        """The tokens to append for `seq`: the kept drafts and one more (a correction or the bonus).
+        `logits` [k+1, V]: the target's at the positions of the last token and each draft."""
+        params = seq.request.params
+        k = len(draft.tokens)
+        outputs = [seq.output_token_ids + draft.tokens[:i] for i in range(k + 1)]
+        target = apply_penalties(logits, [params] * (k + 1), outputs, structural)      # [k+1, V]
+        if params.greedy:
+            best = target.argmax(dim=-1).tolist()
+            kept = next((i for i in range(k) if best[i] != draft.tokens[i]), k)
+            return draft.tokens[:kept] + [best[kept]]
+        p = tempered_probs(target, [params] * (k + 1))                                 # [k+1, V]
+        q = torch.stack(draft.probs)                                                   # [k, V]
+        d = torch.tensor(draft.tokens, device=p.device)                                # [k]
+        u = torch.empty(k, device=p.device)
+        if seq.generator is None:
+            u.uniform_()
+        else:
+            u.uniform_(generator=seq.generator)
+        p_d, q_d = p[:k].gather(1, d[:, None]).squeeze(1), q.gather(1, d[:, None]).squeeze(1)   # [k]
+        # Kept iff u < p/q, written without the division (q_d > 0: d was drawn from q).
+        rejected = (u * q_d >= p_d).tolist()
+        kept = next((i for i in range(k) if rejected[i]), k)
+        if kept == k:
+            return draft.tokens + draw(p[k:], [seq.generator]).tolist()
+        residual = (p[kept] - q[kept]).clamp_min_(0)                                   # [V]
+        if not bool(residual.sum() > 0):       # p == q up to rounding: p itself is the residual
+            residual = p[kept]
+        return draft.tokens[:kept] + draw(residual[None], [seq.generator]).tolist()
