@@ -296,6 +296,7 @@ class EngineCore:
             self._spec.sequences += 1
             self._spec.drafted += len(draft.tokens)
             self._spec.accepted += kept
+            self.speculator.adapt(seq, len(draft.tokens), kept)
             if not seq.finished:
                 seq.num_computed_tokens = start + kept
                 self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)

@@ -70,6 +70,7 @@ class Sequence:
     emitted_tokens: int = 0                      # output tokens already reported (for deltas)
     emitted_chars: int = 0                       # text chars already reported (for deltas)
     last_token_time: float | None = None         # monotonic time of this sequence's latest token
+    draft_len: int | None = None                 # speculative drafts next step (None: the engine's maximum)
 
     @property
     def num_tokens(self) -> int:

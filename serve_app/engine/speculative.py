@@ -25,8 +25,12 @@ How it sits in the one engine over the one model:
   holds draft KV, nor KV of a rejected token.
 
 Who speculates: decode rows of full-precision requests (the rows that would cross the shards),
-when the model holds the draft precision. k is `EngineConfig.speculative_tokens`, cut where the
-request has fewer tokens left, or blocks are short (then that row decodes normally).
+when the model holds the draft precision. How many: per sequence, adapted from its acceptance
+(the schedule of transformers' assisted generation): it starts at the maximum k
+(`EngineConfig.speculative_tokens`), a verification that keeps every draft adds 2 (up to k), one
+that rejects a draft takes 1 off (down to 1): drafts past the first rejection are wasted draft
+passes. It is also cut where the request has fewer tokens left, or blocks are short (then that
+row decodes normally).
 
 Legend: k = drafts of one sequence, V = vocab, B = sequences drafting together.
 """
@@ -73,7 +77,8 @@ class Speculator:
         if item.num_new_tokens != 1 or not item.samples or not req.forked or req.precision != "full":
             return 0
         # Each verification yields up to k+1 tokens: never draft past max_tokens or the window.
-        k = min(self.k, req.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens - 1)
+        k = min(seq.draft_len or self.k, req.params.max_tokens - len(seq.output_token_ids) - 1,
+                self.max_model_len - seq.num_tokens - 1)
         while k > 0 and self.blocks.allocate(seq.seq_id, seq.token_ids, seq.num_tokens + k) is None:
             k -= 1
         return max(k, 0)
@@ -100,6 +105,11 @@ class Speculator:
             for seq, token in zip(active, tokens):
                 drafts[seq.seq_id].tokens.append(token)
         return drafts
+
+    def adapt(self, seq: Sequence, drafted: int, kept: int) -> None:
+        """The next step's draft length for `seq` from this verification's outcome."""
+        current = seq.draft_len or self.k
+        seq.draft_len = min(self.k, current + 2) if kept == drafted else max(1, current - 1)
 
     # ---- verification --------------------------------------------------------------------------
 

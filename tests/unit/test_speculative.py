@@ -169,3 +169,13 @@ def test_greedy_verification_keeps_the_drafts_up_to_the_first_disagreement():
     assert speculator.verify(seq, target, Draft([2, 4, 1], []), None) == [2, 4, 1, 0]    # all kept + bonus
     assert speculator.verify(seq, target, Draft([2, 3, 1], []), None) == [2, 4]          # corrected at 2nd
     assert speculator.verify(seq, target, Draft([0, 4, 1], []), None) == [2]
+
+
+def test_draft_length_adapts_to_the_acceptance():
+    speculator = Speculator(runner=None, blocks=None, k=6, precision="int8", max_model_len=100)
+    seq = _seq(SamplingParams(max_tokens=100, temperature=0.0), 0)
+    lengths = []
+    for drafted, kept in ((6, 2), (5, 0), (4, 4), (6, 6), (6, 1)):
+        speculator.adapt(seq, drafted, kept)
+        lengths.append(seq.draft_len)
+    assert lengths == [5, 4, 6, 6, 5]
