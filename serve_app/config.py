@@ -49,10 +49,12 @@ class EngineConfig:
     max_predicted_latency_s: float | None = None
     # What a rejected client is told to wait before retrying.
     retry_after_s: float = 1.0
-    # Speculative decoding of full-precision rows (engine/speculative.py): draft this many tokens
-    # with the model's `speculative_precision` copy (in-process, no shard hop), verify them in one
-    # full-precision pass. 0 = off. Needs the model to hold that precision (quantized_precisions).
-    speculative_tokens: int = 0
+    # Speculative decoding of full-precision rows (engine/speculative.py): draft up to this many
+    # tokens with the model's `speculative_precision` copy (in-process, no shard hop), verify them
+    # in one full-precision pass. 0 = off; engines whose model holds no such copy never draft.
+    # 8: full-precision FIM through 2 shards p50 228 ms without, 192 ms with 4, 163 ms with 8;
+    # complex best-of-3 315 / 273 / 205 ms (docs/benchmarks.md, 2026-12-03, bench/expert_parallel.py).
+    speculative_tokens: int = 8
     speculative_precision: str = "int8"
     # "continuous" admits work every step; "static" only when the running batch has drained
     # (the classic batching server, kept as the peer our benchmarks measure against).

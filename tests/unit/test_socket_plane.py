@@ -169,3 +169,21 @@ def test_a_connection_without_the_token_is_refused_and_the_shard_keeps_serving(m
     got = SocketTransport([ControlPlane(server)], plan).run_experts(x, dispatch)
     want = whole.local_experts.run_experts(x, dispatch)
     assert all(torch.equal(got[e], want[e]) for e in want)
+
+
+def test_each_shard_is_timed_on_its_own(model):
+    """Shard 0 answers after 0.5 s, shard 1 at once: shard 1's recorded round trip is its own."""
+    path, whole = model
+    plan = PlacementPlan.round_robin(whole.config, 2)
+
+    def compute(req, delay):
+        time.sleep(delay)
+        return req.x
+
+    servers = [ShardServer(lambda req, d=d: compute(req, d), "127.0.0.1", 0) for d in (0.5, 0.0)]
+    records = []
+    transport = SocketTransport([ControlPlane(s) for s in servers], plan, on_dispatch=records.append)
+    x, dispatch = _layer(whole, rows=16)
+    transport.run_experts(x, dispatch)
+    seconds = {r.shard: r.seconds for r in records}
+    assert seconds[1] < 0.3 < 0.5 <= seconds[0]
