@@ -123,6 +123,9 @@ class AppConfig(BaseModel):
         None, description="explicit layout {'0': [experts], ..., 'local': [...]}; default round-robin")
     shard_num_gpus: float | Literal["auto"] = Field(
         "auto", description="GPUs per shard replica; 'auto' = 1 when the cluster has GPUs, else 0")
+    router_num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs for the Router replica (dense layers, KV cache, gates and the quantized "
+        "experts run there); 'auto' = 1 when the cluster has GPUs, else 0")
     shard_resources: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources per shard replica (e.g. {'expert_slot': 1} "
         "with one slot per worker node spreads shards one per node)")

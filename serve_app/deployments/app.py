@@ -26,18 +26,24 @@ def placement_for(config: AppConfig) -> PlacementPlan:
     return PlacementPlan.round_robin(cfg, config.expert_shards)
 
 
-def _shard_gpus(config: AppConfig) -> float:
-    if config.shard_num_gpus != "auto":
-        return float(config.shard_num_gpus)
-    # Each shard asks for its own GPU when the cluster has any, so shards land on different GPUs.
+def _gpus(value: float | str) -> float:
+    """A GPU ask: explicit, or for "auto" one GPU when the cluster has any (so the Router and each
+    shard land on GPUs of their own), else none."""
+    if value != "auto":
+        return float(value)
     has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     return 1.0 if has_gpus else 0.0
+
+
+def router_actor_options(config: AppConfig) -> dict:
+    gpus = _gpus(config.router_num_gpus)
+    return {"num_cpus": 0.1, **({"num_gpus": gpus} if gpus else {})}
 
 
 def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Application:
     config = config if isinstance(config, AppConfig) else AppConfig(**(config or {}))
     plan = placement_for(config)
-    gpus = _shard_gpus(config)
+    gpus = _gpus(config.shard_num_gpus)
     # CPU shards ask for a fraction of a CPU: on a laptop the whole graph must fit on 2 cores.
     shard_resources = {"num_gpus": gpus} if gpus else {"num_cpus": 0.1}
     if config.shard_resources:
@@ -47,7 +53,7 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
     dtype = str(resolve_dtype(config.dtype, config.model)).removeprefix("torch.")
     shards = [ExpertShard.options(name=f"ExpertShard{spec.index}", ray_actor_options=shard_resources)
               .bind(config.model, spec, dtype, config.process_settings()) for spec in plan.shards]
-    router = Router.options(ray_actor_options={"num_cpus": 0.1}).bind(
+    router = Router.options(ray_actor_options=router_actor_options(config)).bind(
         config.model, plan, config.engine_config(), shards, dtype, config.dispatch_timeout_s, config.expert_transport,
         tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction,
         config.quant_materialize, config.full_lane_max_defer_s, config.fast_dtype, config.process_settings())

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
+import ray
+import torch
 from ray import serve
 
 from serve_app.config import AppConfig, EngineConfig, ProcessSettings
@@ -41,7 +43,9 @@ class Router:
                  full_lane_max_defer_s: float = 1.0, fast_lane_dtype: str = "auto",
                  process: ProcessSettings | None = None):
         (process or AppConfig().process_settings()).apply()
-        model = load_model(model_dir, dtype=dtype, expert_ids=placement.local)
+        # A Router given a GPU by Ray runs its dense layers, KV cache and quantized experts there.
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        model = load_model(model_dir, dtype=dtype, expert_ids=placement.local, device=device)
         observer = EngineMetricsObserver(Metrics("ray"))
         if placement.num_shards:
             kind = SocketTransport if expert_transport == "socket" else ServeTransport
@@ -49,7 +53,7 @@ class Router:
             model.set_expert_backend(PartitionedBackend([model.local_experts, transport]))
         if quantized_precisions:
             # Quantized at load time from the checkpoint's float experts, which are then dropped.
-            every_expert = load_expert_weights(model_dir, None, dtype=dtype)
+            every_expert = load_expert_weights(model_dir, None, dtype=dtype, device=device)
             add_quantized_lanes(model, every_expert, quantized_precisions, int4_group_size,
                                 fast_dtype(fast_lane_dtype), quant_materialize)
             del every_expert

@@ -88,7 +88,7 @@ def _recv_rows(sock: socket.socket, rows: int, cols: int, dtype: torch.dtype) ->
 
 
 def send_request(sock: socket.socket, seq: int, req: ShardRequest) -> None:
-    x = req.x.contiguous()
+    x = req.x.contiguous().cpu()                     # a Router on GPU: the rows cross through the host
     ids = torch.tensor(list(req.experts) + list(req.counts), dtype=torch.int32)     # [2N]
     head = REQUEST.pack(MAGIC, seq, req.layer, len(req.experts), x.shape[0], x.shape[1], CODE[x.dtype])
     send_parts(sock, [head, _raw(ids), _raw(x)])
@@ -104,7 +104,7 @@ def recv_request(sock: socket.socket) -> Frame:
 
 
 def send_response(sock: socket.socket, seq: int, y: torch.Tensor) -> None:
-    y = y.contiguous()
+    y = y.contiguous().cpu()
     send_parts(sock, [RESPONSE.pack(MAGIC, seq, OK, y.shape[0], y.shape[1]), _raw(y)])
 
 

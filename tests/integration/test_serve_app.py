@@ -184,6 +184,11 @@ def test_killing_a_shard_fails_requests_cleanly_and_service_resumes(app, offline
     handle = ray.get_actor(victim["name"], namespace=victim["namespace"])
     expected = [o.outputs[0].text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))]
 
+    def routers() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::moe-serve#Router#")}
+    routers_before = routers()
+
     async def traffic():
         async with httpx.AsyncClient(timeout=60) as client:
             async def one(i):
@@ -218,3 +223,5 @@ def test_killing_a_shard_fails_requests_cleanly_and_service_resumes(app, offline
         time.sleep(1)
     assert resp.status_code == 200
     wait_for_health(app.url, timeout_s=60)
+    # The data plane found the restarted shard by itself: the Router replica is the same one.
+    assert routers() == routers_before and routers_before

@@ -32,3 +32,13 @@ def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(SystemExit, match="mapping"):
         app_config_from_args(parse_args(["--config", str(path)]))
+
+
+def test_the_router_asks_for_a_gpu_only_when_told_or_when_the_cluster_has_one():
+    from serve_app.config import AppConfig
+    from serve_app.deployments.app import router_actor_options
+
+    assert router_actor_options(AppConfig(router_num_gpus=1)) == {"num_cpus": 0.1, "num_gpus": 1.0}
+    assert router_actor_options(AppConfig(router_num_gpus=0)) == {"num_cpus": 0.1}
+    # This machine has no GPU (whether or not the test session's Ray cluster is up): "auto" asks none.
+    assert router_actor_options(AppConfig()) == {"num_cpus": 0.1}

@@ -38,6 +38,7 @@ VALUE_SETS = {
                    "env": [{"name": "OMP_NUM_THREADS", "value": "4"}]},
     "all-local": {"shards": {"count": 0}, "workers": {"replicas": 0}},
     "int8-only": {"precision": {"quantized": ["int8"], "fastLaneKvFraction": 0.25, "fullLaneMaxDeferS": 0}},
+    "router-on-gpu": {"router": {"placement": "gpuWorker", "gpuWorker": {"gpus": 2}}},
 }
 
 
@@ -167,13 +168,26 @@ def test_gpu_workers_request_and_limit_their_gpus(rendered):
     assert head["limits"].get("nvidia.com/gpu", 0) == values.get("head", {}).get("gpus", 0)
 
 
-def test_ingress_and_router_are_pinned_to_the_head(rendered):
-    _, objs = rendered
+def test_ingress_and_router_are_pinned_to_the_head_or_the_router_to_its_gpu_group(rendered):
+    values, objs = rendered
     config = serve_config(objs["RayService"])
-    head_resources = ray_resources(pods(objs["RayService"])["head"]["rayStartParams"])
-    for dep in config["applications"][0]["deployments"]:
-        assert dep["ray_actor_options"]["resources"] == {"moe_head": 1}
-        assert head_resources["moe_head"] >= 1
+    groups = pods(objs["RayService"])
+    head_resources = ray_resources(groups["head"]["rayStartParams"])
+    deployments = {d["name"]: d["ray_actor_options"] for d in config["applications"][0]["deployments"]}
+    args = config["applications"][0]["args"]
+    assert deployments["Ingress"]["resources"] == {"moe_head": 1} and head_resources["moe_head"] >= 1
+    if values.get("router", {}).get("placement", "head") == "head":
+        assert deployments["Router"]["resources"] == {"moe_head": 1} and "router-gpu" not in groups
+        assert args["router_num_gpus"] == values.get("head", {}).get("gpus", 0)
+        return
+    gpus = values["router"]["gpuWorker"]["gpus"]
+    group = groups["router-gpu"]
+    container = group["template"]["spec"]["containers"][0]["resources"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1
+    assert ray_resources(group["rayStartParams"]) == {"moe_router": 1}
+    assert container["requests"]["nvidia.com/gpu"] == container["limits"]["nvidia.com/gpu"] == gpus
+    assert deployments["Router"]["resources"] == {"moe_router": 1} and deployments["Router"]["num_gpus"] == gpus
+    assert args["router_num_gpus"] == gpus
 
 
 def test_one_shard_per_worker_pod_through_a_slot_resource(rendered):

@@ -64,9 +64,16 @@ would leave them pending forever, and the RayService would never turn ready).
 {{- end -}}
 {{- range $key, $value := .Values.app }}{{ $_ := set $args $key $value }}{{ end -}}
 {{- $onHead := dict "moe_head" 1 -}}
+{{- $router := dict "num_cpus" .Values.head.routerCpus "resources" $onHead -}}
+{{- $routerGpus := .Values.head.gpus -}}
+{{- if eq .Values.router.placement "gpuWorker" -}}
+{{- $routerGpus = .Values.router.gpuWorker.gpus -}}
+{{- $router = dict "num_cpus" .Values.head.routerCpus "num_gpus" $routerGpus "resources" (dict "moe_router" 1) -}}
+{{- end -}}
+{{- $_ := set $args "router_num_gpus" $routerGpus -}}
 {{- $deployments := list
       (dict "name" "Ingress" "ray_actor_options" (dict "num_cpus" .Values.head.ingressCpus "resources" $onHead))
-      (dict "name" "Router" "ray_actor_options" (dict "num_cpus" .Values.head.routerCpus "resources" $onHead)) -}}
+      (dict "name" "Router" "ray_actor_options" $router) -}}
 {{- $app := dict "name" "moe-serve" "route_prefix" "/" "import_path" "serve_app.deployments.app:build_app" "args" $args "deployments" $deployments -}}
 {{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
 {{- toYaml $config -}}
@@ -122,4 +129,62 @@ would leave them pending forever, and the RayService would never turn ready).
 {{- $_ := set $res "limits" (merge (get $res "limits" | default (dict)) $gpu) -}}
 {{- end -}}
 {{- toYaml $res -}}
+{{- end -}}
+
+{{/* One Ray worker group: .root (the chart), .w (its values), .component (pod label), .rayResources
+   (custom Ray resources its pods advertise, or nil) and .why (the comment on them). */}}
+{{- define "moe-serve.workerGroup" -}}
+- groupName: {{ .w.groupName }}
+  replicas: {{ int .w.replicas }}
+  minReplicas: {{ int .w.replicas }}
+  maxReplicas: {{ int .w.replicas }}
+  rayStartParams:
+    metrics-export-port: {{ .root.Values.metrics.port | int | quote }}
+    {{- with .rayResources }}
+    # {{ $.why }}
+    resources: {{ include "moe-serve.rayResources" . }}
+    {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- include "moe-serve.selectorLabels" .root | nindent 8 }}
+        app.kubernetes.io/component: {{ .component }}
+      {{- with .w.podAnnotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      {{- with .root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: ray-worker
+          image: {{ include "moe-serve.image" .root }}
+          imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+          ports:
+            - {name: serve, containerPort: 8000}
+            - {name: metrics, containerPort: {{ int .root.Values.metrics.port }}}
+          resources:
+            {{- include "moe-serve.resources" .w | nindent 12 }}
+          {{- with (include "moe-serve.env" .root | trim) }}
+          env:
+            {{- . | nindent 12 }}
+          {{- end }}
+          volumeMounts:
+            {{- include "moe-serve.volumeMounts" .root | nindent 12 }}
+      volumes:
+        {{- include "moe-serve.volumes" (dict "root" .root "shmSize" .w.shmSize) | nindent 8 }}
+      {{- with .w.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .w.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .w.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
 {{- end -}}
