@@ -74,7 +74,7 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings,
                          suffix=req.suffix or "", max_tokens=_max_tokens_sent(req),
                          kind="fim" if req.suffix is not None else "completion", stop=_stops(req.stop))
     if req.best_of is not None:         # OpenAI's best_of: exactly that many candidates, no tier ranking
-        tier = replace(tier, n=req.n, num_candidates=req.best_of, rank_by_mean_logprob=False,
+        tier = replace(tier, n=req.n, num_candidates=req.best_of, rank_candidates=False,
                        reasons=(*tier.reasons, "best_of"))
     dropped = 0
     if req.suffix is not None:
@@ -90,7 +90,7 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings,
         if not req.prompt:
             raise bad_request("prompt must not be an empty list of token ids", "prompt")
         prompt_ids = list(req.prompt)
-    ranks = tier.rank_by_mean_logprob or (req.best_of or 0) > req.n     # ranking needs the tokens' logprobs
+    ranks = tier.rank_candidates or (req.best_of or 0) > req.n     # ranking needs the tokens' logprobs
     logprobs = req.logprobs if req.logprobs is not None else (0 if ranks else None)
     params = _sampling_params({"n": "best_of"} if req.best_of is not None else {},
                               max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
@@ -143,7 +143,7 @@ async def prepare_chat(req: ChatCompletionRequest, settings: ApiSettings) -> Pre
     if max_tokens is None:   # the tier's budget, within what the context leaves (see DEFAULT_CHAT_MAX_TOKENS)
         max_tokens = max(1, min(tier.max_tokens, DEFAULT_CHAT_MAX_TOKENS, settings.max_model_len - len(prompt_ids)))
     client_logprobs = logprobs is not None
-    if logprobs is None and tier.rank_by_mean_logprob:
+    if logprobs is None and tier.rank_candidates:
         logprobs = 0
     params = _sampling_params(aliases, max_tokens=max_tokens, temperature=tier.temperature, top_p=req.top_p,
                               top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed, logprobs=logprobs,
@@ -160,7 +160,7 @@ async def prepare_fim(req: FimRequest, settings: ApiSettings) -> PreparedRequest
     prompt_ids, dropped = await _fim_prompt(req.prefix, req.suffix, tier, settings, "prefix")
     params = _sampling_params({}, max_tokens=_budget(req, tier, prompt_ids, settings), temperature=tier.temperature,
                               top_p=req.top_p, top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed,
-                              logprobs=0 if tier.rank_by_mean_logprob else None, **_penalties(req, settings))
+                              logprobs=0 if tier.rank_candidates else None, **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, "prefix", "max_tokens")
     # The FIM endpoint returns one completion: the best candidate when the tier ranks several.
     return PreparedRequest("fim", _new_id("fim"), int(time.time()), model, tier, prompt_ids, params,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pydantic import BaseModel
 
 from serve_app.api.prepare import PreparedRequest
+from serve_app.api.ranking import TIER_RANKER
 from serve_app.api.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                                     ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob, CompletionChoice,
                                     CompletionLogprobs, CompletionResponse, FimResponse, PromptTokensDetails,
@@ -80,19 +81,12 @@ class Renderer:
         return outputs
 
     def returned_indices(self, outputs: list[CompletionOutput]) -> list[int]:
-        """Which candidates the client gets, best first: with OpenAI's best_of, the n best by
-        cumulative logprob (OpenAI's and vLLM's rule); when the tier ranks, the n best by mean token
-        logprob (length-fair, unlike the sum); otherwise all, in order."""
+        """Which candidates the client gets, best first: the n best by `ranking.TIER_RANKER` when the
+        tier ranks or the client sent OpenAI's best_of > n; otherwise all, in order."""
         p = self.p
-        if p.best_of is not None and p.best_of > p.tier.n:
-            def score(c: CompletionOutput) -> float:
-                return c.cumulative_logprob or 0.0
-        elif p.tier.rank_by_mean_logprob:
-            def score(c: CompletionOutput) -> float:
-                return (c.cumulative_logprob or 0.0) / max(1, len(c.token_ids))
-        else:
-            return [c.index for c in outputs]
-        return [c.index for c in sorted(outputs, key=score, reverse=True)[:p.tier.n]]
+        if p.tier.rank_candidates or (p.best_of is not None and p.best_of > p.tier.n):
+            return [c.index for c in TIER_RANKER(outputs)[:p.tier.n]]
+        return [c.index for c in outputs]
 
     # ---- streams -------------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ class TierDefaults:
     max_tokens: int              # budget when the client sends none; an explicit value is not clipped
     temperature: float           # low: completions have one right answer more often than not
     n: int                       # candidates generated
-    rank_by_mean_logprob: bool   # return the candidate with the best mean token logprob (length-fair)
+    rank_candidates: bool        # return the best candidate by ranking.TIER_RANKER
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class TierPolicy:
                 raise TierError(name, f"{name}.temperature must be in [0, 2], got {d.temperature!r}")
             if d.max_tokens < 1 or d.n < 1:
                 raise TierError(name, f"{name}: max_tokens and n must be >= 1, got {d.max_tokens}, {d.n}")
-            if d.rank_by_mean_logprob and d.n < 2:
+            if d.rank_candidates and d.n < 2:
                 raise TierError(name, f"{name}: ranking needs n >= 2 candidates, got n={d.n}")
         if not self.simple.max_tokens < self.medium.max_tokens < self.complex.max_tokens:
             raise TierError("max_tokens", "tier budgets must grow simple < medium < complex, got "
@@ -113,7 +113,7 @@ class TierDecision:
     max_tokens_explicit: bool    # the client sent max_tokens (it took part in picking the tier)
     temperature: float           # the tier's default
     n: int                       # candidates the tier generates
-    rank_by_mean_logprob: bool   # return the best of n by mean token logprob
+    rank_candidates: bool        # return the best of n by ranking.TIER_RANKER
     reasons: tuple[str, ...]     # from REASONS; [0] = the context rule, then adjustments (metrics labels)
     features: CursorFeatures | None   # None for chat (no cursor to read)
 
@@ -127,7 +127,7 @@ class ResolvedTier:
     temperature: float
     n: int                       # choices returned to the client
     num_candidates: int          # sequences generated (SamplingParams.n); > n only when ranking
-    rank_by_mean_logprob: bool   # keep the n best of num_candidates (needs the chosen tokens' logprobs)
+    rank_candidates: bool        # keep the n best of num_candidates (needs the chosen tokens' logprobs)
     reasons: tuple[str, ...]
 
 
@@ -201,7 +201,7 @@ def classify(ctx: CompletionContext, policy: TierPolicy = DEFAULT_POLICY) -> Tie
     return TierDecision(tier=tier, precision=d.precision,
                         max_tokens=ctx.max_tokens if ctx.max_tokens is not None else d.max_tokens,
                         max_tokens_explicit=ctx.max_tokens is not None, temperature=d.temperature, n=d.n,
-                        rank_by_mean_logprob=d.rank_by_mean_logprob, reasons=tuple(reasons), features=features)
+                        rank_candidates=d.rank_candidates, reasons=tuple(reasons), features=features)
 
 
 def resolve(decision: TierDecision, requested_precision: str = "auto", requested_max_tokens: int | None = None,
@@ -238,7 +238,7 @@ def resolve(decision: TierDecision, requested_precision: str = "auto", requested
     if requested_temperature is not None:
         temperature = requested_temperature
         reasons.append("explicit_temperature")
-    n, candidates, rank = 1, decision.n, decision.rank_by_mean_logprob
+    n, candidates, rank = 1, decision.n, decision.rank_candidates
     if requested_n is not None:
         n, candidates, rank = requested_n, requested_n, False
         reasons.append("explicit_n")
@@ -248,7 +248,7 @@ def resolve(decision: TierDecision, requested_precision: str = "auto", requested
     elif not rank:
         n = candidates               # an unranked tier returns every candidate it makes
     return ResolvedTier(tier=decision.tier, precision=precision, max_tokens=max_tokens, temperature=temperature,
-                        n=n, num_candidates=candidates, rank_by_mean_logprob=rank, reasons=tuple(reasons))
+                        n=n, num_candidates=candidates, rank_candidates=rank, reasons=tuple(reasons))
 
 
 def classify_request(ctx: CompletionContext, requested_precision: str = "auto",

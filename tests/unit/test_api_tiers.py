@@ -93,3 +93,21 @@ def test_api_keys_from_the_environment_are_enforced(tmp_path, monkeypatch):
         assert [asyncio.run(go(k)) for k in (None, "nope", "k2")] == [401, 401, 200]
     finally:
         app.state.engine.shutdown()
+
+
+def test_the_complex_tier_returns_the_candidate_with_the_highest_cumulative_logprob(app):
+    """The same three seeded candidates, once all returned (explicit n) and once ranked by the tier:
+    the tier's pick is the one with the highest cumulative logprob (api/ranking.py), and for some
+    seed that is not the one with the highest mean (the old rule), so the test tells them apart."""
+    disagreements = 0
+    for seed in range(1, 7):
+        body = {"prompt": "import os\n\n\ndef parse_config(path):\n", "max_tokens": 150, "temperature": 0.9,
+                "seed": seed, "logprobs": 0}
+        every = _post(app, "/v1/completions", {**body, "n": 3}).json()["choices"]
+        sums = [sum(c["logprobs"]["token_logprobs"]) for c in every]
+        means = [s / max(1, len(c["logprobs"]["tokens"])) for s, c in zip(sums, every)]
+        picked = _post(app, "/v1/completions", body).json()
+        assert picked["tier"] == "complex"
+        assert picked["choices"][0]["text"] == every[sums.index(max(sums))]["text"]
+        disagreements += means.index(max(means)) != sums.index(max(sums))
+    assert disagreements >= 1

@@ -139,7 +139,9 @@ def test_lanes_send_quantized_requests_to_the_fast_engine_and_full_ones_to_the_f
     model = load_model(model_dir)
     for mode, copy in quantized_copies(model.local_experts, ("int8",), 32).items():
         model.set_expert_backend(copy, mode)
-    lanes = Lanes(model, EngineConfig(block_size=4, num_kv_blocks=128), CodeTokenizer.from_dir(model_dir))
+    # No speculative decoding: the step counts below assume one token per step.
+    lanes = Lanes(model, EngineConfig(block_size=4, num_kv_blocks=128, speculative_tokens=0),
+                  CodeTokenizer.from_dir(model_dir))
     assert set(lanes.engines) == {"fast", "full"} and lanes.gate is not None
 
     async def final(rid, precision):

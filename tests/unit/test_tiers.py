@@ -83,7 +83,7 @@ def test_defaults_are_the_reference_design():
 def test_decision_carries_the_tier_defaults(prefix, tier):
     d, defaults = classify(ctx(prefix)), DEFAULT_POLICY.defaults(tier)
     assert d.tier is tier and not d.max_tokens_explicit
-    assert (d.precision, d.max_tokens, d.temperature, d.n, d.rank_by_mean_logprob) == dataclasses.astuple(defaults)
+    assert (d.precision, d.max_tokens, d.temperature, d.n, d.rank_candidates) == dataclasses.astuple(defaults)
 
 
 # ---- features ------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_unknown_precision_is_a_typed_error_naming_the_value():
 
 def test_complex_default_generates_three_and_returns_the_best():
     r = resolve(classify(ctx("class A:\n    ")))
-    assert (r.n, r.num_candidates, r.rank_by_mean_logprob, r.temperature) == (1, 3, True, 0.4)
+    assert (r.n, r.num_candidates, r.rank_candidates, r.temperature) == (1, 3, True, 0.4)
 
 
 def test_explicit_temperature_and_max_tokens_win():
@@ -184,16 +184,16 @@ def test_explicit_temperature_and_max_tokens_win():
 
 def test_explicit_n_returns_all_candidates_unranked():
     r = resolve(classify(ctx("class A:\n    ")), requested_n=2)
-    assert (r.n, r.num_candidates, r.rank_by_mean_logprob) == (2, 2, False) and "explicit_n" in r.reasons
+    assert (r.n, r.num_candidates, r.rank_candidates) == (2, 2, False) and "explicit_n" in r.reasons
     r = resolve(classify(ctx("x = foo.ba")), requested_n=4)
-    assert (r.n, r.num_candidates, r.rank_by_mean_logprob) == (4, 4, False)
+    assert (r.n, r.num_candidates, r.rank_candidates) == (4, 4, False)
 
 
 @pytest.mark.parametrize("kwargs, reason", [({"requested_temperature": 0.0}, "greedy_unranked"),
                                             ({"stream": True}, "stream_unranked")])
 def test_ranking_is_dropped_where_it_cannot_help(kwargs, reason):
     r = resolve(classify(ctx("class A:\n    ")), **kwargs)
-    assert (r.n, r.num_candidates, r.rank_by_mean_logprob) == (1, 1, False) and reason in r.reasons
+    assert (r.n, r.num_candidates, r.rank_candidates) == (1, 1, False) and reason in r.reasons
 
 
 def test_classify_request_is_classify_then_resolve():
