@@ -14,21 +14,23 @@ what ranking can do.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
-from serve_app.api.ranking import RANKERS
-from serve_app.api.settings import GenerationDefaults
-from serve_app.config import default_model_dir
-from serve_app.engine import LLM, SamplingParams
-from serve_app.model import load_model
-from serve_app.tokenizer import CodeTokenizer
-from serve_app.train.data import EvalConfig, build_eval_set
-from serve_app.train.evaluate import Budget, _parses, edit_similarity, fim_prompt_parts, heldout_files
-from serve_app.train.spans import split_at_span
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:              # run as a script: the repository's packages
+    sys.path.insert(0, str(ROOT))
+
+from bench.heldout import load_heldout_fim  # noqa: E402
+from serve_app.api.ranking import RANKERS  # noqa: E402
+from serve_app.api.settings import GenerationDefaults  # noqa: E402
+from serve_app.config import default_model_dir  # noqa: E402
+from serve_app.engine import LLM, SamplingParams  # noqa: E402
+from serve_app.train.evaluate import _parses, edit_similarity, fim_prompt_parts  # noqa: E402
+from serve_app.train.spans import split_at_span  # noqa: E402
 
 MAX_TOKENS = 64
 CANDIDATES = 3
@@ -45,13 +47,8 @@ def main() -> None:
     parser.add_argument("--files-cache", type=Path, help="held-out files as JSON (evaluate.py's --files-cache)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(args.model_dir, dtype=torch.float32)
-    window = model.config.max_position_embeddings
-    code_tok = CodeTokenizer.from_dir(args.model_dir)
-    budget = Budget(Tokenizer.from_file(str(args.model_dir / "tokenizer.json")))
-    heldout = heldout_files(args.files_cache)
-    files = {f.rel_name: f.text for f in heldout}
-    cases = build_eval_set(heldout, EvalConfig(num_next_line=0, num_fim=args.cases)).fim
+    h = load_heldout_fim(args.model_dir, args.cases, args.files_cache)
+    model, window, code_tok, budget, files, cases = h.model, h.window, h.code_tok, h.budget, h.files, h.cases
     prompts = [code_tok.build_fim_prompt_ids(*fim_prompt_parts(budget, c.prefix, c.suffix, window - MAX_TOKENS - 8),
                                              order=code_tok.fim_order) for c in cases]
     defaults = GenerationDefaults.from_model_dir(args.model_dir)

@@ -29,15 +29,14 @@ import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from serve_app.model.moe import DispatchPlan, ExpertKey
+from serve_app.model.moe import DispatchPlan
 from serve_app.parallel import wire
-from serve_app.parallel.placement import PlacementPlan
-from serve_app.parallel.transport import (DispatchRecord, ShardRequest, ShardUnavailableError,
+from serve_app.parallel.transport import (DispatchRecord, ShardRequest, ShardTransport, ShardUnavailableError,
                                           build_requests, split_response)
 
 HELLO_TIMEOUT_S = 5.0          # a connection that does not present the token in time is closed
@@ -115,24 +114,15 @@ class ShardServer:
 
 
 @dataclass
-class SocketTransport:
-    """ExpertBackend over the shards' data planes (`handles[i]` = ExpertShard<i>'s Serve handle, used
-    only to learn addresses); called from the engine thread."""
-    handles: Sequence                       # DeploymentHandle per shard index
-    placement: PlacementPlan
-    timeout_s: float = 10.0
-    on_dispatch: Callable[[DispatchRecord], None] | None = None
-    owner: dict[ExpertKey, int] = field(init=False)
+class SocketTransport(ShardTransport):
+    """ExpertBackend over the shards' data planes (the Serve handles only tell addresses)."""
 
     def __post_init__(self):
-        self.owner = self.placement.owner()
+        super().__post_init__()
         self._conns: dict[int, socket.socket] = {}
         self._selector = selectors.DefaultSelector()
         self._seq = itertools.count(1)
         self._lock = threading.Lock()       # one layer on the wire at a time (lanes share a transport)
-
-    def holds(self) -> frozenset[ExpertKey]:
-        return frozenset(self.owner)
 
     def close(self) -> None:
         with self._lock:

@@ -8,7 +8,9 @@ waits for all of them — the hop cost is per shard per layer, never per expert 
 
 - `local`: the router's own `LocalExpertBackend` (no transport at all).
 - `serve`: Ray Serve DeploymentHandles to ExpertShard deployments. Simple, elastic and restartable;
-  ~4 ms per layer from inside a replica on the 2-core machine (DESIGN.md §3).
+  5–23 ms per layer (1–4 shards) from inside a replica on the 2-core machine (docs/benchmarks.md).
+- `socket` (`socket_plane.py`, the default): one TCP connection per shard, Serve only tells the
+  router where each shard listens; 0.5–1.3 ms per layer with the FFNs (1–4 shards).
 
 Legend: T=tokens in the step, D=hidden, R=rows sent to one shard.
 """
@@ -79,11 +81,12 @@ def split_response(y: torch.Tensor, assigns: list[ExpertAssignment]) -> dict[int
 
 
 @dataclass
-class ServeTransport:
-    """ExpertBackend over Serve handles (`handles[i]` = ExpertShard<i>); called from the engine thread."""
+class ShardTransport:
+    """What every transport to the ExpertShard deployments is given (`handles[i]` = ExpertShard<i>'s
+    Serve handle) and shares; called from the engine thread."""
     handles: Sequence                       # DeploymentHandle per shard index
     placement: PlacementPlan
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0                 # one deadline for a whole layer, all shards together
     on_dispatch: Callable[[DispatchRecord], None] | None = None
     owner: dict[ExpertKey, int] = field(init=False)
 
@@ -92,6 +95,11 @@ class ServeTransport:
 
     def holds(self) -> frozenset[ExpertKey]:
         return frozenset(self.owner)
+
+
+@dataclass
+class ServeTransport(ShardTransport):
+    """ExpertBackend over Serve handle calls: one `run` call per shard per layer."""
 
     def run_experts(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
         """All shards' calls go out at once and share one deadline (the layer waits at most
