@@ -56,6 +56,10 @@ class EngineConfig:
     # complex best-of-3 315 / 273 / 205 ms (docs/benchmarks.md, 2026-12-03, bench/expert_parallel.py).
     speculative_tokens: int = 8
     speculative_precision: str = "int8"
+    # Rows with no cheaper copy to draft with (quantized requests) draft up to this many tokens by
+    # prompt lookup (the continuation of the last earlier occurrence of their last 1-3 tokens),
+    # verified the same way. 0 = off.
+    speculative_lookup_tokens: int = 0
     # "continuous" admits work every step; "static" only when the running batch has drained
     # (the classic batching server, kept as the peer our benchmarks measure against).
     scheduling: str = "continuous"
@@ -65,8 +69,9 @@ class EngineConfig:
                      "long_prefill_chunk", "max_waiting_requests", "max_waiting_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.speculative_tokens < 0:
-            raise ValueError(f"EngineConfig.speculative_tokens must be >= 0, got {self.speculative_tokens}")
+        for name in ("speculative_tokens", "speculative_lookup_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_queue_delay_s", "max_predicted_latency_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -47,10 +47,11 @@ class EngineCore:
         self.runner = ModelRunner(model, cfg, dtype)
         # Speculative decoding of full-precision rows with the model's quantized copy as the
         # draft (engine/speculative.py); off where the model holds no such copy.
-        self.speculator = (Speculator(self.runner, self.blocks, cfg.speculative_tokens, cfg.speculative_precision,
-                                      self.max_model_len)
-                           if cfg.speculative_tokens > 0 and cfg.speculative_precision in model.precisions
-                           and cfg.speculative_precision != "full" else None)
+        drafts_by_model = cfg.speculative_precision in model.precisions and cfg.speculative_precision != "full"
+        k = cfg.speculative_tokens if drafts_by_model else 0
+        self.speculator = (Speculator(self.runner, self.blocks, k, cfg.speculative_precision, self.max_model_len,
+                                      cfg.speculative_lookup_tokens)
+                           if k > 0 or cfg.speculative_lookup_tokens > 0 else None)
         self._spec = SpecStats()
         if observer is not None:
             self.runner.track_expert_load()
@@ -275,10 +276,7 @@ class EngineCore:
     # ---- speculative decoding (engine/speculative.py) ------------------------------------------
 
     def _draft(self, batch: SchedulerOutput) -> dict[str, Draft]:
-        budgets = [(item.seq, k) for item in batch.scheduled if (k := self.speculator.budget(item)) > 0]
-        if not budgets:
-            return {}
-        return self.speculator.propose(budgets, self._structural_for([s.request.params for s, _ in budgets]))
+        return self.speculator.draft(batch.scheduled, self._structural_for)
 
     def _verify_and_update(self, verified: list[tuple[Sequence, torch.Tensor, Draft]]) -> dict[str, Request]:
         touched: dict[str, Request] = {}

@@ -71,6 +71,7 @@ class Sequence:
     emitted_chars: int = 0                       # text chars already reported (for deltas)
     last_token_time: float | None = None         # monotonic time of this sequence's latest token
     draft_len: int | None = None                 # speculative drafts next step (None: the engine's maximum)
+    lookup: object | None = None                 # its n-gram index for lookup drafts (engine/speculative.py)
 
     @property
     def num_tokens(self) -> int:

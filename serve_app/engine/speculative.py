@@ -51,7 +51,8 @@ from serve_app.engine.sequence import Sequence
 class Draft:
     """The k tokens proposed for one sequence this step, and what they were drawn from."""
     tokens: list[int]
-    probs: list[torch.Tensor]        # per draft: its sampling distribution q_i [V] (empty when greedy)
+    probs: list[torch.Tensor]        # per draft: its sampling distribution q_i [V]; empty when greedy
+                                     # or proposed by lookup (q one-hot on the token)
 
 
 @dataclass
@@ -62,29 +63,77 @@ class SpecStats:
     accepted: int = 0                # of those, kept
 
 
+class LookupIndex:
+    """Prompt-lookup drafting (vLLM's "ngram" speculator): where each 1-, 2- and 3-gram of a
+    sequence last ended, kept one token behind the end, so looking up the sequence's own tail finds
+    its previous occurrence; the tokens that followed it are the draft. Updated incrementally (a
+    few dict writes per new token), never rescanned."""
+
+    def __init__(self):
+        self.last: dict[tuple[int, ...], int] = {}
+        self.indexed = 0                 # n-grams ending before this position are in `last`
+
+    def draft(self, tokens: list[int], k: int) -> list[int]:
+        for end in range(self.indexed, len(tokens) - 1):
+            for n in (1, 2, 3):
+                if end >= n - 1:
+                    self.last[tuple(tokens[end - n + 1:end + 1])] = end
+        self.indexed = max(self.indexed, len(tokens) - 1)
+        for n in (3, 2, 1):
+            if len(tokens) >= n and (end := self.last.get(tuple(tokens[-n:]))) is not None:
+                return tokens[end + 1:end + 1 + k]
+        return []
+
+
 class Speculator:
-    def __init__(self, runner: ModelRunner, blocks: BlockManager, k: int, precision: str, max_model_len: int):
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, k: int, precision: str, max_model_len: int,
+                 lookup_k: int = 0):
+        """k: most drafts of a full-precision row by the `precision` copy; lookup_k: most drafts of
+        any other row by prompt lookup (0 = those rows never speculate)."""
         self.runner, self.blocks, self.k, self.precision = runner, blocks, k, precision
-        self.max_model_len = max_model_len
+        self.max_model_len, self.lookup_k = max_model_len, lookup_k
 
     # ---- drafting ------------------------------------------------------------------------------
 
-    def budget(self, item: ScheduledSeq) -> int:
-        """Drafts for this scheduled row: 0 unless it is a full-precision decode row with tokens
-        and KV slots to spare (the extra slots are allocated here)."""
-        seq = item.seq
-        req = seq.request
-        if item.num_new_tokens != 1 or not item.samples or not req.forked or req.precision != "full":
-            return 0
-        # Each verification yields up to k+1 tokens: never draft past max_tokens or the window.
-        k = min(seq.draft_len or self.k, req.params.max_tokens - len(seq.output_token_ids) - 1,
-                self.max_model_len - seq.num_tokens - 1)
-        while k > 0 and self.blocks.allocate(seq.seq_id, seq.token_ids, seq.num_tokens + k) is None:
-            k -= 1
-        return max(k, 0)
+    def draft(self, items: list[ScheduledSeq], structural_for) -> dict[str, Draft]:
+        """Drafts for the step's decode rows that can take them (`structural_for(params)`: the
+        structural-token mask the draft's penalties need, or None)."""
+        by_model: list[tuple[Sequence, int]] = []
+        drafts: dict[str, Draft] = {}
+        for item in items:
+            seq = item.seq
+            full = seq.request.precision == "full" and self.k > 0
+            k = self._budget(item, self.k if full else self.lookup_k)
+            if k <= 0:
+                continue
+            if full:
+                by_model.append((seq, k))
+                continue
+            seq.lookup = seq.lookup or LookupIndex()
+            tokens = seq.lookup.draft(seq.token_ids, k)
+            if tokens and self._reserve(seq, len(tokens)):
+                drafts[seq.seq_id] = Draft(tokens, [])
+        if by_model:
+            drafts.update(self._propose(by_model, structural_for([s.request.params for s, _ in by_model])))
+        return drafts
 
-    def propose(self, items: list[tuple[Sequence, int]], structural) -> dict[str, Draft]:
-        """k_s drafts for each (sequence, k_s), all sequences in one draft pass per position."""
+    def _budget(self, item: ScheduledSeq, most: int) -> int:
+        """Drafts this scheduled row may take: 0 unless it is a decode row with tokens to spare.
+        Each verification yields up to k+1 tokens: never draft past max_tokens or the window."""
+        seq, req = item.seq, item.seq.request
+        if most <= 0 or item.num_new_tokens != 1 or not item.samples or not req.forked:
+            return 0
+        return min(seq.draft_len or most, most, req.params.max_tokens - len(seq.output_token_ids) - 1,
+                   self.max_model_len - seq.num_tokens - 1)
+
+    def _reserve(self, seq: Sequence, k: int) -> bool:
+        """KV slots for k more positions (the verification writes them)."""
+        return self.blocks.allocate(seq.seq_id, seq.token_ids, seq.num_tokens + k) is not None
+
+    def _propose(self, items: list[tuple[Sequence, int]], structural) -> dict[str, Draft]:
+        """k_s drafts for each (sequence, k_s) by the `precision` copy, all sequences in one pass
+        per position."""
+        items = [(seq, k) for seq, k in ((s, self._fit(s, k)) for s, k in items) if k > 0]
         drafts = {seq.seq_id: Draft([], []) for seq, _ in items}
         for j in range(max((k for _, k in items), default=0)):
             active = [seq for seq, k in items if k > j]
@@ -106,6 +155,12 @@ class Speculator:
                 drafts[seq.seq_id].tokens.append(token)
         return drafts
 
+    def _fit(self, seq: Sequence, k: int) -> int:
+        """The most of k drafts whose KV slots can be had (fewer when blocks are short)."""
+        while k > 0 and not self._reserve(seq, k):
+            k -= 1
+        return k
+
     def adapt(self, seq: Sequence, drafted: int, kept: int) -> None:
         """The next step's draft length for `seq` from this verification's outcome."""
         current = seq.draft_len or self.k
@@ -125,20 +180,25 @@ class Speculator:
             kept = next((i for i in range(k) if best[i] != draft.tokens[i]), k)
             return draft.tokens[:kept] + [best[kept]]
         p = tempered_probs(target, [params] * (k + 1))                                 # [k+1, V]
-        q = torch.stack(draft.probs)                                                   # [k, V]
         d = torch.tensor(draft.tokens, device=p.device)                                # [k]
+        # A lookup draft is a proposal, not a draw: q is one-hot on it (q_d = 1).
+        q = torch.stack(draft.probs) if draft.probs else None                          # [k, V]
         u = torch.empty(k, device=p.device)
         if seq.generator is None:
             u.uniform_()
         else:
             u.uniform_(generator=seq.generator)
-        p_d, q_d = p[:k].gather(1, d[:, None]).squeeze(1), q.gather(1, d[:, None]).squeeze(1)   # [k]
+        p_d = p[:k].gather(1, d[:, None]).squeeze(1)                                   # [k]
+        q_d = q.gather(1, d[:, None]).squeeze(1) if q is not None else torch.ones_like(p_d)
         # Kept iff u < p/q, written without the division (q_d > 0: d was drawn from q).
         rejected = (u * q_d >= p_d).tolist()
         kept = next((i for i in range(k) if rejected[i]), k)
         if kept == k:
             return draft.tokens + draw(p[k:], [seq.generator]).tolist()
-        residual = (p[kept] - q[kept]).clamp_min_(0)                                   # [V]
+        if q is not None:
+            residual = (p[kept] - q[kept]).clamp_min_(0)                               # [V]
+        else:
+            residual = p[kept].clone().index_fill_(0, d[kept:kept + 1], 0.0)           # [V] max(0, p - onehot)
         if not bool(residual.sum() > 0):       # p == q up to rounding: p itself is the residual
             residual = p[kept]
         return draft.tokens[:kept] + draw(residual[None], [seq.generator]).tolist()

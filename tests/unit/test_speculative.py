@@ -179,3 +179,59 @@ def test_draft_length_adapts_to_the_acceptance():
         speculator.adapt(seq, drafted, kept)
         lengths.append(seq.draft_len)
     assert lengths == [5, 4, 6, 6, 5]
+
+
+# ---- prompt-lookup drafts (quantized rows) ------------------------------------------------------
+
+def test_lookup_index_drafts_what_followed_the_last_earlier_occurrence_of_the_tail():
+    from serve_app.engine.speculative import LookupIndex
+    index = LookupIndex()
+    assert index.draft([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]          # tail (1, 2) seen at 0..1
+    assert index.draft([1, 2, 3, 9, 1, 2, 7], 3) == []               # 7 never seen before
+    assert index.draft([1, 2, 3, 9, 1, 2, 7, 9], 2) == [1, 2]        # (7, 9) no, (9,) at 3
+    assert LookupIndex().draft([5, 5, 5, 5], 2) == [5]               # the latest earlier (5, 5, 5)
+
+
+def _lookup_engine(model, k: int, observer=None) -> EngineCore:
+    return EngineCore(model, EngineConfig(**ENGINE, speculative_tokens=0, speculative_lookup_tokens=k),
+                      observer=observer)
+
+
+def _repetitive_prompts(n: int, vocab: int) -> list[list[int]]:
+    rng = random.Random(4)
+    out = []
+    for _ in range(n):
+        motif = [rng.randrange(1, vocab) for _ in range(rng.randrange(3, 7))]
+        out.append(motif * rng.randrange(2, 5) + motif[:2])
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int8", "full"])
+def test_lookup_drafts_keep_greedy_output_and_are_kept_on_repetitive_text(model, precision):
+    prompts = _repetitive_prompts(10, model.config.vocab_size)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    steps = Steps()
+
+    def run(engine):
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params, precision=precision)
+        final = engine.run_until_done()
+        return [final[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))]
+    want = run(_lookup_engine(model, 0))
+    engine = _lookup_engine(model, 4, steps)
+    assert run(engine) == want
+    assert steps.drafted > 0 and steps.accepted > 0
+    engine.blocks.check_invariants()
+    assert engine.blocks.num_used_blocks == 0
+
+
+def test_rejection_sampling_with_a_one_hot_proposal_keeps_the_target_distribution():
+    """A lookup draft has q = one-hot: kept with probability p(d), else a draw from p without d."""
+    target = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 1.5, 0.3, -2.0]])
+    params = SamplingParams(max_tokens=100, temperature=1.0)
+    speculator = Speculator(runner=None, blocks=None, k=1, precision="int8", max_model_len=100)
+    first = torch.zeros(V)
+    for trial in range(5000):
+        tokens = speculator.verify(_seq(params, trial), target, Draft([0], []), None)
+        first[tokens[0]] += 1
+    assert _chi2(first, target[0].softmax(-1)) < 18.5
