@@ -182,7 +182,9 @@ def test_killing_a_shard_fails_requests_cleanly_and_service_resumes(app, offline
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                   if "ExpertShard2" in a["name"] and "SERVE_REPLICA" in a["name"])
     handle = ray.get_actor(victim["name"], namespace=victim["namespace"])
-    expected = [o.outputs[0].text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))]
+    # 64 tokens: long enough that every request is still running when the shard dies (with
+    # speculative decoding a full-precision request takes several tokens per step).
+    expected = [o.outputs[0].text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=64, temperature=0))]
 
     def routers() -> set[str]:
         return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -191,13 +193,18 @@ def test_killing_a_shard_fails_requests_cleanly_and_service_resumes(app, offline
 
     async def traffic():
         async with httpx.AsyncClient(timeout=60) as client:
+            sent = []
+
             async def one(i):
                 started = time.monotonic()
+                sent.append(i)
                 resp = await client.post(f"{app.url}/v1/completions", json={
-                    "model": "tiny", "prompt": PROMPTS[i % 4], "max_tokens": 24, "temperature": 0,
+                    "model": "tiny", "prompt": PROMPTS[i % 4], "max_tokens": 64, "temperature": 0,
                     "precision": "full"})
                 return i, resp, started, time.monotonic()
             tasks = [asyncio.create_task(one(i)) for i in range(8)]
+            while len(sent) < len(tasks):          # every request on its way (a loaded machine is slow)
+                await asyncio.sleep(0.005)
             await asyncio.sleep(0.05)
             killed_at = time.monotonic()
             ray.kill(handle, no_restart=False)
