@@ -77,7 +77,8 @@ def step_bytes(model, lane: str, expert_load: torch.Tensor, steps: int, context:
 
 def run_lane(model, lane: str, batch: int, context: int, steps: int, dtype) -> tuple[float, float]:
     """(median step seconds, bytes per step) for `batch` sequences decoding at `context`."""
-    core = EngineCore(model, EngineConfig(max_num_seqs=max(16, batch)), dtype=dtype)
+    # The plain decode step: one token per sequence per step (speculative decoding off).
+    core = EngineCore(model, EngineConfig(max_num_seqs=max(16, batch), speculative_tokens=0), dtype=dtype)
     core.runner.track_expert_load()
     gen = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
