@@ -58,7 +58,8 @@ class EngineConfig:
     speculative_precision: str = "int8"
     # Rows with no cheaper copy to draft with (quantized requests) draft up to this many tokens by
     # prompt lookup (the continuation of the last earlier occurrence of their last 1-3 tokens),
-    # verified the same way. 0 = off.
+    # verified the same way. 0 = off: on the 2-core CPU a verification row leaves the fused decode
+    # kernels, and 4 took the editor load's p80 from 55.7 to 154.2 ms (docs/benchmarks.md, 2026-12-03).
     speculative_lookup_tokens: int = 0
     # "continuous" admits work every step; "static" only when the running batch has drained
     # (the classic batching server, kept as the peer our benchmarks measure against).
