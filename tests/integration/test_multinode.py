@@ -51,7 +51,7 @@ def cluster(tmp_path_factory):
                               capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        yield SimpleNamespace(url=state.serve_url, model_dir=model_dir, report=report)
+        yield SimpleNamespace(url=state.serve_url, model_dir=model_dir, report=report, state_dir=state_dir)
     finally:
         local_cluster.down(state_dir)
 
@@ -82,6 +82,15 @@ def test_greedy_output_across_nodes_equals_single_process_output(cluster):
         assert resp.headers["x-moe-precision"] == "full"
         assert resp.json()["choices"][0]["text"] == ref.outputs[0].text
         assert resp.json()["usage"]["completion_tokens"] == len(ref.outputs[0].token_ids)
+
+
+def test_every_transport_across_nodes_equals_local_experts_in_float32(cluster):
+    """The socket data plane and Serve handles, driver on the head, shards on the workers."""
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.cluster_transports", str(cluster.state_dir),
+                           str(cluster.model_dir), str(WORKERS)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"socket": True, "serve": True}
 
 
 def _report(shard_nodes: list[str]) -> dict:
