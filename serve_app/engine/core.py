@@ -276,7 +276,8 @@ class EngineCore:
     # ---- speculative decoding (engine/speculative.py) ------------------------------------------
 
     def _draft(self, batch: SchedulerOutput) -> dict[str, Draft]:
-        return self.speculator.draft(batch.scheduled, self._structural_for)
+        return self.speculator.draft(batch.scheduled, self._structural_for,
+                                     self.cfg.max_num_batched_tokens - batch.num_batched_tokens)
 
     def _verify_and_update(self, verified: list[tuple[Sequence, torch.Tensor, Draft]]) -> dict[str, Request]:
         touched: dict[str, Request] = {}
@@ -286,11 +287,15 @@ class EngineCore:
             lps = (logprobs_of(logits[:len(tokens)], torch.tensor(tokens, device=logits.device),
                                [params] * len(tokens)) if params.logprobs is not None else [None] * len(tokens))
             start = seq.num_tokens            # positions start-1 .. start-1+k were computed at full precision
+            appended = 0
             for token, lp in zip(tokens, lps):
                 self._append_token(seq, token, lp)
+                appended += 1
                 if seq.finished:
                     break
-            kept = len(tokens) - 1            # drafts kept: their KV (positions start .. start+kept-1) is valid
+            # Drafts kept and used: their KV (positions start .. start+kept-1) is valid. A stop
+            # inside the run uses fewer than the verification kept.
+            kept = min(len(tokens) - 1, appended)
             self._spec.sequences += 1
             self._spec.drafted += len(draft.tokens)
             self._spec.accepted += kept

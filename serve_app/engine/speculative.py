@@ -24,6 +24,12 @@ How it sits in the one engine over the one model:
   blocks are marked computed (hashed for the cache) only up to there, so the prefix cache never
   holds draft KV, nor KV of a rejected token.
 
+Exactness: greedy output equals the non-speculative output where a (k+1)-position pass computes
+the same logits as k+1 single-token steps — float32 on CPU, which the tests check; in 16-bit
+dtypes a near-tie can flip. A seeded sampled request is reproducible at the same draft lengths,
+but its generator also draws the drafts and the acceptance uniforms, so a draft cut short by KV
+pressure changes the text (never the distribution).
+
 Who speculates: decode rows of full-precision requests (the rows that would cross the shards),
 when the model holds the draft precision. How many: per sequence, adapted from its acceptance
 (the schedule of transformers' assisted generation): it starts at the maximum k
@@ -95,27 +101,36 @@ class Speculator:
 
     # ---- drafting ------------------------------------------------------------------------------
 
-    def draft(self, items: list[ScheduledSeq], structural_for) -> dict[str, Draft]:
-        """Drafts for the step's decode rows that can take them (`structural_for(params)`: the
-        structural-token mask the draft's penalties need, or None)."""
+    def draft(self, items: list[ScheduledSeq], structural_for, token_budget: int) -> dict[str, Draft]:
+        """Drafts for the step's decode rows that can take them, at most `token_budget` in all (the
+        step's unused share of max_num_batched_tokens: verification positions are batch tokens);
+        `structural_for(params)`: the structural-token mask the draft's penalties need, or None."""
         by_model: list[tuple[Sequence, int]] = []
         drafts: dict[str, Draft] = {}
         for item in items:
             seq = item.seq
-            full = seq.request.precision == "full" and self.k > 0
-            k = self._budget(item, self.k if full else self.lookup_k)
+            k = min(self._budget(item, self.most(seq)), token_budget)
             if k <= 0:
                 continue
-            if full:
+            if self._by_model(seq):
                 by_model.append((seq, k))
+                token_budget -= k
                 continue
             seq.lookup = seq.lookup or LookupIndex()
             tokens = seq.lookup.draft(seq.token_ids, k)
             if tokens and self._reserve(seq, len(tokens)):
                 drafts[seq.seq_id] = Draft(tokens, [])
+                token_budget -= len(tokens)
         if by_model:
             drafts.update(self._propose(by_model, structural_for([s.request.params for s, _ in by_model])))
         return drafts
+
+    def _by_model(self, seq: Sequence) -> bool:
+        return seq.request.precision == "full" and self.k > 0
+
+    def most(self, seq: Sequence) -> int:
+        """The most drafts this row may take: k by the model copy, lookup_k by prompt lookup."""
+        return self.k if self._by_model(seq) else self.lookup_k
 
     def _budget(self, item: ScheduledSeq, most: int) -> int:
         """Drafts this scheduled row may take: 0 unless it is a decode row with tokens to spare.
@@ -163,8 +178,9 @@ class Speculator:
 
     def adapt(self, seq: Sequence, drafted: int, kept: int) -> None:
         """The next step's draft length for `seq` from this verification's outcome."""
-        current = seq.draft_len or self.k
-        seq.draft_len = min(self.k, current + 2) if kept == drafted else max(1, current - 1)
+        most = self.most(seq)
+        current = min(seq.draft_len or most, most)
+        seq.draft_len = min(most, current + 2) if kept == drafted else max(1, current - 1)
 
     # ---- verification --------------------------------------------------------------------------
 

@@ -51,9 +51,15 @@ class PlaneAddress:
     pid: int                   # the replica's process, to tell a restarted replica from the old one
 
 
-def _nodelay(sock: socket.socket) -> socket.socket:
+def _tune(sock: socket.socket) -> socket.socket:
     # One small frame per layer: Nagle's algorithm would hold it back waiting for an ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A peer whose host vanished sends no FIN: keepalive probes find it (~25 s) instead of a shard
+    # thread waiting forever, or the router learning it only from a layer's timeout.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):                      # Linux; elsewhere the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     return sock
 
 
@@ -65,14 +71,20 @@ class ShardServer:
         self._compute = compute
         self._listener = socket.create_server((host, 0))
         self._open: set[socket.socket] = set()
+        self._closed = False
         self._lock = threading.Lock()
         self.address = PlaneAddress(host, self._listener.getsockname()[1], secrets.token_bytes(wire.TOKEN_BYTES), pid)
         threading.Thread(target=self._accept, daemon=True, name="shard-data-plane").start()
 
     def close(self) -> None:
         """Stop serving, as the replica's death would: the listener and every connection close."""
-        self._listener.close()
         with self._lock:
+            self._closed = True
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)     # wakes the accept() (close alone does not)
+            except OSError:
+                pass
+            self._listener.close()
             for conn in self._open:
                 try:
                     conn.shutdown(socket.SHUT_RDWR)
@@ -86,8 +98,11 @@ class ShardServer:
             except OSError:                                    # closed
                 return
             with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
                 self._open.add(conn)
-            threading.Thread(target=self._serve, args=(_nodelay(conn),), daemon=True,
+            threading.Thread(target=self._serve, args=(_tune(conn),), daemon=True,
                              name="shard-data-plane-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -101,12 +116,12 @@ class ShardServer:
                     while True:
                         frame = wire.recv_request(conn)
                         try:
-                            y = self._compute(frame.request)
+                            y = self._compute(frame.request).to(frame.request.x.dtype)
                         except Exception as exc:               # noqa: BLE001 - reported to the router
                             wire.send_error(conn, frame.seq, f"{type(exc).__name__}: {exc}")
                             continue
                         wire.send_response(conn, frame.seq, y)
-            except (OSError, wire.WireError):                  # the router went away, or a stranger
+            except (OSError, RuntimeError, wire.WireError):    # the router went away, or a stranger
                 return
             finally:
                 with self._lock:
@@ -128,6 +143,7 @@ class SocketTransport(ShardTransport):
         with self._lock:
             for shard in list(self._conns):
                 self._drop(shard)
+            self._selector.close()
 
     def run_experts(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
         """Every shard's frame goes out before any answer is read, and all share one deadline; answers
@@ -157,13 +173,12 @@ class SocketTransport(ShardTransport):
                     blame = next(iter(waiting))
                     raise TimeoutError(f"no answer within {self.timeout_s:g} s")
                 for key, _ in events:
+                    if key.data not in waiting:         # a shard this layer does not wait on closed:
+                        self._drop(key.data)            # replaced when a layer needs it
+                        continue
                     blame = key.data
-                    if blame not in waiting:            # readable without a question: closed
-                        raise wire.WireError("connection closed by the peer")
                     req, assigns = waiting.pop(blame)
-                    conn = self._conns[blame]
-                    conn.settimeout(self._left(deadline))
-                    y = wire.recv_response(conn, seq, x.dtype)
+                    y = wire.recv_response(self._conns[blame], seq, req.x, deadline)
                     if self.on_dispatch is not None:
                         self.on_dispatch(DispatchRecord(blame, plan.layer, req.x.shape[0], time.perf_counter() - started))
                     out.update(split_response(y.to(x.device), assigns))
@@ -180,10 +195,14 @@ class SocketTransport(ShardTransport):
         # The control plane: Serve routes this to a live replica of the shard (waiting for one
         # that is restarting, up to the deadline) and it answers with where it listens.
         addr: PlaneAddress = self.handles[shard].data_plane.remote().result(timeout_s=self._left(deadline))
-        conn = _nodelay(socket.create_connection((addr.host, addr.port), timeout=self._left(deadline)))
-        conn.sendall(addr.token)
+        conn = socket.create_connection((addr.host, addr.port), timeout=self._left(deadline))
+        try:
+            _tune(conn).sendall(addr.token)
+            self._selector.register(conn, selectors.EVENT_READ, shard)
+        except BaseException:
+            conn.close()
+            raise
         self._conns[shard] = conn
-        self._selector.register(conn, selectors.EVENT_READ, shard)
         return conn
 
     def _drop_closed(self) -> None:

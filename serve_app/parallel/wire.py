@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,14 +24,16 @@ from serve_app.parallel.transport import ShardRequest
 MAGIC = 0x4D6F4531                                   # "MoE1": a stray connection fails fast
 # magic, seq, layer, experts N, rows R, cols D, dtype code
 REQUEST = struct.Struct("<IQiIIIB")
-# magic, seq, status, rows R (or message bytes), cols D
-RESPONSE = struct.Struct("<IQBII")
+# magic, seq, status, rows R (or message bytes), cols D, dtype code
+RESPONSE = struct.Struct("<IQBIIB")
 OK, ERROR = 0, 1
 TOKEN_BYTES = 16                                     # the hello a client sends first (shard's secret)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CODE = {dtype: code for code, dtype in enumerate(DTYPES)}
-MAX_ROWS = 1 << 24                                   # sanity bound on a header read from the wire
+# Sanity bounds on a header read from the wire (a frame is allocated before it is read).
+MAX_ELEMENTS = 1 << 26                              # 256 MB of float32 rows
+MAX_EXPERTS = 1 << 16
 
 
 class WireError(ConnectionError):
@@ -65,25 +68,33 @@ def send_parts(sock: socket.socket, parts: list) -> None:
     sock.sendall(b"".join(rest))                    # rare (multi-MB prefill chunks); a copy is fine
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
     buf = bytearray(n)
-    recv_into_exact(sock, memoryview(buf))
+    recv_into_exact(sock, memoryview(buf), deadline)
     return buf
 
 
-def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+def recv_into_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill `view`; with a `deadline` (time.perf_counter()) the whole frame must arrive by then,
+    not each piece within a timeout of its own."""
     got = 0
     while got < len(view):
+        if deadline is not None:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError("the frame did not arrive before the layer's deadline")
+            sock.settimeout(left)
         n = sock.recv_into(view[got:])
         if n == 0:
             raise WireError("connection closed by the peer")
         got += n
 
 
-def _recv_rows(sock: socket.socket, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+def _recv_rows(sock: socket.socket, rows: int, cols: int, dtype: torch.dtype,
+               deadline: float | None = None) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=dtype)      # [R, D]
     if out.numel():
-        recv_into_exact(sock, _raw(out))
+        recv_into_exact(sock, _raw(out), deadline)
     return out
 
 
@@ -96,28 +107,34 @@ def send_request(sock: socket.socket, seq: int, req: ShardRequest) -> None:
 
 def recv_request(sock: socket.socket) -> Frame:
     magic, seq, layer, n, rows, cols, code = REQUEST.unpack(recv_exact(sock, REQUEST.size))
-    if magic != MAGIC or code >= len(DTYPES) or rows > MAX_ROWS or cols > MAX_ROWS or n > MAX_ROWS:
+    if magic != MAGIC or code >= len(DTYPES) or rows * cols > MAX_ELEMENTS or n > MAX_EXPERTS:
         raise WireError("not a moe-serve shard request")
     ids = torch.frombuffer(recv_exact(sock, 8 * n), dtype=torch.int32) if n else torch.empty(0, dtype=torch.int32)
-    x = _recv_rows(sock, rows, cols, DTYPES[code])
-    return Frame(seq, ShardRequest(layer, ids[:n].tolist(), ids[n:].tolist(), x))
+    experts, counts = ids[:n].tolist(), ids[n:].tolist()
+    if sum(counts) != rows or min(counts, default=0) < 0:
+        raise WireError(f"the request's counts {counts} do not add up to its {rows} rows")
+    return Frame(seq, ShardRequest(layer, experts, counts, _recv_rows(sock, rows, cols, DTYPES[code])))
 
 
 def send_response(sock: socket.socket, seq: int, y: torch.Tensor) -> None:
     y = y.contiguous().cpu()
-    send_parts(sock, [RESPONSE.pack(MAGIC, seq, OK, y.shape[0], y.shape[1]), _raw(y)])
+    send_parts(sock, [RESPONSE.pack(MAGIC, seq, OK, y.shape[0], y.shape[1], CODE[y.dtype]), _raw(y)])
 
 
 def send_error(sock: socket.socket, seq: int, message: str) -> None:
     data = message.encode("utf-8", "replace")[:4096]
-    send_parts(sock, [RESPONSE.pack(MAGIC, seq, ERROR, len(data), 0), data])
+    send_parts(sock, [RESPONSE.pack(MAGIC, seq, ERROR, len(data), 0, 0), data])
 
 
-def recv_response(sock: socket.socket, seq: int, dtype: torch.dtype) -> torch.Tensor:
-    """The answer to request `seq` ([R, D] in `dtype`); a shard-side error raises RuntimeError."""
-    magic, got_seq, status, rows, cols = RESPONSE.unpack(recv_exact(sock, RESPONSE.size))
-    if magic != MAGIC or got_seq != seq or rows > MAX_ROWS or cols > MAX_ROWS:
+def recv_response(sock: socket.socket, seq: int, like: torch.Tensor, deadline: float) -> torch.Tensor:
+    """The answer to request `seq`, shaped and typed like its rows `like` [R, D], whole by
+    `deadline`; a shard-side error raises RuntimeError."""
+    magic, got_seq, status, rows, cols, code = RESPONSE.unpack(recv_exact(sock, RESPONSE.size, deadline))
+    if magic != MAGIC or got_seq != seq:
         raise WireError(f"unexpected answer (seq {got_seq}, waiting for {seq})")
     if status == ERROR:
-        raise RuntimeError("shard failed: " + recv_exact(sock, rows).decode("utf-8", "replace"))
-    return _recv_rows(sock, rows, cols, dtype)
+        raise RuntimeError("shard failed: " + recv_exact(sock, min(rows, 4096), deadline).decode("utf-8", "replace"))
+    if (rows, cols) != tuple(like.shape) or code != CODE[like.dtype]:
+        raise WireError(f"the answer is [{rows}, {cols}] of dtype code {code}, the request was "
+                        f"{list(like.shape)} {like.dtype}")
+    return _recv_rows(sock, rows, cols, like.dtype, deadline)

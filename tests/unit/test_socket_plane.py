@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from serve_app.model import load_expert_weights, load_model
+from serve_app.model.moe import DispatchPlan, ExpertAssignment
 from serve_app.parallel import wire
 from serve_app.parallel.placement import PlacementPlan
 from serve_app.parallel.socket_plane import ShardServer, SocketTransport
@@ -187,3 +188,43 @@ def test_each_shard_is_timed_on_its_own(model):
     transport.run_experts(x, dispatch)
     seconds = {r.shard: r.seconds for r in records}
     assert seconds[1] < 0.3 < 0.5 <= seconds[0]
+
+
+def test_a_shard_the_layer_does_not_wait_on_closing_mid_layer_costs_the_layer_nothing(model):
+    """The layer's rows all go to shard 1, which is slow; meanwhile idle shard 0 goes away."""
+    path, whole = model
+    plan = PlacementPlan.round_robin(whole.config, 2)
+    servers = []
+
+    def slow(req):
+        servers[0].close()                       # the other shard dies while this one computes
+        time.sleep(0.2)
+        return req.x * 5
+    servers += [ShardServer(lambda req: req.x * 5, "127.0.0.1", 0), ShardServer(slow, "127.0.0.1", 0)]
+    transport = SocketTransport([ControlPlane(s) for s in servers], plan, timeout_s=5)
+    transport._connection(0, time.perf_counter() + 5)     # shard 0 connected, idle this layer
+    layer = whole.config.moe_layers[0]
+    expert = next(e for (l, e), shard in transport.owner.items() if l == layer and shard == 1)
+    x = torch.randn(4, whole.config.hidden_size)
+    dispatch = DispatchPlan(layer, 4, torch.full((4, 1), expert), torch.ones(4, 1),
+                            torch.zeros(4, whole.config.num_experts),
+                            [ExpertAssignment(expert, torch.arange(4), torch.ones(4))])
+    out = transport.run_experts(x, dispatch)
+    assert torch.equal(out[expert], x * 5)
+
+
+def test_a_closed_server_accepts_nothing_more(model):
+    server = ShardServer(lambda req: req.x, "127.0.0.1", 0)
+    server.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((server.address.host, server.address.port), timeout=2)
+
+
+def test_an_answer_of_the_wrong_shape_fails_the_layer_cleanly(model):
+    path, whole = model
+    plan = PlacementPlan.round_robin(whole.config, 1)
+    server = ShardServer(lambda req: req.x[:-1], "127.0.0.1", 0)          # one row short
+    transport = SocketTransport([ControlPlane(server)], plan, timeout_s=5)
+    x, dispatch = _layer(whole)
+    with pytest.raises(ShardUnavailableError, match="the answer is"):
+        transport.run_experts(x, dispatch)
