@@ -1,4 +1,6 @@
-"""Run as a child process by tests/integration/test_multinode.py (one process joins one Ray cluster):
+"""`compare_transports`: every transport against the local experts (tests/integration/test_transports.py).
+
+Run as a child process by tests/integration/test_multinode.py (one process joins one Ray cluster):
 joins the multi-node cluster in STATE_DIR as a driver, reaches its ExpertShard replicas on the
 worker nodes through each transport, and prints, as JSON, whether every transport's float32
 output equals the local experts' for a few layers' plans.
@@ -18,6 +20,28 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "cluster" / "local_cluster.py"
 
 
+def compare_transports(whole, handles: list, plan, seed: int, rows=(1, 9, 40)) -> dict[str, bool]:
+    """{transport: every layer's output for random rows equals `whole`'s local experts, bit for bit},
+    for the socket data plane and Serve handles over the shard `handles`."""
+    from serve_app.parallel.socket_plane import SocketTransport
+    from serve_app.parallel.transport import ServeTransport
+
+    transports = {"socket": SocketTransport(handles, plan, timeout_s=60),
+                  "serve": ServeTransport(handles, plan, timeout_s=60)}
+    equal = {name: True for name in transports}
+    gen = torch.Generator().manual_seed(seed)
+    for n in rows:
+        x = torch.randn(n, whole.config.hidden_size, generator=gen)
+        for layer in (l for l in whole.layers if hasattr(l.mlp, "plan")):
+            dispatch = layer.mlp.plan(x)
+            want = whole.local_experts.run_experts(x, dispatch)
+            for name, transport in transports.items():
+                got = transport.run_experts(x, dispatch)
+                equal[name] &= got.keys() == want.keys() and all(torch.equal(got[e], want[e]) for e in want)
+    transports["socket"].close()
+    return equal
+
+
 def main(state_dir: str, model_dir: str, num_shards: int) -> dict:
     spec = importlib.util.spec_from_file_location("local_cluster", SCRIPT)
     local_cluster = importlib.util.module_from_spec(spec)
@@ -31,8 +55,6 @@ def main(state_dir: str, model_dir: str, num_shards: int) -> dict:
     from serve_app.config import AppConfig
     from serve_app.model import load_model
     from serve_app.parallel.placement import PlacementPlan
-    from serve_app.parallel.socket_plane import SocketTransport
-    from serve_app.parallel.transport import ServeTransport
 
     torch.set_num_threads(AppConfig().torch_threads)     # as the shards compute (bit-exact sums)
     whole = load_model(model_dir)
@@ -41,19 +63,7 @@ def main(state_dir: str, model_dir: str, num_shards: int) -> dict:
     try:
         handles = [serve.get_deployment_handle(f"ExpertShard{i}", app_name=local_cluster.APP_NAME)
                    for i in range(num_shards)]
-        transports = {"socket": SocketTransport(handles, plan, timeout_s=60),
-                      "serve": ServeTransport(handles, plan, timeout_s=60)}
-        equal = {name: True for name in transports}
-        gen = torch.Generator().manual_seed(0)
-        for rows in (1, 9, 40):
-            x = torch.randn(rows, whole.config.hidden_size, generator=gen)
-            for layer in (l for l in whole.layers if hasattr(l.mlp, "plan")):
-                dispatch = layer.mlp.plan(x)
-                want = whole.local_experts.run_experts(x, dispatch)
-                for name, transport in transports.items():
-                    got = transport.run_experts(x, dispatch)
-                    equal[name] &= got.keys() == want.keys() and all(torch.equal(got[e], want[e]) for e in want)
-        transports["socket"].close()
+        equal = compare_transports(whole, handles, plan, seed=0)
     finally:
         ray.shutdown()
     return equal

@@ -8,8 +8,7 @@ import torch
 from serve_app.config import AppConfig
 from serve_app.model import load_model
 from serve_app.parallel.placement import PlacementPlan
-from serve_app.parallel.socket_plane import SocketTransport
-from serve_app.parallel.transport import ServeTransport
+from tests.helpers.cluster_transports import compare_transports
 from tests.helpers.checkpoints import build_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -46,19 +45,8 @@ def test_socket_and_serve_transports_equal_local_experts(ray_cluster, checkpoint
     serve.run(Holder.bind(*shards), name=name, route_prefix=None)
     try:
         handles = [serve.get_deployment_handle(f"ExpertShard{i}", app_name=name) for i in range(num_shards)]
-        transports = {"socket": SocketTransport(handles, plan, timeout_s=60),
-                      "serve": ServeTransport(handles, plan, timeout_s=60)}
-        gen = torch.Generator().manual_seed(num_shards)
-        for rows in (1, 7, 64):
-            x = torch.randn(rows, whole.config.hidden_size, generator=gen)
-            for layer in (l for l in whole.layers if hasattr(l.mlp, "plan")):
-                dispatch = layer.mlp.plan(x)
-                want = whole.local_experts.run_experts(x, dispatch)
-                for kind, transport in transports.items():
-                    got = transport.run_experts(x, dispatch)
-                    assert got.keys() == want.keys(), kind
-                    assert all(torch.equal(got[e], want[e]) for e in want), f"{kind}, {num_shards} shards"
-        transports["socket"].close()
+        assert compare_transports(whole, handles, plan, seed=num_shards, rows=(1, 7, 64)) == \
+            {"socket": True, "serve": True}
     finally:
         torch.set_num_threads(threads)
         serve.delete(name)
