@@ -8,11 +8,12 @@ router keeps one connection per shard and a layer is one frame out and one frame
 
 Serve stays the control plane: it places, health-checks and restarts the ExpertShard replicas,
 and the router learns a shard's address by asking the shard through its Serve handle
-(`ExpertShard.data_plane`). A connection that fails (the replica died, was restarted, timed out)
-is dropped; the layer fails with ShardUnavailableError (503 for the requests in that step), and
-the next layer asks Serve again — it reaches the restarted replica without the router restarting.
-A connection found closed while idle is replaced before sending, so a restart between steps costs
-no request.
+(`ExpertShard.data_plane`). A connection that dies under a question (the replica died or was
+restarted) is replaced once within the layer: Serve is asked again, routes to the replacement when
+it is up, and the rows are sent again (they are a pure function of the request), so a restart that
+fits in the dispatch timeout costs the step time, not its requests; a second failure, a timeout or
+a shard's own error fails the layer with ShardUnavailableError (503 for the requests in that step).
+A connection found closed while idle is replaced before sending. The router never restarts.
 
 Each replica draws a random token when it starts and hands it out only through Serve; a
 connection must present it first, so only a caller that Serve lets reach the replica can use its
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from ray.exceptions import RayActorError
 
 from serve_app.model.moe import DispatchPlan
 from serve_app.parallel import wire
@@ -40,6 +42,7 @@ from serve_app.parallel.transport import (DispatchRecord, ShardRequest, ShardTra
                                           build_requests, split_response)
 
 HELLO_TIMEOUT_S = 5.0          # a connection that does not present the token in time is closed
+RETRY_PAUSE_S = 0.1            # between control-plane calls while a shard replica is replaced
 
 
 @dataclass(frozen=True)
@@ -158,14 +161,13 @@ class SocketTransport(ShardTransport):
         seq = next(self._seq)
         self._drop_closed()
         waiting: dict[int, tuple[ShardRequest, list]] = {}
+        resent: set[int] = set()            # shards asked again on a new connection this layer
         out: dict[int, torch.Tensor] = {}
         blame = next(iter(requests), -1)    # the shard a failure is reported against
         try:
             for shard, (req, assigns) in requests.items():
                 blame = shard
-                conn = self._connection(shard, deadline)
-                conn.settimeout(self._left(deadline))
-                wire.send_request(conn, seq, req)
+                self._send(shard, seq, req, deadline, resent)
                 waiting[shard] = (req, assigns)
             while waiting:
                 events = self._selector.select(self._left(deadline))
@@ -177,8 +179,15 @@ class SocketTransport(ShardTransport):
                         self._drop(key.data)            # replaced when a layer needs it
                         continue
                     blame = key.data
-                    req, assigns = waiting.pop(blame)
-                    y = wire.recv_response(self._conns[blame], seq, req.x, deadline)
+                    req, assigns = waiting[blame]
+                    try:
+                        y = wire.recv_response(self._conns[blame], seq, req.x, deadline)
+                    except (TimeoutError, RuntimeError):
+                        raise                           # too late, or the shard said why it failed
+                    except OSError:                     # the connection died under the question
+                        self._resend(blame, seq, req, deadline, resent)
+                        continue
+                    del waiting[blame]
                     if self.on_dispatch is not None:
                         self.on_dispatch(DispatchRecord(blame, plan.layer, req.x.shape[0], time.perf_counter() - started))
                     out.update(split_response(y.to(x.device), assigns))
@@ -189,12 +198,32 @@ class SocketTransport(ShardTransport):
             raise ShardUnavailableError(blame, exc) from exc
         return out
 
+    def _send(self, shard: int, seq: int, req: ShardRequest, deadline: float, resent: set[int]) -> None:
+        try:
+            conn = self._connection(shard, deadline)
+            conn.settimeout(self._left(deadline))
+            wire.send_request(conn, seq, req)
+        except TimeoutError:
+            raise
+        except OSError:                     # closed since the last layer, unseen by _drop_closed
+            self._resend(shard, seq, req, deadline, resent)
+
+    def _resend(self, shard: int, seq: int, req: ShardRequest, deadline: float, resent: set[int]) -> None:
+        """Ask again, once per layer, on a new connection: a shard replica that died is being
+        replaced by Serve, and its rows are a pure function of the request, so the restart costs
+        this layer time (within the deadline), not its requests."""
+        if shard in resent:
+            raise ConnectionError(f"the connection to shard {shard} failed twice in one layer")
+        resent.add(shard)
+        self._drop(shard)
+        conn = self._connection(shard, deadline)
+        conn.settimeout(self._left(deadline))
+        wire.send_request(conn, seq, req)
+
     def _connection(self, shard: int, deadline: float) -> socket.socket:
         if (conn := self._conns.get(shard)) is not None:
             return conn
-        # The control plane: Serve routes this to a live replica of the shard (waiting for one
-        # that is restarting, up to the deadline) and it answers with where it listens.
-        addr: PlaneAddress = self.handles[shard].data_plane.remote().result(timeout_s=self._left(deadline))
+        addr = self._address(shard, deadline)
         conn = socket.create_connection((addr.host, addr.port), timeout=self._left(deadline))
         try:
             _tune(conn).sendall(addr.token)
@@ -204,6 +233,18 @@ class SocketTransport(ShardTransport):
             raise
         self._conns[shard] = conn
         return conn
+
+    def _address(self, shard: int, deadline: float) -> PlaneAddress:
+        """The control plane: Serve routes the call to a live replica of the shard (waiting for one
+        that is starting) and it answers with where it listens. A call that reached a replica as it
+        died is asked again until the deadline."""
+        while True:
+            try:
+                return self.handles[shard].data_plane.remote().result(timeout_s=self._left(deadline))
+            except RayActorError:
+                if deadline - time.perf_counter() < RETRY_PAUSE_S:
+                    raise
+                time.sleep(RETRY_PAUSE_S)
 
     def _drop_closed(self) -> None:
         """Between layers nothing should be readable: a readable connection was closed by its

@@ -36,8 +36,9 @@ MAX_ELEMENTS = 1 << 26                              # 256 MB of float32 rows
 MAX_EXPERTS = 1 << 16
 
 
-class WireError(ConnectionError):
-    """The peer sent something that is not a frame of this protocol, or closed mid-frame."""
+class WireError(Exception):
+    """The peer sent something that is not a frame of this protocol (not retried: asking again
+    would get the same). A peer that closed mid-frame raises ConnectionResetError."""
 
 
 @dataclass
@@ -86,7 +87,7 @@ def recv_into_exact(sock: socket.socket, view: memoryview, deadline: float | Non
             sock.settimeout(left)
         n = sock.recv_into(view[got:])
         if n == 0:
-            raise WireError("connection closed by the peer")
+            raise ConnectionResetError("connection closed by the peer")
         got += n
 
 

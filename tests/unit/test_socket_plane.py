@@ -228,3 +228,38 @@ def test_an_answer_of_the_wrong_shape_fails_the_layer_cleanly(model):
     x, dispatch = _layer(whole)
     with pytest.raises(ShardUnavailableError, match="the answer is"):
         transport.run_experts(x, dispatch)
+
+
+def test_a_shard_that_dies_under_a_question_is_asked_again_on_its_replacement(model):
+    """Serve replaces a dead replica: the layer sends its rows again to the new one, once."""
+    path, whole = model
+    plan = PlacementPlan.round_robin(whole.config, 1)
+    backend = load_expert_weights(path, plan.shards[0].experts)
+    control = ControlPlane(None)
+
+    def dying(req):
+        control.server = replacement            # Serve's new replica, up while the old one dies
+        old.close()
+        return req.x
+    old = ShardServer(dying, "127.0.0.1", 0)
+    replacement = ShardServer(lambda req: run_shard_request(backend, req), "127.0.0.1", 0)
+    control.server = old
+    transport = SocketTransport([control], plan, timeout_s=5)
+    x, dispatch = _layer(whole)
+    got, want = transport.run_experts(x, dispatch), whole.local_experts.run_experts(x, dispatch)
+    assert all(torch.equal(got[e], want[e]) for e in want) and control.asked == 2
+    # A replacement that dies as well within the same layer is not asked a third time.
+    servers = []
+
+    def dies(req):                              # every replica dies on its first question
+        me = servers[-1]
+        servers.append(ShardServer(dies, "127.0.0.1", 0))
+        control.server = servers[-1]
+        me.close()
+        return req.x
+    servers.append(ShardServer(dies, "127.0.0.1", 0))
+    control.server, control.asked = servers[-1], 0
+    transport._drop(0)
+    with pytest.raises(ShardUnavailableError, match="failed twice"):
+        transport.run_experts(x, dispatch)
+    assert control.asked == 2
