@@ -67,7 +67,7 @@ class EngineCore:
         # batch growing with later admissions, early stops before max_tokens, the host's other work).
         self.latency_ratio = 1.0
         self.last_step: SchedulerOutput | None = None
-        self._structural: torch.Tensor | None = None   # [V] bool, see _structural_mask
+        self._structural: torch.Tensor | None = None   # [V] bool, see _structural_for
         if tokenizer is not None:       # decoded once here, not on the engine thread mid-traffic
             _ = tokenizer.structural_token_ids
 
@@ -203,8 +203,8 @@ class EngineCore:
                 samplers.append(seq)
                 sample_rows.append(row)
                 row += 1
-        touched = self._sample_and_update(samplers, logits[sample_rows] if len(sample_rows) < row else logits) \
-            if samplers else {}
+        # Without drafts every row samples, in order: no gather.
+        touched = self._sample_and_update(samplers, logits[sample_rows] if drafts else logits) if samplers else {}
         touched.update(self._verify_and_update(verified))
         self._settle(touched.values())
         outputs = [self._output(req) for req in touched.values()]
@@ -217,13 +217,16 @@ class EngineCore:
                 log.exception("engine observer failed; the step's outputs are delivered anyway")
         return outputs
 
-    def _structural_mask(self, logits) -> torch.Tensor:
-        """[V] bool of the tokenizer's structural tokens, built on first use (penalty_skips_structural)."""
+    def _structural_for(self, params: list[SamplingParams]) -> torch.Tensor | None:
+        """[V] bool of the tokenizer's structural tokens when any of `params` skips them in its
+        penalties (penalty_skips_structural), else None; built on first use."""
+        if not any(p.penalty_skips_structural for p in params):
+            return None
         if self._structural is None:
-            mask = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+            vocab = self.model.config.vocab_size
+            mask = torch.zeros(vocab, dtype=torch.bool, device=self.runner.device)
             if self.tokenizer is not None:
-                ids = [t for t in self.tokenizer.structural_token_ids if t < logits.shape[1]]
-                mask[ids] = True
+                mask[[t for t in self.tokenizer.structural_token_ids if t < vocab]] = True
             self._structural = mask
         return self._structural
 
@@ -238,7 +241,7 @@ class EngineCore:
                          len(self.scheduler.waiting), self.blocks.num_used_blocks, self.cfg.num_kv_blocks,
                          queries, hits, timings, [o for o in outputs if o.finished], expert_tokens, spec)
 
-    def _sample_and_update(self, seqs: list[Sequence], logits) -> list[Request]:
+    def _sample_and_update(self, seqs: list[Sequence], logits) -> dict[str, Request]:
         # Rows to sample: one per sequence, except a request finishing its prompt with n > 1,
         # whose row is sampled once per candidate.
         row_of, params, generators, targets = [], [], [], []
@@ -257,7 +260,7 @@ class EngineCore:
         if len(row_of) != len(seqs):
             logits = logits[row_of]
         output_ids = [c.output_token_ids for c in targets] if any(p.penalized for p in params) else None
-        structural = self._structural_mask(logits) if any(p.penalty_skips_structural for p in params) else None
+        structural = self._structural_for(params)
         result = sample(logits, params, generators, output_ids, structural)
         touched: dict[str, Request] = {}
         for cand, token, lp in zip(targets, result.token_ids, result.logprobs):
@@ -305,11 +308,6 @@ class EngineCore:
                 self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             touched[seq.request.request_id] = seq.request
         return touched
-
-    def _structural_for(self, params: list[SamplingParams]) -> torch.Tensor | None:
-        if not any(p.penalty_skips_structural for p in params):
-            return None
-        return self._structural_mask(torch.empty(1, self.model.config.vocab_size, device=self.runner.device))
 
     def _calibrate(self, times: RequestTimes) -> None:
         if times.predicted_s:

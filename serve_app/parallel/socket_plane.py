@@ -200,13 +200,16 @@ class SocketTransport(ShardTransport):
 
     def _send(self, shard: int, seq: int, req: ShardRequest, deadline: float, resent: set[int]) -> None:
         try:
-            conn = self._connection(shard, deadline)
-            conn.settimeout(self._left(deadline))
-            wire.send_request(conn, seq, req)
+            self._put(shard, seq, req, deadline)
         except TimeoutError:
             raise
         except OSError:                     # closed since the last layer, unseen by _drop_closed
             self._resend(shard, seq, req, deadline, resent)
+
+    def _put(self, shard: int, seq: int, req: ShardRequest, deadline: float) -> None:
+        conn = self._connection(shard, deadline)
+        conn.settimeout(self._left(deadline))
+        wire.send_request(conn, seq, req)
 
     def _resend(self, shard: int, seq: int, req: ShardRequest, deadline: float, resent: set[int]) -> None:
         """Ask again, once per layer, on a new connection: a shard replica that died is being
@@ -216,9 +219,7 @@ class SocketTransport(ShardTransport):
             raise ConnectionError(f"the connection to shard {shard} failed twice in one layer")
         resent.add(shard)
         self._drop(shard)
-        conn = self._connection(shard, deadline)
-        conn.settimeout(self._left(deadline))
-        wire.send_request(conn, seq, req)
+        self._put(shard, seq, req, deadline)
 
     def _connection(self, shard: int, deadline: float) -> socket.socket:
         if (conn := self._conns.get(shard)) is not None:
