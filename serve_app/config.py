@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,12 @@ class AppConfig(BaseModel):
         "socket", description="how a MoE layer's rows reach the shards: 'socket' = the data plane (one TCP "
         "connection per shard, addresses from Serve); 'serve' = a Serve handle call per shard per layer. "
         "Per layer with 4 shards: see docs/benchmarks.md, 'Data plane'")
+    engine_host: Literal["auto", "process", "replica"] = Field(
+        "auto", description="where the Router's engine runs: 'process' = a child process of the Router replica, "
+        "reached by the Ingress over one TCP connection (no Ray threads beside the engine, no Serve hop per "
+        "request); 'replica' = inside the replica, requests over Serve handles (needed by "
+        "expert_transport 'serve'); 'auto' = process unless the transport is 'serve'. Measured: "
+        "docs/benchmarks.md, 'The engine in its own process'")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields")
     quantized_precisions: tuple[Literal["int8", "int4"], ...] = Field(
         ("int8", "int4"), description="quantized copies of all experts the router holds (the fast path); "
@@ -172,6 +178,23 @@ class AppConfig(BaseModel):
                                  "(api/shedding.py)")
     host: str = Field("127.0.0.1", description="HTTP bind address")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port clients reach")
+
+    @model_validator(mode="after")
+    def _engine_host_fits_transport(self) -> "AppConfig":
+        if self.engine_host == "process" and self.expert_transport == "serve" and self._has_shards():
+            raise ValueError("engine_host 'process' needs expert_transport 'socket': the engine process has no "
+                             "Ray worker to call Serve handles from (use engine_host 'replica' or 'auto')")
+        return self
+
+    def resolved_engine_host(self) -> str:
+        if self.engine_host != "auto":
+            return self.engine_host
+        return "replica" if self.expert_transport == "serve" and self._has_shards() else "process"
+
+    def _has_shards(self) -> bool:
+        if self.placement is not None:
+            return any(key != "local" and experts for key, experts in self.placement.items())
+        return self.expert_shards > 0
 
     def process_settings(self) -> "ProcessSettings":
         return ProcessSettings(self.torch_threads, self.gil_switch_interval_s)

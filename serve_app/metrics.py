@@ -126,12 +126,49 @@ class Metrics:
         else:
             getattr(target[0], op)(value, tags=target[1])
 
+    def apply(self, records: list[tuple]) -> None:
+        """Record what a `MetricsRelay` in another process collected, in its order."""
+        for op, name, value, tags in records:
+            self._record(op, name, value, tags)
+
     def exposition(self) -> bytes:
         """Prometheus text format of this registry (prometheus backend only)."""
         if self.backend != "prometheus":
             raise RuntimeError("the ray backend exports through Ray's metrics port, not here")
         import prometheus_client as pc
         return pc.generate_latest(self.registry)
+
+
+class MetricsRelay:
+    """`Metrics`' recording interface for a process that cannot export (the Router's engine
+    process has no Ray worker): calls are kept in order and `drain()`ed to the parent, which
+    `Metrics.apply`s them. Names and tags are checked here, where the call was made."""
+
+    def __init__(self):
+        self._records: list[tuple] = []
+        self._lock = threading.Lock()       # lanes record from their own threads
+
+    def inc(self, name: str, value: float = 1.0, **tags) -> None:
+        if value > 0:
+            self._add("inc", name, value, tags)
+
+    def set(self, name: str, value: float, **tags) -> None:
+        self._add("set", name, value, tags)
+
+    def observe(self, name: str, value: float, **tags) -> None:
+        self._add("observe", name, value, tags)
+
+    def _add(self, op: str, name: str, value: float, tags: dict) -> None:
+        expected = BY_NAME[name].tags       # KeyError for an unknown name, as Metrics
+        if set(tags) != set(expected):
+            raise ValueError(f"{name} takes tags {expected}, got {sorted(tags)}")
+        with self._lock:
+            self._records.append((op, name, float(value), tags))
+
+    def drain(self) -> list[tuple]:
+        with self._lock:
+            records, self._records = self._records, []
+        return records
 
 
 class EngineMetricsObserver:

@@ -14,6 +14,7 @@ from serve_app.config import AppConfig
 from serve_app.deployments.expert_shard import ExpertShard
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.router import Router
+from serve_app.hosting.spec import RouterEngineSpec
 from serve_app.model import ModelConfig
 from serve_app.model.loader import resolve_dtype
 from serve_app.parallel.placement import PlacementPlan
@@ -53,8 +54,10 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
     dtype = str(resolve_dtype(config.dtype, config.model)).removeprefix("torch.")
     shards = [ExpertShard.options(name=f"ExpertShard{spec.index}", ray_actor_options=shard_resources)
               .bind(config.model, spec, dtype, config.process_settings()) for spec in plan.shards]
-    router = Router.options(ray_actor_options=router_actor_options(config)).bind(
-        config.model, plan, config.engine_config(), shards, dtype, config.dispatch_timeout_s, config.expert_transport,
+    spec = RouterEngineSpec(
+        config.model, plan, config.engine_config(), config.process_settings(), dtype, config.dispatch_timeout_s,
         tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction,
-        config.quant_materialize, config.full_lane_max_defer_s, config.fast_dtype, config.process_settings())
+        config.quant_materialize, config.full_lane_max_defer_s, config.fast_dtype)
+    router = Router.options(ray_actor_options=router_actor_options(config)).bind(
+        spec, shards, config.expert_transport, config.resolved_engine_host())
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(router, config)

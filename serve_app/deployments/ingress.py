@@ -1,7 +1,8 @@
-"""Ingress deployment: the FastAPI app of `serve_app.api`, talking to the Router over a handle.
+"""Ingress deployment: the FastAPI app of `serve_app.api`, talking to the Router's engine.
 
-`RouterClient` is the api layer's EngineClient for Serve: it streams a request's outputs from the
-Router and turns Ray's wrapped errors back into the engine's typed ones (so the HTTP layer can map
+With the engine in its own process (the default) the client is `hosting.client.RemoteEngineClient`.
+With the engine inside the Router replica, `RouterClient` is the api layer's EngineClient: it
+streams a request's outputs from the Router over Serve handles and turns Ray's wrapped errors back into the engine's typed ones (so the HTTP layer can map
 them to 400/429) or into `BackendUnavailableError` (503) when the router or a shard is gone.
 """
 from __future__ import annotations
@@ -20,14 +21,12 @@ from serve_app.api.observability import MetricsMiddleware, metrics_router
 from serve_app.api.settings import ApiSettings, GenerationDefaults
 from serve_app.config import AppConfig, api_keys_from_env
 from serve_app.deployments.direct_ingress import allow_rebind
-from serve_app.engine import EngineError, EngineStepError, RequestOutput, SamplingParams
-from serve_app.engine.sampling_params import SamplingParamsError
+from serve_app.engine import RequestOutput, SamplingParams
+from serve_app.hosting.client import RemoteEngineClient, backend_error
 from serve_app.metrics import Metrics
 from serve_app.model import ModelConfig
 from serve_app.tokenizer import CodeTokenizer
 
-# Errors the engine raises about the request itself or about load; passed through unchanged.
-_CLIENT_ERRORS = (SamplingParamsError, EngineError, ValueError)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -50,10 +49,8 @@ class RouterClient:
                 finished = out.finished
                 yield out
         except RayError as exc:
-            cause = _unwrap(exc)
-            if isinstance(cause, EngineStepError) or not isinstance(cause, _CLIENT_ERRORS):
-                raise BackendUnavailableError(f"the model backend failed: {type(cause).__name__}") from exc
-            raise cause from None
+            error = backend_error(_unwrap(exc))
+            raise error from (exc if isinstance(error, BackendUnavailableError) else None)
         finally:
             if not finished:                    # client went away or we failed: free the KV now
                 responses.cancel()
@@ -84,7 +81,9 @@ class Ingress:
     def __init__(self, router, config: AppConfig):
         config.process_settings().apply()
         allow_rebind()                   # a restarted replica must get the public port back
-        self.client = RouterClient(router)
+        # The engine in its own process is reached over its connection; inside the Router replica, over
+        # Serve handle calls (serve_app/hosting).
+        self.client = RemoteEngineClient(router) if config.resolved_engine_host() == "process" else RouterClient(router)
         self._metrics_url: str | None = None
         # Keys from the environment (e.g. a Kubernetes Secret) are read here, in the replica, so they
         # never pass through the Serve controller or the stored application config.

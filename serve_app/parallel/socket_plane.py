@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from ray.exceptions import RayActorError
@@ -135,8 +135,14 @@ class ShardServer:
 class SocketTransport(ShardTransport):
     """ExpertBackend over the shards' data planes (the Serve handles only tell addresses)."""
 
+    # (shard, seconds left) → the address of a live replica of that shard; None = ask the shard's
+    # Serve handle (`address_via_serve`). The Router's engine process has no Ray: it asks its replica.
+    resolve: Callable[[int, float], PlaneAddress] | None = None
+
     def __post_init__(self):
         super().__post_init__()
+        if self.resolve is None:
+            self.resolve = address_via_serve(self.handles)
         self._conns: dict[int, socket.socket] = {}
         self._selector = selectors.DefaultSelector()
         self._seq = itertools.count(1)
@@ -236,16 +242,7 @@ class SocketTransport(ShardTransport):
         return conn
 
     def _address(self, shard: int, deadline: float) -> PlaneAddress:
-        """The control plane: Serve routes the call to a live replica of the shard (waiting for one
-        that is starting) and it answers with where it listens. A call that reached a replica as it
-        died is asked again until the deadline."""
-        while True:
-            try:
-                return self.handles[shard].data_plane.remote().result(timeout_s=self._left(deadline))
-            except RayActorError:
-                if deadline - time.perf_counter() < RETRY_PAUSE_S:
-                    raise
-                time.sleep(RETRY_PAUSE_S)
+        return self.resolve(shard, self._left(deadline))
 
     def _drop_closed(self) -> None:
         """Between layers nothing should be readable: a readable connection was closed by its
@@ -261,3 +258,19 @@ class SocketTransport(ShardTransport):
     @staticmethod
     def _left(deadline: float) -> float:
         return max(1e-3, deadline - time.perf_counter())
+
+
+def address_via_serve(handles: Sequence) -> Callable[[int, float], PlaneAddress]:
+    """The control plane: Serve routes the call to a live replica of the shard (waiting for one
+    that is starting) and it answers with where it listens. A call that reached a replica as it
+    died is asked again until the time is up."""
+    def resolve(shard: int, timeout_s: float) -> PlaneAddress:
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            try:
+                return handles[shard].data_plane.remote().result(timeout_s=max(1e-3, deadline - time.perf_counter()))
+            except RayActorError:
+                if deadline - time.perf_counter() < RETRY_PAUSE_S:
+                    raise
+                time.sleep(RETRY_PAUSE_S)
+    return resolve

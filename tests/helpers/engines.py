@@ -1,11 +1,13 @@
 """Factories for engine tests: a tiny model dir (weights + tokenizer) and engines over it."""
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from serve_app.config import EngineConfig
 from serve_app.engine import EngineCore, SamplingParams
-from serve_app.model import load_model
+from serve_app.model import kernels, load_model
 from serve_app.tokenizer import CodeTokenizer
 from tests.helpers.checkpoints import build_checkpoint
 from tests.helpers.factories import build_tokenizer
@@ -35,3 +37,21 @@ def run(engine: EngineCore, prompts: dict[str, list[int]], params: SamplingParam
         engine.add_request(request_id, prompt, params)
     final = engine.run_until_done(prompts)
     return {rid: out.outputs[0].token_ids for rid, out in final.items()}
+
+
+@contextlib.contextmanager
+def fixed_kernels():
+    """The kernel table instead of measurements (serve_app/model/kernels.py), in this process and in
+    servers started meanwhile, for tests that compare two processes token for token: each measuring
+    on its own could pick a different dtype or kernel path on a loaded machine (seen in the suite)."""
+    before = os.environ.get("MOE_SERVE_KERNELS")
+    os.environ["MOE_SERVE_KERNELS"] = "fixed"
+    kernels.forget_choices()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MOE_SERVE_KERNELS")
+        else:
+            os.environ["MOE_SERVE_KERNELS"] = before
+        kernels.forget_choices()

@@ -92,7 +92,7 @@ def test_short_chaos_soak_answers_every_request_and_recovers(app, tmp_path):
     workload = wl.WorkloadConfig(max_prefix_chars=200, max_suffix_chars=80, min_tokens=4, max_tokens=12,
                                  min_session_requests=4, max_session_requests=8, full_precision_share=0.5,
                                  timeout_s=TIMEOUT_S)
-    verdict = chaos.run_soak(app, tmp_path / "soak", users=4, run_time_s=45, faults=chaos.DEPLOYMENTS,
+    verdict = chaos.run_soak(app, tmp_path / "soak", users=4, run_time_s=60, faults=chaos.DEPLOYMENTS,
                              workload=workload)
     print(chaos.report(verdict))
     assert verdict.ok, chaos.report(verdict)

@@ -7,7 +7,6 @@ session would fight the first for the direct-ingress port.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,35 +17,16 @@ import pytest
 from serve_app.api.settings import GenerationDefaults
 from serve_app.config import default_model_dir
 from serve_app.engine import LLM, SamplingParams
-from serve_app.model import kernels
 from serve_app.tokenizer import CodeTokenizer
 from serve_app.train import evaluate_server
 from serve_app.train.evaluate import edit_similarity
 from tests.helpers import servers
+from tests.helpers.engines import fixed_kernels
 
 MODEL = Path(default_model_dir())
 CASES, MAX_TOKENS = 16, 64
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.contextmanager
-def fixed_kernels():
-    """The kernel table instead of measurements (serve_app/model/kernels.py), in this process and in
-    servers started meanwhile: the server and the offline reference are compared token for token,
-    and each measuring on its own could pick a different full-precision or attention dtype on a
-    loaded machine (seen once in the full suite)."""
-    before = os.environ.get("MOE_SERVE_KERNELS")
-    os.environ["MOE_SERVE_KERNELS"] = "fixed"
-    kernels.forget_choices()
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("MOE_SERVE_KERNELS")
-        else:
-            os.environ["MOE_SERVE_KERNELS"] = before
-        kernels.forget_choices()
 
 
 @pytest.fixture(scope="module")
