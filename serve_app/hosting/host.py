@@ -8,7 +8,6 @@ when the engine is gone or silent, so Serve replaces the replica — and with it
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import subprocess
 import sys

@@ -7,8 +7,8 @@ session would fight the first for the direct-ingress port.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from pathlib import Path
 
 import httpx
