@@ -37,16 +37,21 @@ class RMSNorm(nn.Module):
         # instead of seven (a decode step calls this 2 x layers + 1 times). The reference then
         # rounds to x's dtype before the weight: identical in float32, half a bf16 step apart
         # (and closer to exact) in bf16.
+        # The fused kernel also takes a float32 weight with 16-bit x (a bf16 fast lane over a float32
+        # checkpoint), computing in float32 as the fallback below: 9 µs against 65 µs for the
+        # fallback's seven ops on the Zen 3 (docs/benchmarks.md, 2026-12-03 afternoon).
+        if (x.dtype == self.weight.dtype or self.weight.dtype == torch.float32) and \
+                (fused := cpu_kernels.for_tensor(x)) is not None:
+            return fused.add_rms_norm(x, None, self.weight, self.eps)[1]
         if x.dtype == self.weight.dtype:     # torch accumulates a 16-bit input in float32 itself
-            if (fused := cpu_kernels.for_tensor(x)) is not None:
-                return fused.add_rms_norm(x, None, self.weight, self.eps)[1]
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
     def add_forward(self, delta: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + delta, norm of it): one fused kernel on a 16-bit inference step (the
         residual add and the norm read the same row), two ops elsewhere."""
-        if delta.dtype == self.weight.dtype == residual.dtype and (fused := cpu_kernels.for_tensor(delta)) is not None:
+        if delta.dtype == residual.dtype and self.weight.dtype in (delta.dtype, torch.float32) and \
+                (fused := cpu_kernels.for_tensor(delta)) is not None:
             return fused.add_rms_norm(delta, residual, self.weight, self.eps)
         x = residual + delta
         return x, self(x)

@@ -118,17 +118,35 @@ def test_paged_attention_refuses_indices_outside_the_cache(ops):
         ops.paged_attention(q, k, k, torch.tensor([[0]]), torch.tensor([1]), torch.tensor([3]), 1.0)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])   # float32: a bf16 lane over a float32 model
 @pytest.mark.parametrize("rows", [1, 8])
-def test_add_rms_norm_matches_torch(ops, rows):
+def test_add_rms_norm_matches_torch(ops, rows, weight_dtype):
     gen = torch.Generator().manual_seed(rows)
     x, res = (torch.randn(rows, 192, generator=gen).bfloat16() for _ in range(2))
-    w = (torch.rand(192, generator=gen) + 0.5).bfloat16()
+    w = (torch.rand(192, generator=gen) + 0.5).to(weight_dtype)
     with torch.inference_mode():
         h, y = ops.add_rms_norm(x, res, w, 1e-6)
         only, y2 = ops.add_rms_norm(x, None, w, 1e-6)
     assert torch.equal(h, x + res)                                      # the residual stream, bf16 as torch rounds it
     assert rel(y, F.rms_norm((x + res).float(), (192,), w.float(), 1e-6)) < 4e-3
     assert only is x and rel(y2, F.rms_norm(x.float(), (192,), w.float(), 1e-6)) < 4e-3
+
+
+def test_rms_norm_module_takes_the_kernel_with_a_float32_weight_and_matches_its_fallback(ops):
+    from serve_app.model.transformer import RMSNorm
+    norm = RMSNorm(192, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(192, generator=torch.Generator().manual_seed(3)) + 0.5)   # float32
+    x, res = (torch.randn(4, 192, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (4, 5))
+    with torch.inference_mode():
+        fused_h, fused_y = norm.add_forward(x, res)
+        fused_only = norm(x)
+    # The fallback (no kernels: grad mode on) computes the same in float32, rounded once to bf16.
+    h, y = norm.add_forward(x, res)
+    assert fused_h.dtype == fused_y.dtype == fused_only.dtype == torch.bfloat16
+    assert torch.equal(fused_h, h)
+    assert rel(fused_y, y) < 4e-3 and rel(fused_only, norm(x)) < 4e-3
+    assert (fused_y != y).float().mean() < 0.05          # the same rounding almost everywhere
 
 
 def test_silu_mul_matches_torch(ops):

@@ -5,8 +5,10 @@ namespace {
 using namespace moe_serve_kernels;
 
 // x [T, D] (+ residual [T, D]) -> (h = x + residual rounded to x's dtype, rms_norm(h) * weight).
-template <typename T>
-void add_rms_norm_impl(const T* x, const T* res, const T* w, T* h, T* y, int64_t rows, int64_t D, float eps) {
+// The weight is in x's dtype or float32 (a 16-bit fast lane over a float32 checkpoint: the norm is
+// computed in float32 either way, as the reference does).
+template <typename T, typename W>
+void add_rms_norm_impl(const T* x, const T* res, const W* w, T* h, T* y, int64_t rows, int64_t D, float eps) {
   std::vector<float> hf(D), wf(D);
   for (int64_t d = 0; d < D; ++d) wf[d] = to_f(w[d]);
   for (int64_t t = 0; t < rows; ++t) {
@@ -32,7 +34,9 @@ void add_rms_norm_impl(const T* x, const T* res, const T* w, T* h, T* y, int64_t
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                                 const at::Tensor& weight, double eps) {
   const int64_t D = x.size(-1), rows = x.numel() / D;
-  TORCH_CHECK(weight.numel() == D && weight.scalar_type() == x.scalar_type(), "weight must be [D] in x's dtype");
+  const bool float_weight = weight.scalar_type() == at::kFloat;
+  TORCH_CHECK(weight.numel() == D && (float_weight || weight.scalar_type() == x.scalar_type()),
+              "weight must be [D] in x's dtype or float32");
   auto xc = x.contiguous();
   at::Tensor rc;
   if (residual.has_value()) {
@@ -42,13 +46,15 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::
   auto wc = weight.contiguous();
   auto h = residual.has_value() ? at::empty_like(xc) : xc;
   auto y = at::empty_like(xc);
-#define MOE_NORM(T) add_rms_norm_impl<T>(xc.data_ptr<T>(), rc.defined() ? rc.data_ptr<T>() : nullptr, \
-    wc.data_ptr<T>(), h.data_ptr<T>(), y.data_ptr<T>(), rows, D, static_cast<float>(eps))
+#define MOE_NORM_W(T, W) add_rms_norm_impl<T, W>(xc.data_ptr<T>(), rc.defined() ? rc.data_ptr<T>() : nullptr, \
+    wc.data_ptr<W>(), h.data_ptr<T>(), y.data_ptr<T>(), rows, D, static_cast<float>(eps))
+#define MOE_NORM(T) do { if (float_weight) MOE_NORM_W(T, float); else MOE_NORM_W(T, T); } while (0)
   if (x.scalar_type() == at::kBFloat16) MOE_NORM(c10::BFloat16);
   else if (x.scalar_type() == at::kFloat) MOE_NORM(float);
   else if (x.scalar_type() == at::kHalf) MOE_NORM(c10::Half);
   else TORCH_CHECK(false, "add_rms_norm: unsupported dtype ", x.scalar_type());
 #undef MOE_NORM
+#undef MOE_NORM_W
   return {h, y};
 }
 
