@@ -72,8 +72,26 @@ DEFINITIONS = [
 BY_NAME = {d.name: d for d in DEFINITIONS}
 
 
-class Metrics:
-    """Record by name: `metrics.inc("moe_requests_total", endpoint=..., status=..., tier=...)`."""
+class _Recorder:
+    """Record by name: `metrics.inc("moe_requests_total", endpoint=..., status=..., tier=...)`;
+    subclasses say where a record goes (`_record`)."""
+
+    def inc(self, name: str, value: float = 1.0, **tags) -> None:
+        if value > 0:
+            self._record("inc", name, value, tags)
+
+    def set(self, name: str, value: float, **tags) -> None:
+        self._record("set", name, value, tags)
+
+    def observe(self, name: str, value: float, **tags) -> None:
+        self._record("observe", name, value, tags)
+
+    def _record(self, op: str, name: str, value: float, tags: dict) -> None:
+        raise NotImplementedError
+
+
+class Metrics(_Recorder):
+    """Records into Ray's metrics or a prometheus-client registry."""
 
     def __init__(self, backend: str = "prometheus", registry=None):
         if backend not in ("ray", "prometheus"):
@@ -108,16 +126,6 @@ class Metrics:
             return metric.labels(**{k: str(v) for k, v in tags.items()}) if expected else metric
         return metric, ({k: str(v) for k, v in tags.items()} if expected else None)
 
-    def inc(self, name: str, value: float = 1.0, **tags) -> None:
-        if value > 0:
-            self._record("inc", name, value, tags)
-
-    def set(self, name: str, value: float, **tags) -> None:
-        self._record("set", name, value, tags)
-
-    def observe(self, name: str, value: float, **tags) -> None:
-        self._record("observe", name, value, tags)
-
     def _record(self, op: str, name: str, value: float, tags: dict) -> None:
         # Both libraries name the operations inc/set/observe; Ray takes the tags per call.
         target = self._target(name, tags)
@@ -139,7 +147,7 @@ class Metrics:
         return pc.generate_latest(self.registry)
 
 
-class MetricsRelay:
+class MetricsRelay(_Recorder):
     """`Metrics`' recording interface for a process that cannot export (the Router's engine
     process has no Ray worker): calls are kept in order and `drain()`ed to the parent, which
     `Metrics.apply`s them. Names and tags are checked here, where the call was made."""
@@ -148,17 +156,7 @@ class MetricsRelay:
         self._records: list[tuple] = []
         self._lock = threading.Lock()       # lanes record from their own threads
 
-    def inc(self, name: str, value: float = 1.0, **tags) -> None:
-        if value > 0:
-            self._add("inc", name, value, tags)
-
-    def set(self, name: str, value: float, **tags) -> None:
-        self._add("set", name, value, tags)
-
-    def observe(self, name: str, value: float, **tags) -> None:
-        self._add("observe", name, value, tags)
-
-    def _add(self, op: str, name: str, value: float, tags: dict) -> None:
+    def _record(self, op: str, name: str, value: float, tags: dict) -> None:
         expected = BY_NAME[name].tags       # KeyError for an unknown name, as Metrics
         if set(tags) != set(expected):
             raise ValueError(f"{name} takes tags {expected}, got {sorted(tags)}")
