@@ -1,7 +1,7 @@
 """Ingress deployment: the FastAPI app of `serve_app.api`, talking to the Router's engine.
 
-With the engine in its own process (the default) the client is `hosting.client.RemoteEngineClient`.
-With the engine inside the Router replica, `RouterClient` is the api layer's EngineClient: it
+With the engine in its own process (`engine_host: process`) the client is `hosting.client.RemoteEngineClient`.
+With the engine inside the Router replica (the default), `RouterClient` is the api layer's EngineClient: it
 streams a request's outputs from the Router over Serve handles and turns Ray's wrapped errors back into the engine's typed ones (so the HTTP layer can map
 them to 400/429) or into `BackendUnavailableError` (503) when the router or a shard is gone.
 """

@@ -11,9 +11,10 @@ requests, the "full" lane full-precision ones, so a simple request never waits i
 waits on shard round trips, and the full lane yields the CPU/GPU to the fast one
 (`full_lane_max_defer_s` bounds how long).
 
-Where the engine runs (`engine_host`, serve_app/hosting): by default in a child process of this
-replica, which then only starts and supervises it, tells clients where it listens and relays
-metrics and the shards' control plane; with the Serve-handle data plane, inside this replica.
+Where the engine runs (`engine_host`, serve_app/hosting): by default inside this replica; with
+`engine_host: process` in a child process of it, which this replica then only starts and
+supervises (it tells clients where the engine listens and relays metrics and the shards' control
+plane).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from serve_app.parallel.transport import ServeTransport
                   health_check_timeout_s=10)
 class Router:
     def __init__(self, spec: RouterEngineSpec, shards: list, expert_transport: str = "socket",
-                 engine_host: str = "process"):
+                 engine_host: str = "replica"):
         spec.process.apply()
         # A Router given a GPU by Ray runs its dense layers, KV cache and quantized experts there.
         spec = replace(spec, device="cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")

@@ -292,8 +292,8 @@ def test_metrics_relay_checks_names_and_tags_where_recorded_and_keeps_order():
 
 
 def test_engine_host_config_fits_the_transport():
-    assert AppConfig().resolved_engine_host() == "process"
-    assert AppConfig(expert_transport="serve").resolved_engine_host() == "replica"
-    assert AppConfig(expert_transport="serve", expert_shards=0).resolved_engine_host() == "process"
+    assert AppConfig().resolved_engine_host() == "replica"
+    assert AppConfig(engine_host="process").resolved_engine_host() == "process"
+    assert AppConfig(expert_transport="serve", expert_shards=0, engine_host="process").resolved_engine_host() == "process"
     with pytest.raises(ValueError, match="engine_host 'process' needs expert_transport 'socket'"):
         AppConfig(expert_transport="serve", engine_host="process")

@@ -1,6 +1,8 @@
-"""The other hosting: the engine inside the Router replica, requests over Serve handles
-(`engine_host: replica`, which `expert_transport: serve` implies). test_serve_app.py runs the default
-(the engine in its own process); both must give the single-process output."""
+"""The other hosting: the Router's engine in a process of its own, reached by the Ingress over its
+connection (`engine_host: process`, serve_app/hosting). The other Ray tests run the default (the
+engine inside the replica); both must give the single-process output. (This module runs after
+test_prometheus.py: after the chaos soak, with this hosting, Prometheus found the node's metrics
+export down — not understood yet, see docs/benchmarks.md.)"""
 from __future__ import annotations
 
 import json
@@ -25,17 +27,16 @@ def app(ray_cluster, base_url, tmp_path_factory):
 
     from serve_app.deployments.app import build_app
 
-    model_dir = build_model_dir(tmp_path_factory.mktemp("replica"), "mixtral", num_local_experts=4)
-    config = AppConfig(model=str(model_dir), expert_shards=2, expert_transport="serve", engine=ENGINE,
+    model_dir = build_model_dir(tmp_path_factory.mktemp("engine-process"), "mixtral", num_local_experts=4)
+    config = AppConfig(model=str(model_dir), expert_shards=2, engine_host="process", engine=ENGINE,
                        served_model_name="tiny")
-    assert config.resolved_engine_host() == "replica"
     serve.run(build_app(config), name="moe-serve", route_prefix="/")
     wait_for_health(base_url)
     yield model_dir, base_url, serve.get_deployment_handle("Router", app_name="moe-serve")
     serve.delete("moe-serve")
 
 
-def test_replica_hosted_engine_over_serve_handles_equals_single_process_output(app):
+def test_engine_process_over_its_connection_equals_single_process_output(app):
     model_dir, url, router = app
     expected = LLM(model_dir, **ENGINE).generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))
     for prompt, ref in zip(PROMPTS, expected):
@@ -46,6 +47,6 @@ def test_replica_hosted_engine_over_serve_handles_equals_single_process_output(a
         with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as resp:
             chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
         assert "".join(c["choices"][0]["text"] for c in chunks) == ref.outputs[0].text
-    with pytest.raises(Exception, match="runs its engine in the replica"):
-        router.engine_address.remote().result(timeout_s=30)
+    address = router.engine_address.remote().result(timeout_s=30)
+    assert address.port > 0 and len(address.token) == 16
     assert router.kv_usage.remote().result(timeout_s=30)["requests"] == 0
