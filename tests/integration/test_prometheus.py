@@ -2,7 +2,7 @@
 dashboard works on what the system actually exports.
 
 Prometheus (Debian's `prometheus` binary) runs on loopback with a generated config that scrapes,
-every second, each Ray node's metrics export port (job "ray") and the Ingress' own /metrics (job
+every 5 seconds, each Ray node's metrics export port (job "ray") and the Ingress' own /metrics (job
 "ingress", which relays its node's export: same series, so queries pick one job). Ray flushes
 metrics from workers to the export every few seconds, so every check polls with a bounded wait.
 """
@@ -86,7 +86,10 @@ class Prometheus:
 
 def _config(ray_targets: list[str], ingress_target: str) -> str:
     jobs = [("ray", ray_targets), ("ingress", [ingress_target])]
-    lines = ["global:", "  scrape_interval: 1s", "  evaluation_interval: 1s", "scrape_configs:"]
+    # A scrape may take seconds: on a slow 2-core VM, after the chaos soak, Ray's export (and the
+    # Ingress relaying it) missed a 1 s scrape timeout for the module's whole 120 s wait.
+    lines = ["global:", "  scrape_interval: 5s", "  scrape_timeout: 5s", "  evaluation_interval: 1s",
+             "scrape_configs:"]
     for job, targets in jobs:
         lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {json.dumps(targets)}"]
     return "\n".join(lines) + "\n"
