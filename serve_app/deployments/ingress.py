@@ -22,16 +22,10 @@ from serve_app.api.settings import ApiSettings, GenerationDefaults
 from serve_app.config import AppConfig, api_keys_from_env
 from serve_app.deployments.direct_ingress import allow_rebind
 from serve_app.engine import RequestOutput, SamplingParams
-from serve_app.hosting.client import RemoteEngineClient, backend_error
+from serve_app.hosting.client import RemoteEngineClient, backend_error, ray_cause, router_health
 from serve_app.metrics import Metrics
 from serve_app.model import ModelConfig
 from serve_app.tokenizer import CodeTokenizer
-
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
 
 
 class RouterClient:
@@ -49,7 +43,7 @@ class RouterClient:
                 finished = out.finished
                 yield out
         except RayError as exc:
-            error = backend_error(_unwrap(exc))
+            error = backend_error(ray_cause(exc))
             raise error from (exc if isinstance(error, BackendUnavailableError) else None)
         finally:
             if not finished:                    # client went away or we failed: free the KV now
@@ -63,10 +57,7 @@ class RouterClient:
             pass                                # the router is gone; so is the request
 
     async def check_health(self) -> None:
-        try:
-            await asyncio.wait_for(self.router.health.remote(), timeout=self.health_timeout_s)
-        except (RayError, asyncio.TimeoutError) as exc:
-            raise BackendUnavailableError(f"unhealthy: {type(_unwrap(exc)).__name__}") from exc
+        await router_health(self.router, self.health_timeout_s)
 
 
 def _node_metrics_url() -> str:

@@ -27,11 +27,10 @@ import torch
 from ray import serve
 
 from serve_app.engine import RequestOutput, SamplingParams
-from serve_app.hosting.frames import EngineAddress
 from serve_app.hosting.host import EngineHost
 from serve_app.hosting.spec import RouterEngineSpec, build_router_lanes, kv_usage
 from serve_app.metrics import EngineMetricsObserver, Metrics
-from serve_app.parallel.socket_plane import SocketTransport
+from serve_app.parallel.socket_plane import PlaneAddress, SocketTransport
 from serve_app.parallel.transport import ServeTransport
 
 
@@ -54,7 +53,7 @@ class Router:
         self.lanes = build_router_lanes(spec, observer, lambda on_dispatch: kind(
             shards, spec.placement, timeout_s=spec.dispatch_timeout_s, on_dispatch=on_dispatch))
 
-    def engine_address(self) -> EngineAddress:
+    def engine_address(self) -> PlaneAddress:
         """Where this replica's engine process listens (the control plane of hosting.client)."""
         if self.host is None:
             raise RuntimeError("this Router runs its engine in the replica (engine_host 'replica')")

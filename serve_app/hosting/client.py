@@ -24,6 +24,20 @@ from serve_app.hosting.frames import FrameError, encode, no_delay, read_frame
 CLIENT_ERRORS = (SamplingParamsError, EngineError, ValueError)
 
 
+def ray_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray error wraps (a RayTaskError's `cause`), else `exc` itself."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+async def router_health(router, timeout_s: float) -> None:
+    """/health through the Router deployment (its engines run, every shard answers), or 503."""
+    try:
+        await asyncio.wait_for(router.health.remote(), timeout=timeout_s)
+    except (RayError, asyncio.TimeoutError) as exc:
+        raise BackendUnavailableError(f"unhealthy: {type(ray_cause(exc)).__name__}") from exc
+
+
 def backend_error(cause: BaseException) -> BaseException:
     """What the API raises for an error the engine ended a request with."""
     if isinstance(cause, BackendUnavailableError):
@@ -94,10 +108,7 @@ class RemoteEngineClient:
             conn.send(("abort", request_id))
 
     async def check_health(self) -> None:
-        try:
-            await asyncio.wait_for(self.router.health.remote(), timeout=self.health_timeout_s)
-        except (RayError, asyncio.TimeoutError) as exc:
-            raise BackendUnavailableError(f"unhealthy: {type(exc).__name__}") from exc
+        await router_health(self.router, self.health_timeout_s)
 
     async def _connection(self) -> _Connection:
         loop = asyncio.get_running_loop()

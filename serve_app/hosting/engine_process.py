@@ -2,7 +2,7 @@
 
 Started by `host.EngineHost` as `python -m serve_app.hosting.engine_process <fd>`, fd = its end of
 the control pipe. The first message on the pipe is the spec; the process builds the lanes, listens
-on a port of its node, answers ("ready", EngineAddress) and then serves until the pipe closes (the
+on a port of its node, answers ("ready", PlaneAddress) and then serves until the pipe closes (the
 Router replica is gone: so is everything it started).
 
 Threads here: the engines' step loops, this asyncio loop (request connections: a few frames per
@@ -24,10 +24,11 @@ from multiprocessing.connection import Connection
 from serve_app.engine.lanes import Lanes
 from serve_app.engine.sequence import RequestRejectedError
 from serve_app.hosting.channel import Channel, ChannelClosedError
-from serve_app.hosting.frames import (HELLO_TIMEOUT_S, TOKEN_BYTES, EngineAddress, FrameError, encode, no_delay,
-                                      read_frame, wire_error)
+from serve_app.hosting.frames import FrameError, encode, no_delay, read_frame, wire_error
 from serve_app.hosting.spec import RouterEngineSpec, build_router_lanes, kv_usage
 from serve_app.metrics import EngineMetricsObserver, MetricsRelay
+from serve_app.parallel.socket_plane import HELLO_TIMEOUT_S, PlaneAddress
+from serve_app.parallel.wire import TOKEN_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class EngineServer:
     async def run(self, conn: Connection, host: str) -> None:
         server = await asyncio.start_server(self._serve, host, 0)
         port = server.sockets[0].getsockname()[1]
-        conn.send(("ready", EngineAddress(host, port, self.token, os.getpid())))
+        conn.send(("ready", PlaneAddress(host, port, self.token, os.getpid())))
         self.channel.start()
         try:
             while True:
@@ -100,8 +101,6 @@ class EngineServer:
                 async for out in outputs:
                     writer.write(encode(("out", request_id, out)))
                     await writer.drain()
-        except asyncio.CancelledError:
-            raise
         except ConnectionError:
             pass                                    # nobody to tell; the generator aborted the request
         except Exception as exc:                    # noqa: BLE001 - the client gets every error

@@ -1,4 +1,4 @@
-"""Frames on a request connection (Ingress ⇄ engine process) and the address a client is told.
+"""Frames on a request connection (Ingress ⇄ engine process).
 
 A frame = 4-byte big-endian length + a pickled tuple. Pickle is read only after the connection
 presented the engine process's random token, which only the Serve control plane hands out (the
@@ -13,23 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import socket
 import struct
-from dataclasses import dataclass
 
-TOKEN_BYTES = 16
-HELLO_TIMEOUT_S = 5.0           # a connection that does not present the token in time is closed
+from serve_app.parallel.socket_plane import tune
+
 MAX_FRAME_BYTES = 64 << 20      # a prompt of a million token ids pickles to ~5 MB
 _LEN = struct.Struct(">I")
-
-
-@dataclass(frozen=True)
-class EngineAddress:
-    """Where an engine process listens (returned by `Router.engine_address`)."""
-    host: str
-    port: int
-    token: bytes                # TOKEN_BYTES: the first bytes a connection must send
-    pid: int                    # the engine process, to tell a restarted one from the old
 
 
 class FrameError(ConnectionError):
@@ -53,9 +42,9 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple:
 
 
 def no_delay(writer: asyncio.StreamWriter) -> None:
-    """Frames are small and latency-bound: no Nagle delay."""
+    """The data plane's socket options (no Nagle delay, keepalive probes) on a stream's socket."""
     if (sock := writer.get_extra_info("socket")) is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(sock)
 
 
 def wire_error(exc: BaseException) -> BaseException:

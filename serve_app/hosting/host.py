@@ -16,10 +16,9 @@ from multiprocessing.connection import Connection
 from typing import Sequence
 
 from serve_app.hosting.channel import Channel
-from serve_app.hosting.frames import EngineAddress
 from serve_app.hosting.spec import RouterEngineSpec
 from serve_app.metrics import Metrics
-from serve_app.parallel.socket_plane import address_via_serve
+from serve_app.parallel.socket_plane import PlaneAddress, address_via_serve
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ class EngineHost:
         if kind != "ready":
             self._kill()
             raise RuntimeError(f"the engine process failed to start:\n{value}")
-        self.address: EngineAddress = value
+        self.address: PlaneAddress = value
         self._last_tick = time.monotonic()
         self.channel = Channel(conn, {"data_plane": address_via_serve(shards)}, on_notice=self._notice,
                                name="engine-host").start()

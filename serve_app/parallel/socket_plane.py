@@ -47,15 +47,16 @@ RETRY_PAUSE_S = 0.1            # between control-plane calls while a shard repli
 
 @dataclass(frozen=True)
 class PlaneAddress:
-    """Where one shard replica's data plane listens (returned by `ExpertShard.data_plane`)."""
+    """Where a data plane listens: a shard replica's (`ExpertShard.data_plane`) or the Router's
+    engine process's (`Router.engine_address`, serve_app/hosting)."""
     host: str
     port: int
     token: bytes               # wire.TOKEN_BYTES: the first bytes a connection must send
     pid: int                   # the replica's process, to tell a restarted replica from the old one
 
 
-def _tune(sock: socket.socket) -> socket.socket:
-    # One small frame per layer: Nagle's algorithm would hold it back waiting for an ACK.
+def tune(sock: socket.socket) -> socket.socket:
+    # Small latency-bound frames (one per layer, or per request output): Nagle's algorithm would hold it back waiting for an ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # A peer whose host vanished sends no FIN: keepalive probes find it (~25 s) instead of a shard
     # thread waiting forever, or the router learning it only from a layer's timeout.
@@ -105,7 +106,7 @@ class ShardServer:
                     conn.close()
                     return
                 self._open.add(conn)
-            threading.Thread(target=self._serve, args=(_tune(conn),), daemon=True,
+            threading.Thread(target=self._serve, args=(tune(conn),), daemon=True,
                              name="shard-data-plane-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -233,7 +234,7 @@ class SocketTransport(ShardTransport):
         addr = self._address(shard, deadline)
         conn = socket.create_connection((addr.host, addr.port), timeout=self._left(deadline))
         try:
-            _tune(conn).sendall(addr.token)
+            tune(conn).sendall(addr.token)
             self._selector.register(conn, selectors.EVENT_READ, shard)
         except BaseException:
             conn.close()
