@@ -127,8 +127,12 @@ def fast_lane_dtype(device_type: str) -> torch.dtype:
 
 
 # Row counts probed for the kernel/dense crossover, and the fixed defaults (MOE_SERVE_KERNELS=fixed).
-_PROBE_ROWS = (1, 4, 16, 64)
+# Doubling steps up to 64: the crossover moves with the CPU and the shape (768x192 int8 on a Xeon
+# with AMX: kernel 53 µs vs bf16 dense 63 at 8 rows, 86 vs 74 at 16; the 8192x192 LM head: 431 vs
+# 725 at 8 rows), and a limit probed at 1, 4, 16 only could not say 8.
+_PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64)
 _FIXED_ROW_LIMIT = {torch.bfloat16: 8}
+_PROBE_BYTES = 8 << 20          # weights cycled per probe: past L2, as a model's many linears are
 NO_LIMIT = 1 << 30
 
 
@@ -139,14 +143,17 @@ def quant_path(device_type: str, mode: str, dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_row_limit(device_type: str, mode: str, dtype: torch.dtype) -> int:
-    """Up to how many rows the packed kernel beats F.linear on the dequantized weight (0: never).
+def kernel_row_limit(device_type: str, mode: str, dtype: torch.dtype, out_features: int = _PROBE_N,
+                     in_features: int = _PROBE_K) -> int:
+    """Up to how many rows the packed kernel beats F.linear on the dequantized weight (0: never),
+    measured on the weight's own shape [out_features, in_features] (one probe per distinct shape:
+    a model has a handful — attention, experts, LM head — and the crossover differs between them).
 
-    Why a limit: torch's CPU int8/int4 kernels are GEMV-shaped, their time grows linearly with the
-    rows (768x192, bf16: 12 µs at 1 row, 1.5 ms at 256), while a bf16 GEMM reuses each weight
-    across rows (42 µs at 1 row, 0.4 ms at 256). So decode steps read the packed codes and a
-    prefill chunk multiplies a dense copy of the same dequantized weights: same numerics, the
-    right kernel for each shape. CUDA: the kernels there are tiled, no limit.
+    Why a limit: the packed CPU kernels are GEMV-shaped, their time grows linearly with the rows
+    (768x192, bf16: 12 µs at 1 row, 1.5 ms at 256), while a bf16 GEMM reuses each weight across
+    rows (42 µs at 1 row, 0.4 ms at 256). So decode steps read the packed codes and a prefill
+    chunk multiplies a dense copy of the same dequantized weights: same numerics, the right kernel
+    for each shape. CUDA: the kernels there are tiled, no limit.
     """
     if device_type != "cpu":
         return NO_LIMIT
@@ -154,11 +161,12 @@ def kernel_row_limit(device_type: str, mode: str, dtype: torch.dtype) -> int:
         return _FIXED_ROW_LIMIT.get(dtype, 0)
     from serve_app.model.quant import QuantLinear      # quant imports this module
     gen = torch.Generator().manual_seed(0)
+    count = max(2, min(_PROBE_WEIGHTS // 2, -(-_PROBE_BYTES // (out_features * in_features * 2))))
     try:
         layers = {}
         for path in ("kernel", "dequant"):
-            mods = [QuantLinear.from_weight(torch.randn(_PROBE_N, _PROBE_K, generator=gen), mode, 64, dtype,
-                                            "cpu", path=path, row_limit=NO_LIMIT) for _ in range(_PROBE_WEIGHTS // 2)]
+            mods = [QuantLinear.from_weight(torch.randn(out_features, in_features, generator=gen), mode, 64, dtype,
+                                            "cpu", path=path, row_limit=NO_LIMIT) for _ in range(count)]
             if path == "dequant":
                 for m in mods:
                     m.materialize()
@@ -166,7 +174,7 @@ def kernel_row_limit(device_type: str, mode: str, dtype: torch.dtype) -> int:
         limit = 0
         with torch.inference_mode():
             for rows in _PROBE_ROWS:
-                x = torch.randn(rows, _PROBE_K, generator=gen).to(dtype)
+                x = torch.randn(rows, in_features, generator=gen).to(dtype)
                 t = _median_us({p: (lambda ms=ms: [m(x) for m in ms]) for p, ms in layers.items()}, rounds=3, inner=4)
                 if t["kernel"] >= t["dequant"]:
                     break

@@ -206,7 +206,7 @@ class QuantLinear(nn.Module):
         if path not in ("kernel", "dequant"):
             raise QuantConfigError(f"path {path!r} is not supported; use 'kernel' or 'dequant'")
         if row_limit is None:
-            row_limit = kernel_row_limit(device.type, mode, dtype) if path == "kernel" else 0
+            row_limit = kernel_row_limit(device.type, mode, dtype, n, in_features) if path == "kernel" else 0
         layer = cls(mode, in_features, n, group_size if mode == "int4" else None, path, device.type, row_limit)
         codes, scales = codes.to(device), scales.to(device)
         if mode == "int8" or path == "dequant":

@@ -68,8 +68,9 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
         fused = cpu_kernels.for_tensor(x)
         if fused is None or not plan.assignments:
             return None
-        down = next(iter(self.ffn.values())).down
-        if max(a.rows.numel() for a in plan.assignments) > down.row_limit and "dense" in down._buffers:
+        first = next(iter(self.ffn.values()))
+        down, limit = first.down, min(first.gate_up.row_limit, first.down.row_limit)
+        if max(a.rows.numel() for a in plan.assignments) > limit and "dense" in down._buffers:
             return None                   # a prefill chunk: the experts' dense copies multiply faster (row_limit)
         lists: list[list[torch.Tensor]] = [[], [], [], []]    # gate_up, its scales, down, its scales
         for a in plan.assignments:

@@ -129,6 +129,21 @@ def test_default_model_lanes_agree_with_float32_on_held_out_code():
     assert q["full"]["agreement"] >= 0.97, q
 
 
+def test_row_limit_is_measured_on_each_weights_own_shape(monkeypatch):
+    """The kernel/dense crossover differs between a model's shapes (the LM head against an expert's
+    down projection), so each QuantLinear asks for its own [out, in]."""
+    from serve_app.model import kernels, quant
+    asked = []
+    monkeypatch.setattr(quant, "kernel_row_limit", lambda dev, mode, dtype, n, k: asked.append((n, k)) or n // 16)
+    for n, k in ((64, 128), (256, 64)):
+        layer = QuantLinear.from_weight(torch.randn(n, k), "int8", 64, BF16, path="kernel")
+        assert layer.row_limit == n // 16
+    assert asked == [(64, 128), (256, 64)]
+    kernels.kernel_row_limit.cache_clear()
+    assert kernels.kernel_row_limit("cpu", "int8", BF16, 64, 128) in (0, *kernels._PROBE_ROWS)
+    assert kernels.kernel_row_limit.cache_info().currsize == 1       # one probe per (mode, dtype, shape)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_kernel_layers_multiply_prefill_chunks_with_their_dense_copy(mode):
     """The packed CPU kernels are GEMVs: above row_limit rows a GEMM on the same dequantized weight runs."""
