@@ -132,7 +132,9 @@ def main(argv=None) -> int:
                         nbytes[(lane, batch, path)] = b
     print(f"\ndecode step, {args.context} tokens of context per sequence (median of {args.rounds} rounds "
           f"x {args.steps} steps)")
-    print(f"fused CPU kernels: {'built' if cpu_kernels.ops() is not None else 'unavailable'}")
+    ops = cpu_kernels.ops()
+    print(f"fused CPU kernels: {'built' if ops is not None else 'unavailable'}"
+          + (f", quantized matmuls on {ops.quant_gemm_isa()}" if ops is not None else ""))
     print(f"{'lane':<6}{'batch':>6}{'path':>7}{'step ms':>10}{'MB read':>10}{'floor ms':>10}{'x floor':>9}{'ms/token':>10}")
     for (lane, batch, path), ts in samples.items():
         t = statistics.median(ts)

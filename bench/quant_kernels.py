@@ -155,7 +155,7 @@ def print_choices() -> None:
           f"{kernels.full_precision_dtype('cpu', torch.bfloat16)}; SDPA in {kernels.attention_dtype('cpu', fast)} "
           f"for {fast} activations; fused CPU kernels "
           f"{'on' if cpu_kernels.ops() is not None else 'unavailable'} (decode attention, W8A16/W4A16 "
-          f"{'on' if cpu_kernels.ops() is not None and cpu_kernels.ops().int8_linear_supported() else 'off'})")
+          f"{'on, ' + cpu_kernels.ops().quant_gemm_isa() if cpu_kernels.ops() is not None and cpu_kernels.ops().int8_linear_supported() else 'off'})")
     for dtype in (torch.float32, torch.bfloat16):
         for mode in ("int8", "int4"):
             print(f"  {mode} at {dtype}: {kernels.quant_path('cpu', mode, dtype)}, kernel up to "

@@ -72,6 +72,14 @@ def make_generator(params: SamplingParams, candidate_index: int = 0,
     return gen
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B] the index of each row's largest logit (the first one on ties, NaN wins as in
+    argmax). `max(dim).indices`, not `argmax`: on the CPU torch's argmax reduction is 3-4x slower
+    (8 x 8192 bf16 logits: 253 µs against 59 µs; float32 102 / 36 µs, torch 2.13, Xeon with AMX,
+    2026-12-03) — a tenth of a batch-8 decode step."""
+    return logits.max(dim=-1).indices
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None],
            output_ids: Sequence[Sequence[int]] | None = None,
@@ -87,7 +95,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     logits = apply_penalties(logits, params, output_ids, structural)  # [B, V] raw unless a row asks
 
     if len(random_rows) < B:
-        token_ids = logits.argmax(dim=-1)  # [B] greedy rows are final; random rows overwritten below
+        token_ids = greedy_tokens(logits)  # [B] greedy rows are final; random rows overwritten below
     if random_rows:
         if len(random_rows) == B:
             sub_logits = logits  # [S=B, V] no gather for the all-random batch

@@ -48,7 +48,7 @@ import torch
 
 from serve_app.engine.block_manager import BlockManager
 from serve_app.engine.runner import ModelRunner
-from serve_app.engine.sampler import apply_penalties, draw, tempered_probs
+from serve_app.engine.sampler import apply_penalties, draw, greedy_tokens, tempered_probs
 from serve_app.engine.scheduler import ScheduledSeq
 from serve_app.engine.sequence import Sequence
 
@@ -158,7 +158,7 @@ class Speculator:
             params = [s.request.params for s in active]
             outputs = [s.output_token_ids + drafts[s.seq_id].tokens for s in active]
             logits = apply_penalties(logits, params, outputs, structural)              # [B, V]
-            tokens = logits.argmax(dim=-1).tolist()
+            tokens = greedy_tokens(logits).tolist()
             random_rows = [b for b, p in enumerate(params) if not p.greedy]
             if random_rows:
                 q = tempered_probs(logits[random_rows], [params[b] for b in random_rows])   # [S, V]

@@ -173,7 +173,7 @@ def test_rotary_in_place_on_the_fused_projection(ops):
     assert torch.equal(qkv[:, (heads + kv) * dh:], v_before)
 
 
-@pytest.mark.parametrize("n,k", [(384, 192), (8192, 192), (100, 77), (17, 3)])
+@pytest.mark.parametrize("n,k", [(384, 192), (8192, 192), (100, 64), (100, 77), (17, 3)])
 def test_int8_linear_matches_the_dequantized_matmul(ops, n, k):
     if not ops.int8_linear_supported():
         pytest.skip("this CPU has neither AVX512-BF16 nor AVX2+FMA: QuantLinear keeps torch's int8 kernel")
@@ -192,7 +192,7 @@ def test_int8_linear_matches_the_dequantized_matmul(ops, n, k):
         assert torch.equal(via_module, out)
 
 
-@pytest.mark.parametrize("n,k,group", [(768, 192, 64), (192, 384, 64), (32, 100, 32), (8192, 192, 128)])
+@pytest.mark.parametrize("n,k,group", [(768, 192, 64), (192, 384, 64), (112, 128, 32), (32, 100, 32), (8192, 192, 128)])
 def test_int4_linear_matches_the_dequantized_matmul(ops, n, k, group):
     if not ops.int8_linear_supported():
         pytest.skip("this CPU has neither AVX512-BF16 nor AVX2+FMA: QuantLinear keeps torch's int4 kernel")
@@ -248,19 +248,34 @@ def test_rotary_table_lookup_is_the_rotary_computation():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("march,quant_gemm", [("x86-64-v3", True), ("x86-64-v2", False)])
+def test_quant_gemm_uses_amx_where_the_cpu_has_it(ops):
+    from serve_app.model.kernels import cpu_features
+    if not ops.int8_linear_supported():
+        pytest.skip("no quantized matmuls in this build")
+    features = set(cpu_features()) if cpu_kernels.march() == "native" else {"avx2"}   # the v3 build: AVX2
+    expected = ("amx" if "amx_bf16" in features and os.environ.get("MOE_SERVE_AMX") != "0"
+                else "avx512_bf16" if "avx512_bf16" in features else "avx2")
+    assert ops.quant_gemm_isa() == expected
+
+
+@pytest.mark.parametrize("march,quant_gemm", [("x86-64-v3", True), ("x86-64-v2", False), ("native-no-amx", True)])
 def test_the_builds_for_other_cpus_pass_these_tests(tmp_path, march, quant_gemm):
     """Each CPU generation runs its own code: build the kernels for one in a fresh cache and run
     this file against that build, in a subprocess (one process holds one `moe_serve` op library).
     x86-64-v3 (AVX2 + FMA, e.g. Zen 3): the AVX2 quantized matmuls and the portable loops;
-    x86-64-v2 (SSE4.2): no quantized matmuls (QuantLinear keeps torch's kernels), portable loops."""
+    x86-64-v2 (SSE4.2): no quantized matmuls (QuantLinear keeps torch's kernels), portable loops;
+    native-no-amx (a CPU with AMX): this build with MOE_SERVE_AMX=0, the AVX512-BF16 matmuls."""
     import subprocess
     import sys
 
     from serve_app.model.kernels import cpu_features
     if march == "x86-64-v3" and "avx512f" not in cpu_features():
         pytest.skip("this CPU has no AVX-512: its native build is the AVX2 build, which this file's own run tests")
+    if march == "native-no-amx" and "amx_bf16" not in cpu_features():
+        pytest.skip("this CPU has no AMX: its native build is the one this file's own run tests")
     env = dict(os.environ, MOE_SERVE_KERNEL_MARCH=march, MOE_SERVE_KERNEL_CACHE=str(tmp_path))
+    if march == "native-no-amx":
+        env.update(MOE_SERVE_KERNEL_MARCH="native", MOE_SERVE_AMX="0")
     probe = subprocess.run([sys.executable, "-c", "from serve_app.model import cpu_kernels as k; o = k.ops(); "
                             "print(o is not None, o is not None and o.int8_linear_supported())"],
                            env=env, capture_output=True, text=True, timeout=600)

@@ -294,3 +294,13 @@ def test_penalty_skips_structural_tokens_only_for_rows_that_ask():
     assert out.token_ids == [5, 2]
     with pytest.raises(SamplerError, match="structural"):
         sample(logits, params, [None, None], output_ids=[[2], [2]])
+
+
+def test_greedy_tokens_is_argmax_with_ties_and_nans():
+    from serve_app.engine.sampler import greedy_tokens
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randint(-3, 4, (64, 300), generator=gen).to(dtype)     # many ties per row
+        logits[5, 17] = float("nan")
+        assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
+        assert int(greedy_tokens(logits)[5]) == 17

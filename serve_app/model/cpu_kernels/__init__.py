@@ -28,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("ops.cpp", "attention.cpp", "pointwise.cpp", "quant_gemm.cpp", "moe.cpp")]
+HEADERS = [HERE / name for name in ("common.h", "quant_gemm_amx.h")]
 _lock = threading.Lock()
 
 
@@ -44,7 +45,7 @@ def march() -> str:
 
 def _build_dir() -> Path:
     from serve_app.model.kernels import cpu_features
-    code = b"".join(p.read_bytes() for p in [*SOURCES, HERE / "common.h"]) + march().encode()
+    code = b"".join(p.read_bytes() for p in [*SOURCES, *HEADERS]) + march().encode()
     # The source folder too: ninja's build file names the sources by path, so two checkouts
     # sharing one build folder would rebuild each other's library on every load.
     key = hashlib.sha256(code + str(HERE).encode() + torch.__version__.encode()

@@ -388,11 +388,21 @@ struct QuantWeight {
   int64_t group;
 };
 
+#include "quant_gemm_amx.h"       // the AMX-BF16 tiles, where this CPU has them
+
 // y [M, N] = x [M, K] @ dequant(w)^T, all raw pointers (int8_linear, int4_linear and the fused
 // experts): 16 output rows at a time (in parallel when asked), kMaxRows rows of x per pass.
 void quant_gemm(const c10::BFloat16* xp, int64_t M, int64_t K, QuantWeight w, int64_t N, c10::BFloat16* op,
                 bool parallel) {
   const int64_t Nb = (N + 15) / 16, Kp = (K + 1) / 2, Q = w.group ? (K + w.group - 1) / w.group : 0;
+#if defined(MOE_QGEMM_AMX)
+  if (amx_ready() && K % 32 == 0 && (w.group == 0 || (w.group % 32 == 0 && K % w.group == 0))) {
+    auto tiles = [&](int64_t begin, int64_t end) { amx_gemm(xp, M, K, w, N, op, begin, end); };
+    if (parallel) at::parallel_for(0, Nb, 8, tiles);
+    else tiles(0, Nb);
+    return;
+  }
+#endif
 #if defined(MOE_QGEMM_AVX2)
   std::vector<float> xf(M * 2 * Kp, 0.f);              // float32 pairs, an odd K's last one with 0
   for (int64_t m = 0; m < M; ++m)
@@ -575,11 +585,27 @@ at::Tensor moe_quant_experts(const at::Tensor& x, at::TensorList rows, at::Tenso
 #endif
 }
 
+// Which instructions quant_gemm multiplies with in this process: "amx", "avx512_bf16", "avx2" or
+// "none" (for benchmarks and tests: AMX also needs the kernel's permission and MOE_SERVE_AMX != 0).
+std::string quant_gemm_isa() {
+#if defined(MOE_QGEMM_AMX)
+  if (amx_ready()) return "amx";
+#endif
+#if defined(MOE_QGEMM_AVX512)
+  return "avx512_bf16";
+#elif defined(MOE_QGEMM_AVX2)
+  return "avx2";
+#else
+  return "none";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_serve, m) {
   m.def("int8_pack(Tensor w) -> Tensor", &int8_pack);
   m.def("int8_linear_supported() -> bool", &int8_linear_supported);
+  m.def("quant_gemm_isa() -> str", &quant_gemm_isa);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scales, int N) -> Tensor", &int8_linear);
   m.def("int4_pack(Tensor v, Tensor scales) -> Tensor[]", &int4_pack);
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int N, int G) -> Tensor", &int4_linear);
