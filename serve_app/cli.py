@@ -116,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
 
         serve_embedded(config)
         return 0
+    ingress = config.autoscaling.get("ingress")
+    if ingress is not None and ingress.max_replicas > 1:
+        # Direct ingress here serves the public port from the Ingress replica itself, one replica
+        # at a time (direct_ingress_env pins the port range to it); the chart's Serve proxies scale.
+        print("moe-serve: autoscaling.ingress.max_replicas > 1 needs a proxy in front of the replicas "
+              "(the Helm chart); moe-serve serves one port from one Ingress replica", file=sys.stderr)
+        return 2
     os.environ.update(direct_ingress_env(config.port))
 
     import ray

@@ -112,6 +112,41 @@ def default_model_dir() -> str:
     return str(Path(__file__).resolve().parent / "default_model")
 
 
+class Autoscaling(BaseModel):
+    """One deployment's Serve autoscaling (ray.serve.config.AutoscalingConfig's fields of the same
+    names): Serve adds replicas while requests in flight per replica exceed the target for
+    `upscale_delay_s` and removes them after `downscale_delay_s` below it."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(1, ge=1, le=1000)
+    initial_replicas: int | None = Field(None, ge=0, le=1000)
+    # Requests in flight per replica. Inline completions are short (tens of ms) and an engine
+    # batches up to max_num_seqs of them, so a Router replica keeps up with tens at once.
+    target_ongoing_requests: float = Field(16.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    # How far back Serve averages the replicas' load when deciding.
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def serve_options(self) -> dict:
+        """`Deployment.options(**...)`: a fixed replica count where min == max, else autoscaling."""
+        if self.min_replicas == self.max_replicas:
+            return {"num_replicas": self.max_replicas}
+        return {"autoscaling_config": self.model_dump(exclude_none=True)}
+
+
+AUTOSCALED = ("ingress", "router", "expert_shard")
+
+
 class AppConfig(BaseModel):
     """Everything `build_app` / `moe-serve` / a Serve config YAML can set (validated at the edge)."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -171,6 +206,11 @@ class AppConfig(BaseModel):
         0.0005, gt=0, le=0.1, description="sys.setswitchinterval in serving processes: how long the engine "
         "thread may hold the GIL while the event loop waits for it (Python's default 5 ms delayed every "
         "hand-off; 0.5 ms took inline p80 from 498 to 445 ms under 8 editors, docs/benchmarks.md)")
+    autoscaling: dict[Literal["ingress", "router", "expert_shard"], Autoscaling] = Field(
+        default_factory=dict, description="Serve autoscaling per deployment kind (every ExpertShard deployment "
+        "gets the expert_shard one); a kind left out runs one replica. More than one Router replica needs "
+        "engine_host 'replica' (the Ingress reaches the engine process of one replica only) and more than one "
+        "replica of a shard needs expert_transport 'serve' (the socket plane connects to one replica a shard)")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is aborted")
@@ -186,6 +226,21 @@ class AppConfig(BaseModel):
             raise ValueError("engine_host 'process' needs expert_transport 'socket': the engine process has no "
                              "Ray worker to call Serve handles from (use engine_host 'replica' or 'auto')")
         return self
+
+    @model_validator(mode="after")
+    def _replicas_fit_the_connections(self) -> "AppConfig":
+        router, shard = self.autoscaling.get("router"), self.autoscaling.get("expert_shard")
+        if router is not None and router.max_replicas > 1 and self.resolved_engine_host() == "process":
+            raise ValueError("autoscaling.router.max_replicas > 1 needs engine_host 'replica': with 'process' the "
+                             "Ingress connects to the engine process of one Router replica")
+        if shard is not None and shard.max_replicas > 1 and self.expert_transport == "socket" and self._has_shards():
+            raise ValueError("autoscaling.expert_shard.max_replicas > 1 needs expert_transport 'serve': the socket "
+                             "data plane connects to one replica of each shard, so more would stay idle")
+        return self
+
+    def replicas(self, kind: str) -> dict:
+        """Serve options for the replicas of one deployment kind (AUTOSCALED)."""
+        return self.autoscaling[kind].serve_options() if kind in self.autoscaling else {}
 
     def resolved_engine_host(self) -> str:
         if self.engine_host != "auto":

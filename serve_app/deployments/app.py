@@ -52,12 +52,13 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
     # "auto" is resolved once, here, so the router and every shard compute full precision in the
     # same dtype (shards also cast what they receive, so a mismatch is slow, never wrong).
     dtype = str(resolve_dtype(config.dtype, config.model)).removeprefix("torch.")
-    shards = [ExpertShard.options(name=f"ExpertShard{spec.index}", ray_actor_options=shard_resources)
+    shards = [ExpertShard.options(name=f"ExpertShard{spec.index}", ray_actor_options=shard_resources,
+                                  **config.replicas("expert_shard"))
               .bind(config.model, spec, dtype, config.process_settings()) for spec in plan.shards]
     spec = RouterEngineSpec(
         config.model, plan, config.engine_config(), config.process_settings(), dtype, config.dispatch_timeout_s,
         tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction,
         config.quant_materialize, config.full_lane_max_defer_s, config.fast_dtype)
-    router = Router.options(ray_actor_options=router_actor_options(config)).bind(
+    router = Router.options(ray_actor_options=router_actor_options(config), **config.replicas("router")).bind(
         spec, shards, config.expert_transport, config.resolved_engine_host())
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(router, config)
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, **config.replicas("ingress")).bind(router, config)
