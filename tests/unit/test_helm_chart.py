@@ -39,6 +39,10 @@ VALUE_SETS = {
     "all-local": {"shards": {"count": 0}, "workers": {"replicas": 0}},
     "int8-only": {"precision": {"quantized": ["int8"], "fastLaneKvFraction": 0.25, "fullLaneMaxDeferS": 0}},
     "router-on-gpu": {"router": {"placement": "gpuWorker", "gpuWorker": {"gpus": 2}}},
+    "autoscaling": {"app": {"expert_transport": "serve", "autoscaling": {
+        "ingress": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64},
+        "router": {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 10},
+        "expert_shard": {"min_replicas": 2, "max_replicas": 2}}}},
 }
 
 
@@ -145,6 +149,13 @@ def test_engine_limits_and_model_location_reach_the_app(rendered):
     assert args.get("model") == (values.get("model", {}).get("path") or None)
     assert args.get("served_model_name") == (values.get("model", {}).get("servedName") or None)
     assert args.get("placement") == (values.get("shards", {}).get("placement") or None)
+
+
+def test_autoscaling_values_reach_the_app_config(rendered):
+    values, objs = rendered
+    parsed = AppConfig(**serve_config(objs["RayService"])["applications"][0]["args"])
+    wanted = values.get("app", {}).get("autoscaling", {})
+    assert {kind: scale.model_dump(exclude_unset=True) for kind, scale in parsed.autoscaling.items()} == wanted
 
 
 def test_precision_values_reach_the_app_config(rendered):
