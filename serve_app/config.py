@@ -144,7 +144,7 @@ class Autoscaling(BaseModel):
         return {"autoscaling_config": self.model_dump(exclude_none=True)}
 
 
-AUTOSCALED = ("ingress", "router", "expert_shard")
+AutoscaledKind = Literal["ingress", "router", "expert_shard"]     # every ExpertShard<i> is an "expert_shard"
 
 
 class AppConfig(BaseModel):
@@ -206,7 +206,7 @@ class AppConfig(BaseModel):
         0.0005, gt=0, le=0.1, description="sys.setswitchinterval in serving processes: how long the engine "
         "thread may hold the GIL while the event loop waits for it (Python's default 5 ms delayed every "
         "hand-off; 0.5 ms took inline p80 from 498 to 445 ms under 8 editors, docs/benchmarks.md)")
-    autoscaling: dict[Literal["ingress", "router", "expert_shard"], Autoscaling] = Field(
+    autoscaling: dict[AutoscaledKind, Autoscaling] = Field(
         default_factory=dict, description="Serve autoscaling per deployment kind (every ExpertShard deployment "
         "gets the expert_shard one); a kind left out runs one replica. More than one Router replica needs "
         "engine_host 'replica' (the Ingress reaches the engine process of one replica only) and more than one "
@@ -238,8 +238,8 @@ class AppConfig(BaseModel):
                              "data plane connects to one replica of each shard, so more would stay idle")
         return self
 
-    def replicas(self, kind: str) -> dict:
-        """Serve options for the replicas of one deployment kind (AUTOSCALED)."""
+    def replicas(self, kind: AutoscaledKind) -> dict:
+        """Serve options for the replicas of one deployment kind."""
         return self.autoscaling[kind].serve_options() if kind in self.autoscaling else {}
 
     def resolved_engine_host(self) -> str:

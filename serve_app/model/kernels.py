@@ -127,9 +127,9 @@ def fast_lane_dtype(device_type: str) -> torch.dtype:
 
 
 # Row counts probed for the kernel/dense crossover, and the fixed defaults (MOE_SERVE_KERNELS=fixed).
-# Doubling steps up to 64: the crossover moves with the CPU and the shape (768x192 int8 on a Xeon
-# with AMX: kernel 53 µs vs bf16 dense 63 at 8 rows, 86 vs 74 at 16; the 8192x192 LM head: 431 vs
-# 725 at 8 rows), and a limit probed at 1, 4, 16 only could not say 8.
+# Doubling steps up to 64: the crossover moves with the CPU and the shape (on a Xeon with AMX,
+# before the AMX kernel: 768x192 int8 at 8 rows, kernel 53 µs vs bf16 dense 63, at 16 rows 86 vs 74;
+# the 8192x192 LM head a close call at 8 rows), and a limit probed at 1, 4, 16 only could not say 8.
 _PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64)
 _FIXED_ROW_LIMIT = {torch.bfloat16: 8}
 _PROBE_BYTES = 8 << 20          # weights cycled per probe: past L2, as a model's many linears are

@@ -84,7 +84,7 @@ inline void amx_store(int j, float* c) {
 }
 
 // y [M, N] (row stride N) for output blocks [nb_begin, nb_end) = x [M, K] (row stride K) @ dequant(w)^T.
-// Needs K % 32 == 0 and, for INT4, G % 32 == 0 (quant_gemm checks). Runs on the calling thread.
+// Needs K % 32 == 0 and, for INT4, G % 32 == 0 and K % G == 0 (quant_gemm checks). Runs on the calling thread.
 inline void amx_gemm(const c10::BFloat16* x, int64_t M, int64_t K, QuantWeight w, int64_t N, c10::BFloat16* out,
                      int64_t nb_begin, int64_t nb_end) {
   const int64_t Kp = K / 2, Q = w.group ? K / w.group : 0;
