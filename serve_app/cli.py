@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML/JSON file of AppConfig fields (serve_app/config.py); flags override it")
     p.add_argument("--model", help="checkpoint directory (default: the bundled default model)")
     p.add_argument("--expert-shards", type=int, default=None, help="ExpertShard deployments (0 = all local)")
+    p.add_argument("--num-routers", type=int, default=None,
+                   help="Router replicas, each with its own engines and prefix cache (default 1)")
     p.add_argument("--host", help="bind address (default: MOE_SERVE_HOST, the config file, 127.0.0.1)")
     p.add_argument("--port", type=int, help="public port (default: MOE_SERVE_PORT, the config file, 8000)")
     p.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable); "
@@ -88,7 +90,8 @@ def app_config_from_args(args: argparse.Namespace):
     fields["host"] = args.host or os.environ.get("MOE_SERVE_HOST") or fields.get("host", "127.0.0.1")
     fields["port"] = args.port or int(os.environ.get("MOE_SERVE_PORT") or fields.get("port", 8000))
     fields["api_keys"] = (*fields.get("api_keys", ()), *(k.strip() for k in keys))
-    for name, value in (("model", args.model), ("expert_shards", args.expert_shards), ("dtype", args.dtype)):
+    for name, value in (("model", args.model), ("expert_shards", args.expert_shards),
+                        ("num_routers", args.num_routers), ("dtype", args.dtype)):
         if value is not None:
             fields[name] = value
     return AppConfig(**fields)
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     config = app_config_from_args(args)
     if args.embedded:
         from serve_app.embedded import serve_embedded
+
+        if config.num_routers > 1:
+            print("moe-serve: --embedded runs one engine in this process; num_routers > 1 needs Ray", file=sys.stderr)
+            return 2
 
         serve_embedded(config)
         return 0

@@ -206,6 +206,13 @@ class AppConfig(BaseModel):
         0.0005, gt=0, le=0.1, description="sys.setswitchinterval in serving processes: how long the engine "
         "thread may hold the GIL while the event loop waits for it (Python's default 5 ms delayed every "
         "hand-off; 0.5 ms took inline p80 from 498 to 445 ms under 8 editors, docs/benchmarks.md)")
+    num_routers: int = Field(
+        1, ge=1, le=64, description="Router replicas (a fixed count; autoscaling.router instead scales them). "
+        "Each holds its own engines and prefix cache; several need engine_host 'replica'")
+    router_routing: Literal["prefix", "power_of_two"] = Field(
+        "prefix", description="how the Ingress picks a Router replica for a request: 'prefix' = the replica that "
+        "last got the longest prefix of its prompt (its cache holds it), unless that one is overloaded "
+        "(deployments/prefix_routing.py); 'power_of_two' = Serve's default (the less busy of two at random)")
     autoscaling: dict[AutoscaledKind, Autoscaling] = Field(
         default_factory=dict, description="Serve autoscaling per deployment kind (every ExpertShard deployment "
         "gets the expert_shard one); a kind left out runs one replica. More than one Router replica needs "
@@ -230,9 +237,13 @@ class AppConfig(BaseModel):
     @model_validator(mode="after")
     def _replicas_fit_the_connections(self) -> "AppConfig":
         router, shard = self.autoscaling.get("router"), self.autoscaling.get("expert_shard")
-        if router is not None and router.max_replicas > 1 and self.resolved_engine_host() == "process":
-            raise ValueError("autoscaling.router.max_replicas > 1 needs engine_host 'replica': with 'process' the "
-                             "Ingress connects to the engine process of one Router replica")
+        if router is not None and self.num_routers != 1:
+            raise ValueError("num_routers and autoscaling.router both set the Router's replicas: give one of them")
+        most_routers = router.max_replicas if router is not None else self.num_routers
+        if most_routers > 1 and self.resolved_engine_host() == "process":
+            raise ValueError("more than one Router replica (num_routers, autoscaling.router.max_replicas) needs "
+                             "engine_host 'replica': with 'process' the Ingress connects to the engine process of "
+                             "one Router replica")
         if shard is not None and shard.max_replicas > 1 and self.expert_transport == "socket" and self._has_shards():
             raise ValueError("autoscaling.expert_shard.max_replicas > 1 needs expert_transport 'serve': the socket "
                              "data plane connects to one replica of each shard, so more would stay idle")
@@ -240,7 +251,9 @@ class AppConfig(BaseModel):
 
     def replicas(self, kind: AutoscaledKind) -> dict:
         """Serve options for the replicas of one deployment kind."""
-        return self.autoscaling[kind].serve_options() if kind in self.autoscaling else {}
+        if kind in self.autoscaling:
+            return self.autoscaling[kind].serve_options()
+        return {"num_replicas": self.num_routers} if kind == "router" and self.num_routers > 1 else {}
 
     def resolved_engine_host(self) -> str:
         if self.engine_host != "auto":

@@ -9,10 +9,12 @@ from typing import Any, Mapping
 
 import ray
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from serve_app.config import AppConfig
 from serve_app.deployments.expert_shard import ExpertShard
 from serve_app.deployments.ingress import Ingress
+from serve_app.deployments.prefix_routing import PrefixAffinityRouter
 from serve_app.deployments.router import Router
 from serve_app.hosting.spec import RouterEngineSpec
 from serve_app.model import ModelConfig
@@ -41,6 +43,16 @@ def router_actor_options(config: AppConfig) -> dict:
     return {"num_cpus": 0.1, **({"num_gpus": gpus} if gpus else {})}
 
 
+def router_routing(config: AppConfig) -> dict:
+    """`Deployment.options` for how the Ingress picks among Router replicas (Serve's default for
+    'power_of_two'); the affinity is by the engine's KV block size, the unit its cache reuses."""
+    if config.router_routing == "power_of_two":
+        return {}
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class=PrefixAffinityRouter,
+        request_router_kwargs={"block_size": config.engine_config().block_size})}
+
+
 def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Application:
     config = config if isinstance(config, AppConfig) else AppConfig(**(config or {}))
     plan = placement_for(config)
@@ -59,6 +71,7 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
         config.model, plan, config.engine_config(), config.process_settings(), dtype, config.dispatch_timeout_s,
         tuple(config.quantized_precisions), config.int4_group_size, config.fast_lane_kv_fraction,
         config.quant_materialize, config.full_lane_max_defer_s, config.fast_dtype)
-    router = Router.options(ray_actor_options=router_actor_options(config), **config.replicas("router")).bind(
+    router = Router.options(ray_actor_options=router_actor_options(config), **config.replicas("router"),
+                            **router_routing(config)).bind(
         spec, shards, config.expert_transport, config.resolved_engine_host())
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}, **config.replicas("ingress")).bind(router, config)

@@ -39,6 +39,7 @@ VALUE_SETS = {
     "all-local": {"shards": {"count": 0}, "workers": {"replicas": 0}},
     "int8-only": {"precision": {"quantized": ["int8"], "fastLaneKvFraction": 0.25, "fullLaneMaxDeferS": 0}},
     "router-on-gpu": {"router": {"placement": "gpuWorker", "gpuWorker": {"gpus": 2}}},
+    "two-routers": {"app": {"num_routers": 2, "router_routing": "power_of_two"}},
     "autoscaling": {"app": {"expert_transport": "serve", "autoscaling": {
         "ingress": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64},
         "router": {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 10},
