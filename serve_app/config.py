@@ -61,6 +61,9 @@ class EngineConfig:
     # verified the same way. 0 = off: on the 2-core CPU a verification row leaves the fused decode
     # kernels, and 4 took the editor load's p80 from 55.7 to 154.2 ms (docs/benchmarks.md, 2026-12-03).
     speculative_lookup_tokens: int = 0
+    # Typing-through drafts (SamplingParams.draft_token_ids: the rest of a suggestion the user is
+    # typing, api/typing_through.py): up to this many verified in one step, any lane. 0 = ignored.
+    typing_through_tokens: int = 16
     # "continuous" admits work every step; "static" only when the running batch has drained
     # (the classic batching server, kept as the peer our benchmarks measure against).
     scheduling: str = "continuous"
@@ -70,7 +73,7 @@ class EngineConfig:
                      "long_prefill_chunk", "max_waiting_requests", "max_waiting_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("speculative_tokens", "speculative_lookup_tokens"):
+        for name in ("speculative_tokens", "speculative_lookup_tokens", "typing_through_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_queue_delay_s", "max_predicted_latency_s"):
@@ -218,6 +221,10 @@ class AppConfig(BaseModel):
         "gets the expert_shard one); a kind left out runs one replica. More than one Router replica needs "
         "engine_host 'replica' (the Ingress reaches the engine process of one replica only) and more than one "
         "replica of a shard needs expert_transport 'serve' (the socket plane connects to one replica a shard)")
+    typing_through: bool = Field(
+        True, description="remember each hole's last suggestions at the ingress and, when the user types one, "
+        "send its rest to the engine as a draft verified in one step (api/typing_through.py): same output, "
+        "fewer steps")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     request_timeout_s: float = Field(60.0, gt=0, description="a request running longer is aborted")

@@ -43,7 +43,7 @@ def build_embedded_app(config: AppConfig) -> FastAPI:
     settings = ApiSettings(served_model_name=config.model_name, tokenizer=tokenizer, max_model_len=engine.max_model_len,
                            max_body_bytes=config.max_body_bytes, api_keys=(*config.api_keys, *api_keys_from_env()),
                            request_timeout_s=config.request_timeout_s, shed_window_s=config.shed_window_s,
-                           precisions=model.precisions,
+                           precisions=model.precisions, typing_through=config.typing_through,
                            generation_defaults=GenerationDefaults.from_model_dir(config.model))
 
     async def exposition() -> bytes:

@@ -21,7 +21,8 @@ from serve_app.api.protocol import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionReques
 from serve_app.api.settings import ApiSettings
 from serve_app.api.tiers import CompletionContext, ResolvedTier, TierError, classify_request
 from serve_app.api.tiers import Precision as TierPrecision
-from serve_app.engine import SamplingParams, SamplingParamsError
+from serve_app.api.typing_through import Hole, context_scope
+from serve_app.engine import RequestOutput, SamplingParams, SamplingParamsError
 from serve_app.fim import ContextFile
 from serve_app.tokenizer import ChatMessage, PromptError
 
@@ -49,6 +50,9 @@ class PreparedRequest:
     dropped_prompt_tokens: int = 0      # FIM: prompt tokens trimmed to fit the context (usage reports them)
     echo_text: str = ""                 # completions with echo: the prompt's text, put before each choice's
     best_of: int | None = None          # completions: candidates generated, the n best (cumulative logprob) returned
+    # Called with the final output (api/streaming.start_generation): typing-through remembers the
+    # suggestion (api/typing_through.py).
+    on_finished: Callable[[RequestOutput], None] | None = None
 
     @property
     def precision(self) -> str:
@@ -98,10 +102,13 @@ async def prepare_completion(req: CompletionRequest, settings: ApiSettings,
                               logprobs=logprobs, **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, prompt_param, "max_tokens")
     echo = (req.prompt if isinstance(req.prompt, str) else tok.decode(prompt_ids)) if req.echo else ""
+    params, on_finished = _typing_through(
+        settings, params, tier, req.prompt if isinstance(req.prompt, str) and not req.echo else None, req.suffix,
+        context_scope("fim" if req.suffix is not None else "completion", fim_context))
     return PreparedRequest("completion", _new_id("completion"), int(time.time()), model, tier,
                            prompt_ids, params, req.stream, _include_usage(req),
                            client_logprobs=req.logprobs is not None, dropped_prompt_tokens=dropped,
-                           echo_text=echo, best_of=req.best_of)
+                           echo_text=echo, best_of=req.best_of, on_finished=on_finished)
 
 
 def _check_echo_and_best_of(req: CompletionRequest) -> None:
@@ -162,10 +169,24 @@ async def prepare_fim(req: FimRequest, settings: ApiSettings) -> PreparedRequest
                               top_p=req.top_p, top_k=req.top_k, n=tier.num_candidates, stop=req.stop, seed=req.seed,
                               logprobs=0 if tier.rank_candidates else None, **_penalties(req, settings))
     _check_context(len(prompt_ids), params.max_tokens, settings, "prefix", "max_tokens")
+    params, on_finished = _typing_through(settings, params, tier, req.prefix, req.suffix, context_scope("fim", ()))
     # The FIM endpoint returns one completion: the best candidate when the tier ranks several.
     return PreparedRequest("fim", _new_id("fim"), int(time.time()), model, tier, prompt_ids, params,
                            req.stream, include_usage=False, client_logprobs=False,   # last chunk carries usage
-                           dropped_prompt_tokens=dropped)
+                           dropped_prompt_tokens=dropped, on_finished=on_finished)
+
+
+def _typing_through(settings: ApiSettings, params: SamplingParams, tier: ResolvedTier, prompt: str | None,
+                    suffix: str | None, scope: str):
+    """(params with the draft of a suggestion the user is typing, the hook that remembers this
+    request's own suggestion); unchanged and no hook without a text prompt, with several
+    candidates or with typing-through off."""
+    memory = settings.suggestions
+    if memory is None or prompt is None or tier.num_candidates != 1:
+        return params, None
+    hole = Hole(scope, prompt, suffix or "")
+    draft = memory.draft(hole)
+    return (replace(params, draft_token_ids=tuple(draft)) if draft else params), memory.on_finished(hole)
 
 
 async def _fim_prompt(prefix: str, suffix: str, tier: ResolvedTier, settings: ApiSettings,

@@ -58,8 +58,15 @@ class ApiSettings:
     precisions: tuple[str, ...] = ("full",)
     generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     shed_window_s: float = 0.0          # edge shedding after an engine refusal (api/shedding.py); 0 = off
+    # Typing-through drafts (api/typing_through.py): remember suggestions per hole, draft their rest
+    # when the user types them. The memory is this app's, made here.
+    typing_through: bool = True
+    suggestions: "SuggestionMemory | None" = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.typing_through and self.suggestions is None:
+            from serve_app.api.typing_through import SuggestionMemory
+            object.__setattr__(self, "suggestions", SuggestionMemory(self.tokenizer))
         if not self.served_model_name:
             raise ValueError("ApiSettings.served_model_name must be non-empty")
         for name in ("max_model_len", "max_body_bytes"):

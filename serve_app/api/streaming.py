@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import anyio
@@ -92,9 +93,19 @@ async def abort_quietly(client: EngineClient, outputs: AsyncIterator[Any], reque
 
 
 def start_generation(client: EngineClient, prepared: PreparedRequest, stream: bool) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for a prepared request (`stream`: every step's, else the final one)."""
-    return client.generate(prepared.request_id, prepared.prompt_token_ids, prepared.params,
-                           tag=prepared.tier.tier.value, precision=prepared.precision, stream=stream)
+    """The engine's outputs for a prepared request (`stream`: every step's, else the final one);
+    the request's `on_finished` hook sees the final output on its way."""
+    outputs = client.generate(prepared.request_id, prepared.prompt_token_ids, prepared.params,
+                              tag=prepared.tier.tier.value, precision=prepared.precision, stream=stream)
+    return outputs if prepared.on_finished is None else _with_hook(outputs, prepared.on_finished)
+
+
+async def _with_hook(outputs: AsyncIterator[RequestOutput], on_finished) -> AsyncIterator[RequestOutput]:
+    async with aclosing(outputs):         # closing this closes the engine's iterator (abort)
+        async for out in outputs:
+            if out.finished:
+                on_finished(out)
+            yield out
 
 
 def response_headers(prepared: PreparedRequest) -> dict[str, str]:

@@ -84,7 +84,7 @@ class Ingress:
             max_model_len=min(config.engine_config().max_model_len or positions, positions),
             api_keys=(*config.api_keys, *api_keys_from_env()), max_body_bytes=config.max_body_bytes,
             request_timeout_s=config.request_timeout_s, shed_window_s=config.shed_window_s,
-            precisions=("full", *config.quantized_precisions),
+            precisions=("full", *config.quantized_precisions), typing_through=config.typing_through,
             generation_defaults=GenerationDefaults.from_model_dir(config.model))
 
     def __serve_build_asgi_app__(self):

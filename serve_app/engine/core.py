@@ -50,8 +50,8 @@ class EngineCore:
         drafts_by_model = cfg.speculative_precision in model.precisions and cfg.speculative_precision != "full"
         k = cfg.speculative_tokens if drafts_by_model else 0
         self.speculator = (Speculator(self.runner, self.blocks, k, cfg.speculative_precision, self.max_model_len,
-                                      cfg.speculative_lookup_tokens)
-                           if k > 0 or cfg.speculative_lookup_tokens > 0 else None)
+                                      cfg.speculative_lookup_tokens, cfg.typing_through_tokens, tokenizer)
+                           if k > 0 or cfg.speculative_lookup_tokens > 0 or cfg.typing_through_tokens > 0 else None)
         self._spec = SpecStats()
         if observer is not None:
             self.runner.track_expert_load()
@@ -116,6 +116,8 @@ class EngineCore:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise RequestRejectedError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+        if any(t >= vocab for t in params.draft_token_ids):    # verification would index the logits
+            raise RequestRejectedError(f"draft token ids must be inside the vocabulary [0, {vocab})", "draft_token_ids")
         biased = [t for t, _ in params.logit_bias if t >= vocab]
         if biased:      # the sampler indexes the logits with these: refuse here, never fail a step
             raise RequestRejectedError(f"logit_bias token id {biased[0]} is outside the vocabulary [0, {vocab})",

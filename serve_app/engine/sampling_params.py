@@ -71,11 +71,16 @@ class SamplingParams:
     # OpenAI's logit_bias: (token id, bias) pairs added to the logits before any sampling transform,
     # greedy rows included; a {id: bias} dict (ids as ints or decimal strings) is normalised, sorted.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Ours: tokens the output is expected to start with (the rest of a suggestion the user is
+    # typing, api/typing_through.py). The engine verifies them as speculative drafts, so they
+    # change how many steps the request takes, never what it generates.
+    draft_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
         object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+        object.__setattr__(self, "draft_token_ids", _normalise_token_ids("draft_token_ids", self.draft_token_ids))
         _check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, low=0.0, high=MAX_TEMPERATURE)
         _check_float("top_p", self.top_p, low=0.0, high=1.0, low_inclusive=False)
@@ -146,14 +151,17 @@ def _normalise_logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
 
 
 def _normalise_stop_token_ids(ids: Any) -> tuple[int, ...]:
+    return _normalise_token_ids("stop_token_ids", ids)
+
+
+def _normalise_token_ids(name: str, ids: Any) -> tuple[int, ...]:
     if ids is None:
         return ()
     if not isinstance(ids, (list, tuple)):
-        raise SamplingParamsError("stop_token_ids", f"stop_token_ids must be a list of ints, got {ids!r}")
+        raise SamplingParamsError(name, f"{name} must be a list of ints, got {ids!r}")
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise SamplingParamsError(
-                "stop_token_ids", f"stop_token_ids must hold non-negative ints, got {t!r}")
+            raise SamplingParamsError(name, f"{name} must hold non-negative ints, got {t!r}")
     return tuple(ids)
 
 

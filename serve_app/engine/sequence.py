@@ -72,6 +72,8 @@ class Sequence:
     last_token_time: float | None = None         # monotonic time of this sequence's latest token
     draft_len: int | None = None                 # speculative drafts next step (None: the engine's maximum)
     lookup: object | None = None                 # its n-gram index for lookup drafts (engine/speculative.py)
+    hint_text: str | None = None                 # its request's draft tokens as text, once decoded
+    hint_dead: bool = False                      # its output left those draft tokens: never use them again
 
     @property
     def num_tokens(self) -> int:

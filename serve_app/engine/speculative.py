@@ -30,6 +30,11 @@ dtypes a near-tie can flip. A seeded sampled request is reproducible at the same
 but its generator also draws the drafts and the acceptance uniforms, so a draft cut short by KV
 pressure changes the text (never the distribution).
 
+Typing-through drafts: a request may bring the tokens its output is expected to start with
+(`SamplingParams.draft_token_ids`, the rest of a suggestion the user is typing). While its output
+follows them, the next `hint_k` of them are the row's draft, in any lane, before any other source:
+a proposal, q one-hot, like prompt lookup. Once the output leaves them they are never used again.
+
 Who speculates: decode rows of full-precision requests (the rows that would cross the shards),
 when the model holds the draft precision. How many: per sequence, adapted from its acceptance
 (the schedule of transformers' assisted generation): it starts at the maximum k
@@ -93,11 +98,13 @@ class LookupIndex:
 
 class Speculator:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, k: int, precision: str, max_model_len: int,
-                 lookup_k: int = 0):
+                 lookup_k: int = 0, hint_k: int = 0, tokenizer=None):
         """k: most drafts of a full-precision row by the `precision` copy; lookup_k: most drafts of
-        any other row by prompt lookup (0 = those rows never speculate)."""
+        any other row by prompt lookup (0 = those rows never speculate); hint_k: most of a
+        request's own draft tokens (typing-through) verified in one step."""
         self.runner, self.blocks, self.k, self.precision = runner, blocks, k, precision
-        self.max_model_len, self.lookup_k = max_model_len, lookup_k
+        self.max_model_len, self.lookup_k, self.hint_k = max_model_len, lookup_k, hint_k
+        self.tokenizer = tokenizer       # aligns a request's draft tokens with its output by text
 
     # ---- drafting ------------------------------------------------------------------------------
 
@@ -109,6 +116,10 @@ class Speculator:
         drafts: dict[str, Draft] = {}
         for item in items:
             seq = item.seq
+            if (hint := self._hint(item, token_budget)) and self._reserve(seq, len(hint)):
+                drafts[seq.seq_id] = Draft(hint, [])
+                token_budget -= len(hint)
+                continue
             k = min(self._budget(item, self.most(seq)), token_budget)
             if k <= 0:
                 continue
@@ -125,6 +136,33 @@ class Speculator:
             drafts.update(self._propose(by_model, structural_for([s.request.params for s, _ in by_model])))
         return drafts
 
+    def _hint(self, item: ScheduledSeq, token_budget: int) -> list[int]:
+        """The next drafts from the request's own draft tokens, while its output follows them."""
+        seq = item.seq
+        hint = seq.request.params.draft_token_ids
+        if self.hint_k <= 0 or not hint or seq.hint_dead:
+            return []
+        rest = self._hint_rest(seq, hint)
+        if not rest:
+            seq.hint_dead = True
+            return []
+        return rest[:min(self._room(item, self.hint_k), token_budget)]
+
+    def _hint_rest(self, seq: Sequence, hint: tuple[int, ...]) -> list[int]:
+        """The draft tokens after what the output has generated: by token where the output is a
+        start of them, else by text (the engine's tokenizer); [] once the output left them."""
+        out = seq.output_token_ids
+        if len(out) < len(hint) and tuple(out) == hint[:len(out)]:
+            return list(hint[len(out):])
+        if self.tokenizer is None:
+            return []
+        if seq.hint_text is None:
+            seq.hint_text = self.tokenizer.decode(list(hint))
+        made = self.tokenizer.decode(list(out))
+        if len(made) >= len(seq.hint_text) or not seq.hint_text.startswith(made):
+            return []
+        return self.tokenizer.encode(seq.hint_text[len(made):], add_special_tokens=False)
+
     def _by_model(self, seq: Sequence) -> bool:
         return seq.request.precision == "full" and self.k > 0
 
@@ -135,11 +173,14 @@ class Speculator:
     def _budget(self, item: ScheduledSeq, most: int) -> int:
         """Drafts this scheduled row may take: 0 unless it is a decode row with tokens to spare.
         Each verification yields up to k+1 tokens: never draft past max_tokens or the window."""
+        return min(item.seq.draft_len or most, self._room(item, most))
+
+    def _room(self, item: ScheduledSeq, most: int) -> int:
+        """At most `most` drafts for a decode row, fewer where max_tokens or the window end first."""
         seq, req = item.seq, item.seq.request
         if most <= 0 or item.num_new_tokens != 1 or not item.samples or not req.forked:
             return 0
-        return min(seq.draft_len or most, most, req.params.max_tokens - len(seq.output_token_ids) - 1,
-                   self.max_model_len - seq.num_tokens - 1)
+        return min(most, req.params.max_tokens - len(seq.output_token_ids) - 1, self.max_model_len - seq.num_tokens - 1)
 
     def _reserve(self, seq: Sequence, k: int) -> bool:
         """KV slots for k more positions (the verification writes them)."""
