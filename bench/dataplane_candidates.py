@@ -23,7 +23,7 @@ import torch
 from serve_app.model import load_expert_weights
 from serve_app.model.moe import DispatchPlan
 from serve_app.parallel.placement import PlacementPlan, ShardSpec
-from serve_app.parallel.transport import ShardRequest, build_requests, run_shard_request, split_response
+from serve_app.parallel.transport import Replies, ShardRequest, build_requests, run_shard_request
 
 FRACTION = {"num_cpus": 0.1}
 
@@ -66,15 +66,15 @@ class ActorTransport:
     """Plain actor calls: one `.remote()` per shard, all in flight, then `ray.get`."""
 
     def __init__(self, actors: list, placement: PlacementPlan):
-        self.actors, self.owner = actors, placement.owner()
+        self.actors, self.owner = actors, placement.holders()
 
     def run_experts(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
         requests = build_requests(x, plan, self.owner)
         refs = [self.actors[shard].run.remote(req) for shard, (req, _) in requests.items()]
-        out: dict[int, torch.Tensor] = {}
+        out = Replies()
         for (_, assigns), y in zip(requests.values(), ray.get(refs)):
-            out.update(split_response(y, assigns))
-        return out
+            out.add(y, assigns)
+        return out.outputs()
 
 
 class CompiledGraphTransport:
@@ -85,7 +85,7 @@ class CompiledGraphTransport:
     per actor), which on 2 cores would slow every other method measured beside it."""
 
     def __init__(self, actors: list, placement: PlacementPlan, hidden: int):
-        self.actors, self.owner, self.hidden, self.n = actors, placement.owner(), hidden, len(actors)
+        self.actors, self.owner, self.hidden, self.n = actors, placement.holders(), hidden, len(actors)
         self.dag = None
 
     def open(self) -> None:
@@ -98,10 +98,10 @@ class CompiledGraphTransport:
         requests = build_requests(x, plan, self.owner)
         empty = ShardRequest(plan.layer, [], [], x.new_zeros(0, self.hidden))
         answers = ray.get(self.dag.execute(*(requests[s][0] if s in requests else empty for s in range(self.n))))
-        out: dict[int, torch.Tensor] = {}
+        out = Replies()
         for shard, (_, assigns) in requests.items():
-            out.update(split_response(answers[shard], assigns))
-        return out
+            out.add(answers[shard], assigns)
+        return out.outputs()
 
     def close(self) -> None:
         if self.dag is not None:
@@ -114,7 +114,7 @@ class GlooTransport:
 
     def __init__(self, actors: list, placement: PlacementPlan, hidden: int, num_experts: int, port: int):
         import torch.distributed as dist
-        self.dist, self.owner, self.hidden, self.actors = dist, placement.owner(), hidden, actors
+        self.dist, self.owner, self.hidden, self.actors = dist, placement.holders(), hidden, actors
         self.header_len = 3 + 2 * num_experts                      # layer, N, R, experts [N], counts [N]
         address, world = f"tcp://127.0.0.1:{port}", len(actors) + 1
         joined = [a.join_group.remote(address, i + 1, world) for i, a in enumerate(actors)]
@@ -135,11 +135,11 @@ class GlooTransport:
             recvs.append((shard, y, self.dist.irecv(y, src=shard + 1)))
         for work in sends:
             work.wait()
-        out: dict[int, torch.Tensor] = {}
+        out = Replies()
         for shard, y, work in recvs:
             work.wait()
-            out.update(split_response(y, requests[shard][1]))
-        return out
+            out.add(y, requests[shard][1])
+        return out.outputs()
 
     def close(self) -> None:
         stop = torch.zeros(self.header_len, dtype=torch.int64)

@@ -11,6 +11,9 @@ requests, the "full" lane full-precision ones, so a simple request never waits i
 waits on shard round trips, and the full lane yields the CPU/GPU to the fast one
 (`full_lane_max_defer_s` bounds how long).
 
+Expert placement while serving (`apply_placement`, `rebalance`: parallel/eplb.py): experts move
+between the shards, and the hottest may be replicated, without failing a request in flight.
+
 Where the engine runs (`engine_host`, serve_app/hosting): by default inside this replica; with
 `engine_host: process` in a child process of it, which this replica then only starts and
 supervises (it tells clients where the engine listens and relays metrics and the shards' control
@@ -30,8 +33,12 @@ from serve_app.engine import RequestOutput, SamplingParams
 from serve_app.hosting.host import EngineHost
 from serve_app.hosting.spec import RouterEngineSpec, build_router_lanes, kv_usage
 from serve_app.metrics import EngineMetricsObserver, Metrics
+from serve_app.model import ModelConfig
+from serve_app.parallel.eplb import Balanced, balance, imbalance
+from serve_app.parallel.placement import PlacementPlan
+from serve_app.parallel.replacement import apply_placement
 from serve_app.parallel.socket_plane import PlaneAddress, SocketTransport
-from serve_app.parallel.transport import ServeTransport
+from serve_app.parallel.transport import ServeTransport, ShardTransport
 
 
 @serve.deployment(name="Router", max_ongoing_requests=1024, health_check_period_s=2,
@@ -45,13 +52,19 @@ class Router:
         self.shards = shards
         self.host: EngineHost | None = None
         self.lanes = None
+        self.spec = spec
+        self.transports: list[ShardTransport] = []
         if engine_host == "process":
             self.host = EngineHost(spec, shards, Metrics("ray"), ray.util.get_node_ip_address())
             return
-        observer = EngineMetricsObserver(Metrics("ray"))
+        self.observer = EngineMetricsObserver(Metrics("ray"))
         kind = SocketTransport if expert_transport == "socket" else ServeTransport
-        self.lanes = build_router_lanes(spec, observer, lambda on_dispatch: kind(
-            shards, spec.placement, timeout_s=spec.dispatch_timeout_s, on_dispatch=on_dispatch))
+
+        def transport(on_dispatch):
+            self.transports.append(kind(shards, spec.placement, timeout_s=spec.dispatch_timeout_s,
+                                        on_dispatch=on_dispatch))
+            return self.transports[-1]
+        self.lanes = build_router_lanes(spec, self.observer, transport)
 
     def engine_address(self) -> PlaneAddress:
         """Where this replica's engine process listens (the control plane of hosting.client)."""
@@ -86,6 +99,35 @@ class Router:
         return list(await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in self.shards)),
                                            timeout=timeout_s))
 
+    async def apply_placement(self, layout: dict) -> dict:
+        """Serve by a new placement of the same remote experts (`AppConfig.placement`'s layout; an
+        expert on several shards is replicated and its rows split between them), with requests in
+        flight (parallel/replacement.py). Returns what each shard read and dropped."""
+        if not self.transports:
+            raise RuntimeError("re-placement needs expert shards and engine_host 'replica'")
+        new = PlacementPlan.from_layout(ModelConfig.from_dir(self.spec.model_dir), layout)
+        return await apply_placement(self.transports, new,
+                                     prefetch=lambda shard, keys: self.shards[shard].prefetch.remote(keys),
+                                     release=lambda shard, keys: self.shards[shard].release.remote(keys))
+
+    async def rebalance(self, spare_slots: int = 0) -> dict:
+        """EPLB from the load measured since start: the placement that evens each layer's tokens per
+        shard (`spare_slots` more experts a shard for replicas of the hottest), applied."""
+        load = self.observer.expert_load() if self.lanes is not None else None
+        if load is None or not self.transports:
+            raise RuntimeError("rebalancing needs expert shards, engine_host 'replica' and measured load")
+        old = self.transports[0].placement
+        if old.local:
+            raise ValueError("rebalancing places every expert on the shards; this placement keeps some local")
+        layers = list(ModelConfig.from_dir(self.spec.model_dir).moe_layers)
+        load = load[layers]
+        balanced = balance(load, layers, old.num_shards, spare_slots)
+        before = imbalance(Balanced(old.holders(), old.num_shards).shard_load(load, layers)).max().item()
+        new = PlacementPlan.from_holders(balanced.holders, old.num_shards)
+        await self.apply_placement({str(s.index): [list(k) for k in s.experts] for s in new.shards})
+        return {"max_imbalance_before": before,
+                "max_imbalance_after": imbalance(balanced.shard_load(load, layers)).max().item()}
+
     async def kv_usage(self) -> dict:
         """KV blocks and live requests, summed over the lanes."""
         if self.host is not None:
@@ -95,3 +137,4 @@ class Router:
     def __del__(self):
         if getattr(self, "host", None) is not None:
             self.host.close()
+

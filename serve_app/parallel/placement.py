@@ -3,7 +3,8 @@
 Round-robin by expert index is the default (expert e → shard e % N, in every MoE layer), so each
 shard holds the same experts in all layers and load spreads evenly when the router balances its
 experts. An explicit layout (config) can say anything else, including "local": experts the router
-keeps in its own process (no hop at all).
+keeps in its own process (no hop at all). An expert may be held by several shards (a replica per
+holder, parallel/eplb.py): its rows are then split between them (parallel/transport.py).
 """
 from __future__ import annotations
 
@@ -36,8 +37,23 @@ class PlacementPlan:
         return len(self.shards)
 
     def owner(self) -> dict[ExpertKey, int]:
-        """(layer, expert) → shard index, for remote experts only."""
-        return {key: shard.index for shard in self.shards for key in shard.experts}
+        """(layer, expert) → the first shard holding it, for remote experts only."""
+        return {key: holders[0] for key, holders in self.holders().items()}
+
+    def holders(self) -> dict[ExpertKey, tuple[int, ...]]:
+        """(layer, expert) → the shards holding it, ascending, for remote experts only."""
+        out: dict[ExpertKey, list[int]] = {}
+        for shard in self.shards:
+            for key in shard.experts:
+                out.setdefault(key, []).append(shard.index)
+        return {key: tuple(h) for key, h in out.items()}
+
+    @classmethod
+    def from_holders(cls, holders: dict[ExpertKey, tuple[int, ...]], num_shards: int,
+                     local: tuple[ExpertKey, ...] = ()) -> "PlacementPlan":
+        """A plan from `eplb.Balanced.holders` (several holders = a replicated expert)."""
+        shards = tuple(ShardSpec(i, tuple(sorted(k for k, h in holders.items() if i in h))) for i in range(num_shards))
+        return cls(shards, tuple(sorted(local)))
 
     @classmethod
     def round_robin(cls, cfg: ModelConfig, num_shards: int) -> "PlacementPlan":
@@ -55,22 +71,24 @@ class PlacementPlan:
     @classmethod
     def from_layout(cls, cfg: ModelConfig, layout: Mapping[str, Sequence]) -> "PlacementPlan":
         """layout: {"0": [0, 1], "1": [[0, 2], [1, 3]], "local": [...]} — an int means that expert
-        in every MoE layer, a pair means one (layer, expert). Shard names must be 0..N-1."""
-        placed: dict[ExpertKey, str] = {}
+        in every MoE layer, a pair means one (layer, expert). Shard names must be 0..N-1. An expert
+        on several shards is replicated there; local experts are the Router's alone."""
+        placed: dict[ExpertKey, list[str]] = {}
         shard_names = sorted((k for k in layout if k != LOCAL), key=_shard_index)
         if [_shard_index(k) for k in shard_names] != list(range(len(shard_names))):
             raise PlacementError(f"shard names must be 0..N-1 (and optionally 'local'), got {sorted(layout)}")
         for name, items in layout.items():
             for key in _expand(cfg, items, name):
-                if key in placed:
-                    raise PlacementError(f"expert {key} is placed twice: on {placed[key]!r} and {name!r}")
-                placed[key] = name
+                where = placed.setdefault(key, [])
+                if where and (name in where or LOCAL in (name, *where)):
+                    raise PlacementError(f"expert {key} is placed twice: on {where[0]!r} and {name!r}")
+                where.append(name)
         missing = sorted(set(_all_experts(cfg)) - set(placed))
         if missing:
             raise PlacementError(f"experts {missing[:8]}{'...' if len(missing) > 8 else ''} are not placed")
-        shards = tuple(ShardSpec(i, tuple(sorted(k for k, n in placed.items() if n == name)))
+        shards = tuple(ShardSpec(i, tuple(sorted(k for k, n in placed.items() if name in n)))
                        for i, name in enumerate(shard_names))
-        return cls(shards, tuple(sorted(k for k, n in placed.items() if n == LOCAL)))
+        return cls(shards, tuple(sorted(k for k, n in placed.items() if LOCAL in n)))
 
 
 def _shard_index(name: str) -> int:

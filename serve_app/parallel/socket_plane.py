@@ -38,8 +38,8 @@ from ray.exceptions import RayActorError
 
 from serve_app.model.moe import DispatchPlan
 from serve_app.parallel import wire
-from serve_app.parallel.transport import (DispatchRecord, ShardRequest, ShardTransport, ShardUnavailableError,
-                                          build_requests, split_response)
+from serve_app.parallel.transport import (DispatchRecord, Replies, ShardRequest, ShardTransport,
+                                          ShardUnavailableError, build_requests)
 
 HELLO_TIMEOUT_S = 5.0          # a connection that does not present the token in time is closed
 RETRY_PAUSE_S = 0.1            # between control-plane calls while a shard replica is replaced
@@ -164,12 +164,12 @@ class SocketTransport(ShardTransport):
     def _run(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
         started = time.perf_counter()
         deadline = started + self.timeout_s
-        requests = build_requests(x, plan, self.owner)
+        requests = build_requests(x, plan, self.holders)
         seq = next(self._seq)
         self._drop_closed()
         waiting: dict[int, tuple[ShardRequest, list]] = {}
         resent: set[int] = set()            # shards asked again on a new connection this layer
-        out: dict[int, torch.Tensor] = {}
+        out = Replies()
         blame = next(iter(requests), -1)    # the shard a failure is reported against
         try:
             for shard, (req, assigns) in requests.items():
@@ -197,13 +197,18 @@ class SocketTransport(ShardTransport):
                     del waiting[blame]
                     if self.on_dispatch is not None:
                         self.on_dispatch(DispatchRecord(blame, plan.layer, req.x.shape[0], time.perf_counter() - started))
-                    out.update(split_response(y.to(x.device), assigns))
+                    out.add(y.to(x.device), assigns)
         except Exception as exc:            # noqa: BLE001 - death, timeout, a bad frame alike
             # An answer still on its way would arrive out of turn: those connections go too.
             for shard in {blame, *waiting}:
                 self._drop(shard)
             raise ShardUnavailableError(blame, exc) from exc
-        return out
+        return out.outputs()
+
+    def quiesce(self) -> None:
+        """Returns once no layer is on the wire (one started under an old placement has finished)."""
+        with self._lock:
+            pass
 
     def _send(self, shard: int, seq: int, req: ShardRequest, deadline: float, resent: set[int]) -> None:
         try:

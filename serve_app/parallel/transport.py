@@ -6,6 +6,12 @@ bit-identical results in float32. Per layer, a transport sends each shard ONE re
 the rows of all its experts (rows grouped by expert, ascending), all shards concurrently, then
 waits for all of them — the hop cost is per shard per layer, never per expert or per token.
 
+A replicated expert (several holders in the placement, parallel/eplb.py) has its rows split into
+contiguous, nearly equal parts, one per holder in shard order; the parts' outputs are put back in
+row order (`Replies`). Each part is its own, smaller matrix product, so its float sums may differ
+from the whole one's in the last bit. The placement can be swapped between layers
+(`set_placement`, the Router's re-placement): a layer reads it once.
+
 - `local`: the router's own `LocalExpertBackend` (no transport at all).
 - `serve`: Ray Serve DeploymentHandles to ExpertShard deployments. Simple, elastic and restartable;
   5–23 ms per layer (1–4 shards) from inside a replica on the 2-core machine (docs/benchmarks.md).
@@ -62,22 +68,45 @@ def run_shard_request(backend: LocalExpertBackend, req: ShardRequest) -> torch.T
     return torch.cat(outputs) if outputs else req.x.new_zeros(req.x.shape)
 
 
-def build_requests(x: torch.Tensor, plan: DispatchPlan, owner: dict[ExpertKey, int]
-                   ) -> dict[int, tuple[ShardRequest, list[ExpertAssignment]]]:
-    """Group a layer's assignments by owning shard: shard → (request, its assignments)."""
-    by_shard: dict[int, list[ExpertAssignment]] = {}
+@dataclass(frozen=True)
+class Piece:
+    """Rows of one expert sent to one shard: all of them, or part `part` of a replicated expert's."""
+    expert: int
+    part: int
+    rows: torch.Tensor           # [r] indices into the layer input
+
+
+def build_requests(x: torch.Tensor, plan: DispatchPlan, holders: dict[ExpertKey, tuple[int, ...]]
+                   ) -> dict[int, tuple[ShardRequest, list[Piece]]]:
+    """Group a layer's rows by shard: shard → (request, its pieces in request order)."""
+    by_shard: dict[int, list[Piece]] = {}
     for a in plan.assignments:
-        by_shard.setdefault(owner[(plan.layer, a.expert)], []).append(a)
+        held = holders[(plan.layer, a.expert)]
+        parts = a.rows.tensor_split(len(held)) if len(held) > 1 else (a.rows,)
+        for part, (shard, rows) in enumerate(zip(held, parts)):
+            if len(rows):
+                by_shard.setdefault(shard, []).append(Piece(a.expert, part, rows))
     requests = {}
-    for shard, assigns in by_shard.items():
-        rows = torch.cat([a.rows for a in assigns])                   # [R]
-        requests[shard] = (ShardRequest(plan.layer, [a.expert for a in assigns],
-                                        [len(a.rows) for a in assigns], x.index_select(0, rows)), assigns)
+    for shard, pieces in by_shard.items():
+        rows = torch.cat([p.rows for p in pieces])                    # [R]
+        requests[shard] = (ShardRequest(plan.layer, [p.expert for p in pieces],
+                                        [len(p.rows) for p in pieces], x.index_select(0, rows)), pieces)
     return requests
 
 
-def split_response(y: torch.Tensor, assigns: list[ExpertAssignment]) -> dict[int, torch.Tensor]:
-    return dict(zip((a.expert for a in assigns), y.split([len(a.rows) for a in assigns])))
+class Replies:
+    """A layer's answers, per expert in row order (a replicated expert's parts from each holder)."""
+
+    def __init__(self):
+        self._parts: dict[int, list[tuple[int, torch.Tensor]]] = {}
+
+    def add(self, y: torch.Tensor, pieces: list[Piece]) -> None:
+        for piece, out in zip(pieces, y.split([len(p.rows) for p in pieces])):
+            self._parts.setdefault(piece.expert, []).append((piece.part, out))
+
+    def outputs(self) -> dict[int, torch.Tensor]:
+        return {e: parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])])
+                for e, parts in self._parts.items()}
 
 
 @dataclass
@@ -88,13 +117,26 @@ class ShardTransport:
     placement: PlacementPlan
     timeout_s: float = 10.0                 # one deadline for a whole layer, all shards together
     on_dispatch: Callable[[DispatchRecord], None] | None = None
-    owner: dict[ExpertKey, int] = field(init=False)
+    holders: dict[ExpertKey, tuple[int, ...]] = field(init=False)
 
     def __post_init__(self):
-        self.owner = self.placement.owner()
+        self.holders = self.placement.holders()
 
     def holds(self) -> frozenset[ExpertKey]:
-        return frozenset(self.owner)
+        return frozenset(self.holders)
+
+    def set_placement(self, placement: PlacementPlan) -> None:
+        """Route the next layers by `placement`: the same remote experts, on other shards (the shards
+        must hold them by now: parallel/expert_store.py). One assignment, so a layer sees the old
+        map or the new one, never a mix."""
+        if frozenset(placement.holders()) != self.holds() or placement.num_shards != self.placement.num_shards:
+            raise ValueError("a new placement must keep the same remote experts and the same shards")
+        self.placement, self.holders = placement, placement.holders()
+
+    def quiesce(self) -> None:
+        """Returns once no layer routed by an earlier placement is still waiting on a shard. Serve
+        handle calls are not tracked: a late one finds its expert dropped and the shard reads it again
+        (parallel/expert_store.py)."""
 
 
 @dataclass
@@ -110,9 +152,9 @@ class ServeTransport(ShardTransport):
         started = time.perf_counter()
         deadline = started + self.timeout_s
         calls = {}
-        for shard, (req, assigns) in build_requests(x, plan, self.owner).items():
+        for shard, (req, assigns) in build_requests(x, plan, self.holders).items():
             calls[shard] = (req, assigns, self.handles[shard].run.remote(req))      # all in flight
-        out: dict[int, torch.Tensor] = {}
+        out = Replies()
         blame = next(iter(calls), -1)      # the shard a failure is reported against
         try:
             by_ref = {}
@@ -130,12 +172,12 @@ class ServeTransport(ShardTransport):
                 y = ray.get(ready[0])
                 if self.on_dispatch is not None:
                     self.on_dispatch(DispatchRecord(blame, plan.layer, req.x.shape[0], time.perf_counter() - started))
-                out.update(split_response(y.to(x.device), assigns))
+                out.add(y.to(x.device), assigns)
         except Exception as exc:           # noqa: BLE001 - actor death, timeout, cancellation alike
             for _, _, response in calls.values():
                 response.cancel()          # the layer failed: the other shards' work is wasted
             raise ShardUnavailableError(blame, exc) from exc
-        return out
+        return out.outputs()
 
     @staticmethod
     def _left(deadline: float) -> float:

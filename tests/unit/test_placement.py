@@ -4,7 +4,7 @@ import torch
 
 from serve_app.model import ModelConfig, PartitionedBackend, load_expert_weights, load_model
 from serve_app.parallel.placement import PlacementError, PlacementPlan
-from serve_app.parallel.transport import ShardRequest, build_requests, run_shard_request, split_response
+from serve_app.parallel.transport import Replies, ShardRequest, build_requests, run_shard_request
 from tests.helpers.checkpoints import build_checkpoint
 
 
@@ -39,9 +39,18 @@ def test_explicit_layout_with_local_experts():
     assert set(plan.local) == {(0, 6), (0, 7), (1, 6), (1, 7)}
 
 
+def test_an_expert_on_several_shards_is_replicated_there():
+    plan = PlacementPlan.from_layout(_cfg(), {"0": list(range(8)), "1": [3, [1, 5]]})
+    holders = plan.holders()
+    assert holders[(0, 3)] == (0, 1) and holders[(1, 3)] == (0, 1) and holders[(1, 5)] == (0, 1)
+    assert holders[(0, 5)] == (0,) and plan.owner()[(0, 3)] == 0
+    assert PlacementPlan.from_holders(holders, 2) == plan
+
+
 @pytest.mark.parametrize("layout, message", [
     ({"0": [0, 1, 2, 3, 4, 5, 6]}, "not placed"),
-    ({"0": list(range(8)), "1": [3]}, "placed twice"),
+    ({"0": list(range(8)) + [3]}, "placed twice"),
+    ({"0": list(range(8)), "local": [3]}, "placed twice"),
     ({"0": list(range(8)), "2": []}, "0..N-1"),
     ({"a": list(range(8))}, "not an integer"),
     ({"0": list(range(8)) + [[5, 0]]}, "does not exist"),
@@ -59,10 +68,11 @@ def test_shard_requests_round_trip_equals_local_experts(tmp_path):
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(0))
     dispatch = whole.layers[1].mlp.plan(x)
     expected = whole.local_experts.run_experts(x, dispatch)
-    got = {}
-    for shard, (req, assigns) in build_requests(x, dispatch, plan.owner()).items():
+    replies = Replies()
+    for shard, (req, assigns) in build_requests(x, dispatch, plan.holders()).items():
         assert isinstance(req, ShardRequest) and req.x.shape == (sum(req.counts), 64)
-        got.update(split_response(run_shard_request(shards[shard], req), assigns))
+        replies.add(run_shard_request(shards[shard], req), assigns)
+    got = replies.outputs()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[e], expected[e]) for e in got)
     assert PartitionedBackend(shards).holds() == whole.local_experts.holds()

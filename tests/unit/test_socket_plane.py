@@ -204,7 +204,7 @@ def test_a_shard_the_layer_does_not_wait_on_closing_mid_layer_costs_the_layer_no
     transport = SocketTransport([ControlPlane(s) for s in servers], plan, timeout_s=5)
     transport._connection(0, time.perf_counter() + 5)     # shard 0 connected, idle this layer
     layer = whole.config.moe_layers[0]
-    expert = next(e for (l, e), shard in transport.owner.items() if l == layer and shard == 1)
+    expert = next(e for (l, e), held in transport.holders.items() if l == layer and held == (1,))
     x = torch.randn(4, whole.config.hidden_size)
     dispatch = DispatchPlan(layer, 4, torch.full((4, 1), expert), torch.ones(4, 1),
                             torch.zeros(4, whole.config.num_experts),

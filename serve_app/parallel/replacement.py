@@ -1,0 +1,35 @@
+"""Re-placing experts on running shards without failing a request in flight.
+
+The order is what makes it safe (the Router's `apply_placement`; parallel/expert_store.py is the
+shard side): (1) every shard reads the experts the new placement gives it, while the old placement
+still routes; (2) the transports route the next layers by the new one (a layer reads the placement
+once, so it sees the old map or the new one, never a mix), and the socket plane waits for a layer
+already on the wire to finish; (3) every shard drops what it no longer holds. At each moment every
+shard a layer is routed to holds that layer's experts; a shard restarted meanwhile reads them on
+demand. Replicated experts (several holders) have their rows split between the holders.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Sequence
+
+from serve_app.model.moe import ExpertKey
+from serve_app.parallel.placement import PlacementPlan
+from serve_app.parallel.transport import ShardTransport
+
+# (shard index, its experts under the new placement) → how many experts it read / dropped
+ShardCall = Callable[[int, list[ExpertKey]], Awaitable[int]]
+
+
+async def apply_placement(transports: Sequence[ShardTransport], new: PlacementPlan, prefetch: ShardCall,
+                          release: ShardCall) -> dict:
+    """Move to `new` (same remote experts, same shards) under traffic; what each shard read and dropped."""
+    old = transports[0].placement
+    if frozenset(new.holders()) != frozenset(old.holders()) or new.num_shards != old.num_shards:
+        raise ValueError("a new placement must keep the same local experts and the same shards")
+    read = await asyncio.gather(*(prefetch(s.index, list(s.experts)) for s in new.shards))
+    for transport in transports:
+        transport.set_placement(new)
+        await asyncio.to_thread(transport.quiesce)
+    dropped = await asyncio.gather(*(release(s.index, list(s.experts)) for s in new.shards))
+    return {"read": list(read), "dropped": list(dropped)}
