@@ -38,7 +38,10 @@ CFG = wl.WorkloadConfig.from_env()
 POOL = wl.SourcePool()
 API_KEY = os.environ.get("MOE_LT_API_KEY", "")
 HEADERS = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
-RAW_COLUMNS = ("name", "start_s", "ms", "ok", "status", "retry_after", "error")
+# keystroke: the request's place in its hole session (0 = the session's first); prompt_tokens /
+# cached_tokens: the answer's usage (the prefix cache's share as the client sees it).
+RAW_COLUMNS = ("name", "start_s", "ms", "ok", "status", "retry_after", "error", "keystroke", "prompt_tokens",
+               "cached_tokens")
 _raw_file = _raw = None
 _open: dict[int, tuple[str, float, float | None]] = {}   # not yet answered: name, start, when Locust cut it
 _ids = itertools.count()
@@ -62,13 +65,17 @@ def _error_text(exception) -> str:
 
 
 @events.request.add_listener
-def _log_request(name, start_time, response_time, exception, response=None, **_):
+def _log_request(name, start_time, response_time, exception, response=None, context=None, **_):
     if _raw is None:
         return
     status = getattr(response, "status_code", 0) or 0
     headers = getattr(response, "headers", None) or {}
+    context = context or {}
+    usage = context.get("usage") or {}
     _raw.writerow((name, f"{start_time:.3f}", f"{response_time:.3f}", int(exception is None), status,
-                   headers.get("retry-after", "") if status else "", _error_text(exception)))
+                   headers.get("retry-after", "") if status else "", _error_text(exception),
+                   context.get("keystroke", ""), usage.get("prompt_tokens", ""),
+                   (usage.get("prompt_tokens_details") or {}).get("cached_tokens", "") if usage else ""))
 
 
 @contextlib.contextmanager
@@ -92,12 +99,15 @@ def _close_raw_log(environment, **_):
     now = time.time()
     for name, started, cut in list(_open.values()):
         error = "no answer yet" if cut is None else "cut by Locust stopping"
-        _raw.writerow((name, f"{started:.3f}", f"{((cut or now) - started) * 1000:.3f}", 0, "open", "", error))
+        _raw.writerow((name, f"{started:.3f}", f"{((cut or now) - started) * 1000:.3f}", 0, "open", "", error,
+                       "", "", ""))
     _raw_file.close()
 
 
 def _check(resp, field: str) -> None:
-    """A 200 whose body lacks the answer is a failure too (e.g. an error event in a stream)."""
+    """A 200 whose body lacks the answer is a failure too (e.g. an error event in a stream). The
+    answer's usage goes into the request's context (the raw log's columns; Locust copies the
+    context it is given, so it is set on the copy it reports)."""
     if resp.status_code != 200:
         resp.failure(f"HTTP {resp.status_code}: {resp.text[:200] if resp.text else ''}")
         return
@@ -108,6 +118,8 @@ def _check(resp, field: str) -> None:
         return
     if field not in json.dumps(body):
         resp.failure(f"no {field!r} in response")
+    elif isinstance(body, dict):
+        resp.request_meta["context"]["usage"] = body.get("usage")
 
 
 def _sse_lines(resp):
@@ -143,27 +155,28 @@ class EditorUser(FastHttpUser):
         for i, cut in enumerate(wl.hole_session(POOL.text(self.rng), self.rng, CFG)):
             if i:
                 time.sleep(wl.think_time(self.rng, CFG))
-            send(cut)
+            send(cut, {"keystroke": i})
 
-    def fim(self, cut: wl.FimCut) -> None:
+    def fim(self, cut: wl.FimCut, context: dict) -> None:
         with _in_flight(wl.FIM), self.client.post("/v1/fim/completions", json=self._fim_body(cut), name=wl.FIM,
-                                                  headers=HEADERS, catch_response=True) as resp:
+                                                  headers=HEADERS, catch_response=True, context=context) as resp:
             _check(resp, "completion")
 
-    def completions_with_suffix(self, cut: wl.FimCut) -> None:
+    def completions_with_suffix(self, cut: wl.FimCut, context: dict) -> None:
         body = {**self._fim_body(cut), "prompt": cut.prefix}
         del body["prefix"]
         with _in_flight(wl.COMPLETIONS_FIM), self.client.post("/v1/completions", json=body, name=wl.COMPLETIONS_FIM,
-                                                              headers=HEADERS, catch_response=True) as resp:
+                                                              headers=HEADERS, catch_response=True,
+                                                              context=context) as resp:
             _check(resp, "choices")
 
-    def fim_stream(self, cut: wl.FimCut) -> None:
+    def fim_stream(self, cut: wl.FimCut, context: dict) -> None:
         body = {**self._fim_body(cut), "stream": True}
         started, started_wall = time.perf_counter(), time.time()
         ttft_ms, done, error = None, False, None
         with _in_flight(wl.FIM_STREAM), self.client.post(
                 "/v1/fim/completions", json=body, name=wl.FIM_STREAM, headers=HEADERS, stream=True,
-                catch_response=True) as resp:
+                catch_response=True, context=context) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")
                 return
@@ -176,8 +189,10 @@ class EditorUser(FastHttpUser):
                         event = json.loads(line[6:])
                         if "error" in event:
                             error = event["error"].get("message", "error event")
-                        elif ttft_ms is None:
-                            ttft_ms = (time.perf_counter() - started) * 1000
+                        else:
+                            ttft_ms = ttft_ms if ttft_ms is not None else (time.perf_counter() - started) * 1000
+                            if event.get("usage"):                     # the last chunk carries it
+                                resp.request_meta["context"]["usage"] = event["usage"]
             except Exception as exc:     # noqa: BLE001 - a connection cut mid-stream is this request's answer
                 error = f"stream broken: {type(exc).__name__}: {exc}"
             # The request's time is the whole stream, not just its headers.

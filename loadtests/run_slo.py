@@ -105,7 +105,23 @@ def run_locust(args: argparse.Namespace, workload: wl.WorkloadConfig) -> int:
 def read_requests(path: Path) -> list[dict]:
     with path.open() as f:
         return [{"name": r["name"], "start": float(r["start_s"]), "ms": float(r["ms"]), "ok": r["ok"] == "1",
-                 "status": r["status"], "error": r["error"]} for r in csv.DictReader(f)]
+                 "status": r["status"], "error": r["error"], "keystroke": _int(r.get("keystroke")),
+                 "prompt_tokens": _int(r.get("prompt_tokens")), "cached_tokens": _int(r.get("cached_tokens"))}
+                for r in csv.DictReader(f)]
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def cached_shares(requests: list[dict]) -> dict:
+    """The prefix cache's share of prompt tokens as the answers' usage reports it: over every request,
+    and over the keystrokes after each session's first (the first of a hole fills the cache)."""
+    def share(rows):
+        rows = [r for r in rows if r["prompt_tokens"]]
+        total = sum(r["prompt_tokens"] for r in rows)
+        return {"requests": len(rows), "share": sum(r["cached_tokens"] or 0 for r in rows) / total if total else None}
+    return {"all": share(requests), "after_first": share([r for r in requests if (r["keystroke"] or 0) > 0])}
 
 
 def without_stop_cuts(requests: list[dict]) -> tuple[list[dict], int]:
@@ -236,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if cut:
         print(f"{cut} request(s) cut by Locust stopping, younger than the slowest answer: not counted")
     stats = summarize(requests)
+    cached = cached_shares(requests)
     rows = breakdown.breakdown(before, after) if after is not None else []
     if rows:
         (args.out / "breakdown.md").write_text(breakdown.format_rows(rows) + "\n")
@@ -246,13 +263,16 @@ def main(argv: list[str] | None = None) -> int:
                "commit": git_commit(), "cpus": os.cpu_count(), "cut_by_locust_stopping": cut, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                "workload": asdict(workload), "slo": {"p80_ms": args.p80_ms, "p99_ms": args.p99_ms,
                                                       "failures_only": args.failures_only},
-               "stats": stats, "server_breakdown": rows, "plot": plotted, "slo_met": not broken,
+               "stats": stats, "cached_share": cached, "server_breakdown": rows, "plot": plotted, "slo_met": not broken,
                "broken": broken}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if rows:
         print(f"\nserver side ({args.host}/metrics, during the run):\n{breakdown.format_rows(rows)}")
     print(f"\n{args.label or args.host}: {args.users} users, {args.run_time}, load average "
           f"{load_before[0]:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n{table(stats)}")
+    if cached["all"]["share"] is not None and cached["after_first"]["share"] is not None:
+        print(f"prompt tokens from the prefix cache (answers' usage): {cached['all']['share']:.1%} of all, "
+              f"{cached['after_first']['share']:.1%} after each session's first request")
     print("SLO met" if not broken else "SLO FAILED: " + "; ".join(broken))
     return 0 if not broken else 1
 

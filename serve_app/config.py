@@ -63,6 +63,9 @@ class EngineConfig:
     speculative_lookup_tokens: int = 0
     # Typing-through drafts (SamplingParams.draft_token_ids: the rest of a suggestion the user is
     # typing, api/typing_through.py): up to this many verified in one step, any lane. 0 = ignored.
+    # Unlike lookup drafts they come only where the user typed a suggestion, and are kept there:
+    # the INT4 lane's keystrokes p50 82 → 79 ms, those that continue the suggestion 79 → 38 ms
+    # (docs/benchmarks.md, 2026-12-04, bench/typing_through.py).
     typing_through_tokens: int = 16
     # "continuous" admits work every step; "static" only when the running batch has drained
     # (the classic batching server, kept as the peer our benchmarks measure against).
@@ -261,6 +264,11 @@ class AppConfig(BaseModel):
         if kind in self.autoscaling:
             return self.autoscaling[kind].serve_options()
         return {"num_replicas": self.num_routers} if kind == "router" and self.num_routers > 1 else {}
+
+    def single_replicas(self) -> bool:
+        """One replica of the Router and of each shard at most (what re-placing experts needs)."""
+        return all(self.autoscaling[k].max_replicas == 1 for k in ("router", "expert_shard") if k in self.autoscaling) \
+            and self.num_routers == 1
 
     def resolved_engine_host(self) -> str:
         if self.engine_host != "auto":

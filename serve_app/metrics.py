@@ -180,7 +180,7 @@ class EngineMetricsObserver:
         self.m = metrics
         self._gauges: dict[str, tuple[int, int, int, int]] = {}   # lane → running, waiting, kv used, kv total
         self._expert_pending = None                               # [layers, E] not yet recorded
-        self._expert_total = None                                 # [layers, E] since start (expert_load)
+        self._expert_total: dict[str, "torch.Tensor"] = {}        # lane → [layers, E] since start (expert_load)
         self._expert_flushed = 0.0
         self._lock = threading.Lock()       # lanes (engine threads) share one observer
 
@@ -222,16 +222,19 @@ class EngineMetricsObserver:
             m.inc("moe_spec_accepted_tokens_total", spec.accepted)
         if stats.expert_tokens is not None:
             with self._lock:
-                pending, total = self._expert_pending, self._expert_total
+                pending, total = self._expert_pending, self._expert_total.get(lane)
                 self._expert_pending = stats.expert_tokens if pending is None else pending + stats.expert_tokens
-                self._expert_total = stats.expert_tokens.clone() if total is None else total + stats.expert_tokens
+                self._expert_total[lane] = stats.expert_tokens.clone() if total is None else total + stats.expert_tokens
             if time.monotonic() - self._expert_flushed >= self.EXPERT_FLUSH_S or stats.num_running == 0:
                 self.flush_expert_tokens()
 
-    def expert_load(self) -> "torch.Tensor | None":
-        """[layers, E] tokens routed to each (layer, expert) since start (the Router's re-placement)."""
+    def expert_load(self, lane: str = "full") -> "torch.Tensor | None":
+        """[layers, E] tokens one lane routed to each (layer, expert) since start, None before any
+        (the Router's re-placement: the full lane is the one whose rows cross to the shards; its
+        INT8 draft passes count too, routing the same text)."""
         with self._lock:
-            return None if self._expert_total is None else self._expert_total.clone()
+            total = self._expert_total.get(lane)
+            return None if total is None else total.clone()
 
     def flush_expert_tokens(self) -> None:
         with self._lock:

@@ -352,6 +352,11 @@ class CodeTokenizer:
                               f"{type(suffix).__name__}")
         return fmt
 
+    def encode_fragment(self, text: str) -> list[int]:
+        """Ids of text that continues other text (a suggestion's rest, a prompt's middle): no
+        SentencePiece dummy-prefix space, no special tokens."""
+        return self._encode_fragment(text)
+
     def _encode_fragment(self, text: str) -> list[int]:
         # Mid-prompt text must not get a SentencePiece dummy-prefix space: Meta's encode_infilling
         # strips it from the suffix, and the CodeLlama prefix space is added explicitly above.

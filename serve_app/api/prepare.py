@@ -185,6 +185,8 @@ def _typing_through(settings: ApiSettings, params: SamplingParams, tier: Resolve
     if memory is None or prompt is None or tier.num_candidates != 1:
         return params, None
     hole = Hole(scope, prompt, suffix or "")
+    if not memory.keeps(hole):
+        return params, None
     draft = memory.draft(hole)
     return (replace(params, draft_token_ids=tuple(draft)) if draft else params), memory.on_finished(hole)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import aclosing
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import anyio
@@ -97,15 +96,28 @@ def start_generation(client: EngineClient, prepared: PreparedRequest, stream: bo
     the request's `on_finished` hook sees the final output on its way."""
     outputs = client.generate(prepared.request_id, prepared.prompt_token_ids, prepared.params,
                               tag=prepared.tier.tier.value, precision=prepared.precision, stream=stream)
-    return outputs if prepared.on_finished is None else _with_hook(outputs, prepared.on_finished)
+    return outputs if prepared.on_finished is None else _Hooked(outputs, prepared.on_finished)
 
 
-async def _with_hook(outputs: AsyncIterator[RequestOutput], on_finished) -> AsyncIterator[RequestOutput]:
-    async with aclosing(outputs):         # closing this closes the engine's iterator (abort)
-        async for out in outputs:
-            if out.finished:
-                on_finished(out)
-            yield out
+class _Hooked:
+    """The engine's outputs, with a hook called on the final one. An iterator object, not an async
+    generator: `aclose` goes straight to the engine's iterator (which aborts the request), whatever
+    state this one is in, exactly as without the hook."""
+
+    def __init__(self, outputs: AsyncIterator[RequestOutput], on_finished) -> None:
+        self.outputs, self.on_finished = outputs, on_finished
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        out = await self.outputs.__anext__()
+        if out.finished:
+            self.on_finished(out)
+        return out
+
+    async def aclose(self) -> None:
+        await self.outputs.aclose()
 
 
 def response_headers(prepared: PreparedRequest) -> dict[str, str]:

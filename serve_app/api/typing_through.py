@@ -46,8 +46,8 @@ class SuggestionMemory:
         self.tokenizer = tokenizer
         self.max_holes, self.per_hole, self.ttl_s = max_holes, per_hole, ttl_s
         self.anchor_chars, self.max_draft_tokens, self.clock = anchor_chars, max_draft_tokens, clock
-        # per hole: (when, prompt, suggestion text, its token ids), oldest first
-        self._holes: OrderedDict[tuple, deque[tuple[float, str, str, tuple[int, ...]]]] = OrderedDict()
+        # per hole: (when, prompt length, prompt digest, suggestion text, its token ids), oldest first
+        self._holes: OrderedDict[tuple, deque[tuple[float, int, bytes, str, tuple[int, ...]]]] = OrderedDict()
         self._lock = threading.Lock()           # the batch path and the llama.cpp path share one memory
 
     def draft(self, hole: Hole) -> list[int]:
@@ -59,10 +59,10 @@ class SuggestionMemory:
         now = self.clock()
         with self._lock:
             entries = list(self._holes.get(key, ()))
-        for at, prompt, text, token_ids in reversed(entries):   # the newest first
-            if now - at > self.ttl_s or not hole.prompt.startswith(prompt):
+        for at, length, digest, text, token_ids in reversed(entries):   # the newest first
+            if now - at > self.ttl_s or length > len(hole.prompt) or _digest(hole.prompt[:length]) != digest:
                 continue
-            typed = hole.prompt[len(prompt):]
+            typed = hole.prompt[length:]
             if len(typed) < len(text) and text.startswith(typed):
                 return self._rest(token_ids, text, typed)[:self.max_draft_tokens]
         return []
@@ -77,17 +77,23 @@ class SuggestionMemory:
                 return list(token_ids[j:])
             if len(decoded) > len(typed):
                 break
-        return self.tokenizer.encode(text[len(typed):], add_special_tokens=False)
+        return self.tokenizer.encode_fragment(text[len(typed):])
 
     def remember(self, hole: Hole, text: str, token_ids: tuple[int, ...] = ()) -> None:
         key = self._key(hole)
         if key is None or not text:
             return
+        now = self.clock()
+        entry = (now, len(hole.prompt), _digest(hole.prompt), text, tuple(token_ids))
         with self._lock:
             entries = self._holes.pop(key, None) or deque(maxlen=self.per_hole)
-            entries.append((self.clock(), hole.prompt, text, tuple(token_ids)))
-            self._holes[key] = entries                       # most recently used last
-            while len(self._holes) > self.max_holes:
+            while entries and now - entries[0][0] > self.ttl_s:
+                entries.popleft()
+            entries.append(entry)
+            self._holes[key] = entries                       # most recently written last
+            # Holes are in write order: the oldest first, so expired ones go from the front.
+            while self._holes and (len(self._holes) > self.max_holes
+                                   or now - next(iter(self._holes.values()))[-1][0] > self.ttl_s):
                 self._holes.popitem(last=False)
 
     def on_finished(self, hole: Hole) -> Callable[[RequestOutput], None]:
@@ -97,11 +103,23 @@ class SuggestionMemory:
                 self.remember(hole, final.outputs[0].text, tuple(final.outputs[0].token_ids))
         return remember
 
+    def keeps(self, hole: Hole) -> bool:
+        """Whether suggestions for this hole are remembered at all (its prompt is long enough)."""
+        return self._key(hole) is not None
+
+    def __len__(self) -> int:
+        """Suggestions held."""
+        with self._lock:
+            return sum(len(e) for e in self._holes.values())
+
     def _key(self, hole: Hole) -> tuple | None:
         if len(hole.prompt) < self.anchor_chars:
             return None
-        return hole.scope, hashlib.sha256(hole.suffix.encode("utf-8", "surrogatepass")).digest(), \
-            hole.prompt[:self.anchor_chars]
+        return hole.scope, _digest(hole.suffix), hole.prompt[:self.anchor_chars]
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def context_scope(kind: str, context) -> str:

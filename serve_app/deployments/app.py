@@ -73,5 +73,5 @@ def build_app(config: AppConfig | Mapping[str, Any] | None = None) -> Applicatio
         config.quant_materialize, config.full_lane_max_defer_s, config.fast_dtype)
     router = Router.options(ray_actor_options=router_actor_options(config), **config.replicas("router"),
                             **router_routing(config)).bind(
-        spec, shards, config.expert_transport, config.resolved_engine_host())
+        spec, shards, config.expert_transport, config.resolved_engine_host(), config.single_replicas())
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}, **config.replicas("ingress")).bind(router, config)

@@ -7,6 +7,7 @@ of its node and tells the router where through `data_plane`), or as Serve calls 
 (`prefetch`, `release`: the Router's re-placement; parallel/expert_store.py)."""
 from __future__ import annotations
 
+import asyncio
 import os
 
 import ray
@@ -50,9 +51,10 @@ class ExpertShard:
         """Where this replica's data plane listens, and the token a connection must present."""
         return self.plane.address
 
-    def prefetch(self, experts: list[ExpertKey]) -> int:
-        """Read the experts a new placement gives this shard (before the Router routes by it)."""
-        return self.store.prefetch(experts)
+    async def prefetch(self, experts: list[ExpertKey]) -> int:
+        """Read the experts a new placement gives this shard (before the Router routes by it); off
+        the replica's event loop, which answers health checks and `run` calls meanwhile."""
+        return await asyncio.to_thread(self.store.prefetch, experts)
 
     def release(self, keep: list[ExpertKey]) -> int:
         """Drop the experts a new placement took away (after no layer routes by the old one)."""

@@ -89,13 +89,17 @@ class PrefixAffinityRouter(RequestRouter):
         self.index = AffinityIndex(block_size, max_blocks)
         self.imbalance_threshold = imbalance_threshold
         self.max_tracked_requests = max_tracked_requests
-        self._pending: OrderedDict[str, list[BlockHash]] = OrderedDict()   # internal request id -> hashes
         self._request_owner: OrderedDict[str, str] = OrderedDict()          # our request id -> replica id
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:
+            # No locality tiers to try first: when no choice could take the request (a queue-length
+            # probe missed its deadline), Serve must back off before asking again. Without it the
+            # retries spin, and their probes swamp the very replica they wait on.
+            pending_request.routing_context.should_backoff = True
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         method = pending_request.metadata.call_method if pending_request is not None else ""
         if method == "abort" and (owner := by_id.get(self._request_owner.get(_arg(pending_request, 0, "request_id")))):
@@ -104,7 +108,6 @@ class PrefixAffinityRouter(RequestRouter):
             return [self._two_choices(candidate_replicas)]
         prompt = _arg(pending_request, 1, "prompt_token_ids") or []
         hashes = self.index.hashes(list(prompt))
-        self._track(self._pending, pending_request.metadata.internal_request_id, hashes)
         preferred, _ = self.index.match(hashes, set(by_id))
         if preferred is None and hashes:
             preferred = rendezvous(hashes[0], sorted(by_id))
@@ -119,8 +122,9 @@ class PrefixAffinityRouter(RequestRouter):
         if pending_request.metadata.call_method != "generate":
             return
         replica = replica_id.to_full_id_str()
-        hashes = self._pending.pop(pending_request.metadata.internal_request_id, None)
-        if hashes:
+        # Hashed again rather than kept from choose_replicas: a request cancelled before it is
+        # routed would leave its hashes behind.
+        if hashes := self.index.hashes(list(_arg(pending_request, 1, "prompt_token_ids") or [])):
             self.index.record(hashes, replica)
         if (request_id := _arg(pending_request, 0, "request_id")) is not None:
             self._track(self._request_owner, request_id, replica)

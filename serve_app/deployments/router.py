@@ -45,7 +45,9 @@ from serve_app.parallel.transport import ServeTransport, ShardTransport
                   health_check_timeout_s=10)
 class Router:
     def __init__(self, spec: RouterEngineSpec, shards: list, expert_transport: str = "socket",
-                 engine_host: str = "replica"):
+                 engine_host: str = "replica", replaceable: bool = True):
+        """`replaceable`: one replica of this Router and of each shard, so `apply_placement` reaches
+        every transport and every shard replica (build_app says)."""
         spec.process.apply()
         # A Router given a GPU by Ray runs its dense layers, KV cache and quantized experts there.
         spec = replace(spec, device="cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
@@ -54,6 +56,8 @@ class Router:
         self.lanes = None
         self.spec = spec
         self.transports: list[ShardTransport] = []
+        self.replaceable = replaceable
+        self._placing = asyncio.Lock()          # one re-placement at a time
         if engine_host == "process":
             self.host = EngineHost(spec, shards, Metrics("ray"), ray.util.get_node_ip_address())
             return
@@ -105,15 +109,21 @@ class Router:
         flight (parallel/replacement.py). Returns what each shard read and dropped."""
         if not self.transports:
             raise RuntimeError("re-placement needs expert shards and engine_host 'replica'")
+        if not self.replaceable:
+            # The other Routers would route by the old placement to experts the shards dropped, and
+            # a shard call reaches one of its replicas only.
+            raise RuntimeError("re-placement needs one Router replica and one replica of each shard")
         new = PlacementPlan.from_layout(ModelConfig.from_dir(self.spec.model_dir), layout)
-        return await apply_placement(self.transports, new,
-                                     prefetch=lambda shard, keys: self.shards[shard].prefetch.remote(keys),
-                                     release=lambda shard, keys: self.shards[shard].release.remote(keys))
+        async with self._placing:
+            return await apply_placement(self.transports, new,
+                                         prefetch=lambda shard, keys: self.shards[shard].prefetch.remote(keys),
+                                         release=lambda shard, keys: self.shards[shard].release.remote(keys))
 
     async def rebalance(self, spare_slots: int = 0) -> dict:
-        """EPLB from the load measured since start: the placement that evens each layer's tokens per
-        shard (`spare_slots` more experts a shard for replicas of the hottest), applied."""
-        load = self.observer.expert_load() if self.lanes is not None else None
+        """EPLB from the load the full-precision lane measured since start (its rows are the ones
+        that cross to the shards): the placement that evens each layer's tokens per shard
+        (`spare_slots` more experts a shard for replicas of the hottest), applied."""
+        load = self.observer.expert_load("full") if self.lanes is not None else None
         if load is None or not self.transports:
             raise RuntimeError("rebalancing needs expert shards, engine_host 'replica' and measured load")
         old = self.transports[0].placement

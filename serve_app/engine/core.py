@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -83,6 +84,10 @@ class EngineCore:
             raise RequestRejectedError(f"precision {precision!r} is not served here; available: "
                                        f"{', '.join(self.model.precisions)}", "precision")
         predicted = self._admit_or_raise(len(prompt_token_ids), params.max_tokens)
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in params.draft_token_ids):   # a hint, never a reason to refuse: cut it
+            cut = next(i for i, t in enumerate(params.draft_token_ids) if t >= vocab)
+            params = replace(params, draft_token_ids=params.draft_token_ids[:cut])
         req = Request(request_id, list(prompt_token_ids), params, tag=tag, precision=precision)
         req.times.predicted_s = predicted
         if arrival is not None:
@@ -116,8 +121,6 @@ class EngineCore:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise RequestRejectedError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
-        if any(t >= vocab for t in params.draft_token_ids):    # verification would index the logits
-            raise RequestRejectedError(f"draft token ids must be inside the vocabulary [0, {vocab})", "draft_token_ids")
         biased = [t for t, _ in params.logit_bias if t >= vocab]
         if biased:      # the sampler indexes the logits with these: refuse here, never fail a step
             raise RequestRejectedError(f"logit_bias token id {biased[0]} is outside the vocabulary [0, {vocab})",
@@ -304,7 +307,7 @@ class EngineCore:
             self._spec.sequences += 1
             self._spec.drafted += len(draft.tokens)
             self._spec.accepted += kept
-            self.speculator.adapt(seq, len(draft.tokens), kept)
+            self.speculator.adapt(seq, len(draft.tokens), kept, draft.hint)
             if not seq.finished:
                 seq.num_computed_tokens = start + kept
                 self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)

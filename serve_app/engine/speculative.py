@@ -64,6 +64,7 @@ class Draft:
     tokens: list[int]
     probs: list[torch.Tensor]        # per draft: its sampling distribution q_i [V]; empty when greedy
                                      # or proposed by lookup (q one-hot on the token)
+    hint: bool = False               # the request's own draft tokens (typing-through), not a model's
 
 
 @dataclass
@@ -116,9 +117,9 @@ class Speculator:
         drafts: dict[str, Draft] = {}
         for item in items:
             seq = item.seq
-            if (hint := self._hint(item, token_budget)) and self._reserve(seq, len(hint)):
-                drafts[seq.seq_id] = Draft(hint, [])
-                token_budget -= len(hint)
+            if (hint := self._hint(item, token_budget)) and (fit := self._fit(seq, len(hint))):
+                drafts[seq.seq_id] = Draft(hint[:fit], [], hint=True)
+                token_budget -= fit
                 continue
             k = min(self._budget(item, self.most(seq)), token_budget)
             if k <= 0:
@@ -161,7 +162,9 @@ class Speculator:
         made = self.tokenizer.decode(list(out))
         if len(made) >= len(seq.hint_text) or not seq.hint_text.startswith(made):
             return []
-        return self.tokenizer.encode(seq.hint_text[len(made):], add_special_tokens=False)
+        rest = self.tokenizer.encode_fragment(seq.hint_text[len(made):])
+        vocab = self.runner.model.config.vocab_size
+        return next((rest[:i] for i, t in enumerate(rest) if t >= vocab), rest)     # the logits' width
 
     def _by_model(self, seq: Sequence) -> bool:
         return seq.request.precision == "full" and self.k > 0
@@ -217,8 +220,11 @@ class Speculator:
             k -= 1
         return k
 
-    def adapt(self, seq: Sequence, drafted: int, kept: int) -> None:
-        """The next step's draft length for `seq` from this verification's outcome."""
+    def adapt(self, seq: Sequence, drafted: int, kept: int, hint: bool = False) -> None:
+        """The next step's draft length for `seq` from this verification's outcome (a typing-through
+        draft says nothing about how well the model's copy drafts)."""
+        if hint:
+            return
         most = self.most(seq)
         current = min(seq.draft_len or most, most)
         seq.draft_len = min(most, current + 2) if kept == drafted else max(1, current - 1)

@@ -42,8 +42,8 @@ class Balanced:
         return out
 
     def layout(self) -> dict[str, list[tuple[int, int]]]:
-        """The config's `placement` layout ({"0": [[layer, expert], ...], ...}); only for a placement
-        without replicas (PlacementPlan places each expert once)."""
+        """The config's `placement` layout ({"0": [[layer, expert], ...], ...}) of a placement without
+        replicas (a replicated one: `PlacementPlan.from_holders(self.holders, ...)`)."""
         if any(len(h) > 1 for h in self.holders.values()):
             raise ValueError("a placement with replicated experts has no single-owner layout")
         out: dict[str, list[tuple[int, int]]] = {str(s): [] for s in range(self.num_shards)}

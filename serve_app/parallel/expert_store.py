@@ -9,7 +9,8 @@ and the Router may route it others: those are read on their first request (milli
 inside the layer's deadline), so a restart never turns into failed layers.
 
 Thread safety: one data-plane thread per connected Router (and Serve's `run` calls) share a store;
-lookups, loads and releases take one lock, the FFNs run outside it on the modules looked up.
+lookups, inserts and releases take one lock, held for dict operations only: checkpoint reads and
+the FFNs run outside it (a prefetch never stalls the layers being served).
 """
 from __future__ import annotations
 
@@ -45,8 +46,7 @@ class ExpertStore:
 
     def prefetch(self, keys: Iterable[ExpertKey]) -> int:
         """Read the experts of `keys` not held yet; how many were read."""
-        with self._lock:
-            return self._load([tuple(k) for k in keys])
+        return self._load([tuple(k) for k in keys])
 
     def release(self, keep: Iterable[ExpertKey]) -> int:
         """Drop every expert not in `keep`; how many were dropped."""
@@ -59,17 +59,28 @@ class ExpertStore:
 
     def _ffns(self, keys: list[ExpertKey]) -> list[torch.nn.Module]:
         with self._lock:
-            self.loaded_on_demand += self._load(keys)
-            return [self.backend.ffn[_name(k)] for k in keys]
+            found = [self.backend.ffn[_name(k)] if _name(k) in self.backend.ffn else None for k in keys]
+        if None in found:                         # a request for experts this shard does not hold
+            read = self._load(keys)
+            with self._lock:
+                self.loaded_on_demand += read
+            return self._ffns(keys)
+        return found
 
     def _load(self, keys: list[ExpertKey]) -> int:
-        """Under the lock: read the missing ones of `keys` (an unknown expert raises ModelLoadError)."""
-        missing = sorted({k for k in keys if _name(k) not in self.backend.ffn})
-        if missing:
-            read = load_expert_weights(self.model_dir, missing, dtype=self.dtype, device=self.device)
-            for name, ffn in read.ffn.items():
-                self.backend.ffn[name] = ffn
-        return len(missing)
+        """Read the missing ones of `keys` (outside the lock) and insert them; how many were new
+        (an unknown expert raises ModelLoadError). Two threads reading the same expert at once
+        both insert the same weights: harmless."""
+        with self._lock:
+            missing = sorted({k for k in keys if _name(k) not in self.backend.ffn})
+        if not missing:
+            return 0
+        read = load_expert_weights(self.model_dir, missing, dtype=self.dtype, device=self.device)
+        with self._lock:
+            new = [name for name in read.ffn if name not in self.backend.ffn]
+            for name in new:
+                self.backend.ffn[name] = read.ffn[name]
+        return len(new)
 
 
 def _name(key: ExpertKey) -> str:

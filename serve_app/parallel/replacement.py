@@ -4,9 +4,12 @@ The order is what makes it safe (the Router's `apply_placement`; parallel/expert
 shard side): (1) every shard reads the experts the new placement gives it, while the old placement
 still routes; (2) the transports route the next layers by the new one (a layer reads the placement
 once, so it sees the old map or the new one, never a mix), and the socket plane waits for a layer
-already on the wire to finish; (3) every shard drops what it no longer holds. At each moment every
-shard a layer is routed to holds that layer's experts; a shard restarted meanwhile reads them on
-demand. Replicated experts (several holders) have their rows split between the holders.
+already on the wire to finish; (3) every shard drops what it no longer holds. With the socket plane
+every shard a layer is routed to holds that layer's experts at each moment; a Serve handle call
+still in flight at (3), or a shard restarted meanwhile, finds an expert missing and reads it on
+demand (parallel/expert_store.py): slower, never wrong. Replicated experts (several holders) have
+their rows split between the holders. One Router replica and one replica of each shard: the Router
+refuses otherwise (the others would keep routing by the old placement).
 """
 from __future__ import annotations
 

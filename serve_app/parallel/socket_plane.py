@@ -164,7 +164,7 @@ class SocketTransport(ShardTransport):
     def _run(self, x: torch.Tensor, plan: DispatchPlan) -> dict[int, torch.Tensor]:
         started = time.perf_counter()
         deadline = started + self.timeout_s
-        requests = build_requests(x, plan, self.holders)
+        requests = build_requests(x, plan, self.holders, next(self.turns))
         seq = next(self._seq)
         self._drop_closed()
         waiting: dict[int, tuple[ShardRequest, list]] = {}

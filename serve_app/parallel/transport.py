@@ -7,8 +7,9 @@ the rows of all its experts (rows grouped by expert, ascending), all shards conc
 waits for all of them — the hop cost is per shard per layer, never per expert or per token.
 
 A replicated expert (several holders in the placement, parallel/eplb.py) has its rows split into
-contiguous, nearly equal parts, one per holder in shard order; the parts' outputs are put back in
-row order (`Replies`). Each part is its own, smaller matrix product, so its float sums may differ
+contiguous, nearly equal parts, one per holder; which holder gets the first part turns with every
+layer call (`turn`), so the one or two rows an expert gets at decode spread over its holders too;
+the parts' outputs are put back in row order (`Replies`). Each part is its own, smaller matrix product, so its float sums may differ
 from the whole one's in the last bit. The placement can be swapped between layers
 (`set_placement`, the Router's re-placement): a layer reads it once.
 
@@ -22,6 +23,7 @@ Legend: T=tokens in the step, D=hidden, R=rows sent to one shard.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -76,14 +78,15 @@ class Piece:
     rows: torch.Tensor           # [r] indices into the layer input
 
 
-def build_requests(x: torch.Tensor, plan: DispatchPlan, holders: dict[ExpertKey, tuple[int, ...]]
-                   ) -> dict[int, tuple[ShardRequest, list[Piece]]]:
+def build_requests(x: torch.Tensor, plan: DispatchPlan, holders: dict[ExpertKey, tuple[int, ...]],
+                   turn: int = 0) -> dict[int, tuple[ShardRequest, list[Piece]]]:
     """Group a layer's rows by shard: shard → (request, its pieces in request order)."""
     by_shard: dict[int, list[Piece]] = {}
     for a in plan.assignments:
         held = holders[(plan.layer, a.expert)]
         parts = a.rows.tensor_split(len(held)) if len(held) > 1 else (a.rows,)
-        for part, (shard, rows) in enumerate(zip(held, parts)):
+        first = turn % len(held)
+        for part, (shard, rows) in enumerate(zip(held[first:] + held[:first], parts)):
             if len(rows):
                 by_shard.setdefault(shard, []).append(Piece(a.expert, part, rows))
     requests = {}
@@ -121,6 +124,7 @@ class ShardTransport:
 
     def __post_init__(self):
         self.holders = self.placement.holders()
+        self.turns = itertools.count()      # build_requests' turn: one per layer call
 
     def holds(self) -> frozenset[ExpertKey]:
         return frozenset(self.holders)
@@ -152,7 +156,7 @@ class ServeTransport(ShardTransport):
         started = time.perf_counter()
         deadline = started + self.timeout_s
         calls = {}
-        for shard, (req, assigns) in build_requests(x, plan, self.holders).items():
+        for shard, (req, assigns) in build_requests(x, plan, self.holders, next(self.turns)).items():
             calls[shard] = (req, assigns, self.handles[shard].run.remote(req))      # all in flight
         out = Replies()
         blame = next(iter(calls), -1)      # the shard a failure is reported against

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
+
+import torch
 
 from serve_app.config import EngineConfig
 from serve_app.engine import EngineCore, SamplingParams
@@ -55,3 +58,18 @@ def fixed_kernels():
         else:
             os.environ["MOE_SERVE_KERNELS"] = before
         kernels.forget_choices()
+
+
+@contextlib.contextmanager
+def threads_of_a_new_thread():
+    """This thread computes with the intra-op thread count a thread started now gets (OpenMP's
+    default: OMP_NUM_THREADS, else one per core) for the test's duration. Tests that compare float
+    sums bit for bit with threads they start (shard servers, an engine thread) need both sides to
+    split GEMMs alike, whatever an earlier test set here with torch.set_num_threads (measured: a
+    thread started after set_num_threads(1) still splits over every core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -119,5 +119,8 @@ def test_slo_runner_smoke_writes_every_output_without_failures(embedded_server, 
     assert set(summary["stats"]) - {"inline (all FIM)"} <= {*wl.INLINE, wl.TTFT_FIM_STREAM, wl.CHAT}
     assert summary["slo_met"] and summary["plot"]
     assert "SLO met" in proc.stdout
+    # Answered inline requests logged their usage; keystrokes after a session's first hit the cache.
+    cached = summary["cached_share"]
+    assert cached["all"]["requests"] >= inline["count"] // 2 and 0 < cached["after_first"]["share"] <= 1, cached
     stages = {row["stage"] for row in summary["server_breakdown"]}
     assert "engine: time to first token" in stages                   # the server's /metrics was read

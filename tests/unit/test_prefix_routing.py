@@ -56,6 +56,10 @@ def test_num_routers_and_routing_in_the_config(tmp_path):
     from tests.helpers.engines import build_model_dir
 
     assert AppConfig(num_routers=3).replicas("router") == {"num_replicas": 3}
+    # Re-placing experts needs every transport and shard replica in reach (Router.apply_placement).
+    assert AppConfig().single_replicas() and not AppConfig(num_routers=2).single_replicas()
+    assert not AppConfig(expert_transport="serve",
+                         autoscaling={"expert_shard": {"min_replicas": 1, "max_replicas": 2}}).single_replicas()
     assert AppConfig().replicas("router") == {}
     with pytest.raises(ValidationError, match="give one of them"):
         AppConfig(num_routers=2, autoscaling={"router": {"min_replicas": 1, "max_replicas": 2}})

@@ -19,7 +19,14 @@ from serve_app.parallel.replacement import apply_placement
 from serve_app.parallel.socket_plane import ShardServer, SocketTransport
 from serve_app.parallel.transport import ShardRequest
 from tests.helpers.checkpoints import build_checkpoint
+from tests.helpers.engines import threads_of_a_new_thread
 from tests.unit.test_socket_plane import ControlPlane
+
+@pytest.fixture(autouse=True)
+def same_gemm_split():
+    with threads_of_a_new_thread():    # outputs are compared with the shard and engine threads' sums, bit for bit
+        yield
+
 
 ENGINE = dict(block_size=4, num_kv_blocks=512, max_num_batched_tokens=64, long_prefill_chunk=16,
               speculative_tokens=0)
@@ -74,6 +81,22 @@ def test_replicated_experts_split_their_rows_between_holders(ckpt, whole):
         transport.close()
         for server in servers:
             server.close()
+
+
+def test_the_rows_of_a_replicated_expert_take_turns_between_its_holders(whole):
+    from serve_app.model.moe import DispatchPlan, ExpertAssignment
+    from serve_app.parallel.transport import build_requests
+
+    layer = whole.config.moe_layers[0]
+    x = torch.randn(1, whole.config.hidden_size)
+    one_row = DispatchPlan(layer, 1, torch.tensor([[2]]), torch.ones(1, 1), torch.zeros(1, 8),
+                           [ExpertAssignment(2, torch.tensor([0]), torch.ones(1))])
+    holders = {(layer, 2): (0, 1)}
+    assert [list(build_requests(x, one_row, holders, turn)) for turn in range(4)] == [[0], [1], [0], [1]]
+    three = DispatchPlan(layer, 3, torch.tensor([[2]] * 3), torch.ones(3, 1), torch.zeros(3, 8),
+                         [ExpertAssignment(2, torch.arange(3), torch.ones(3))])
+    parts = build_requests(torch.randn(3, whole.config.hidden_size), three, holders, 1)
+    assert {s: [p.part for p in pieces] for s, (_, pieces) in parts.items()} == {1: [0], 0: [1]}
 
 
 def _engine(whole_or_path, transport=None) -> EngineCore:

@@ -16,8 +16,8 @@ def test_defaults_match_the_documented_contract():
     assert [f.name for f in dataclasses.fields(SamplingParams)] == [
         "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
         "ignore_eos", "n", "logprobs", "frequency_penalty", "presence_penalty", "penalty_skips_structural",
-        "logit_bias"]
-    assert p.logit_bias == ()
+        "logit_bias", "draft_token_ids"]
+    assert p.logit_bias == () and p.draft_token_ids == ()
 
 
 def test_params_are_frozen():

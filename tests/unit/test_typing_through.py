@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from serve_app.config import EngineConfig
-from serve_app.engine import EngineCore, RequestRejectedError, SamplingParams
+from serve_app.engine import EngineCore, SamplingParams, SamplingParamsError
 from serve_app.model import load_model
 from serve_app.model.precision import add_quantized_lanes
 from tests.helpers.checkpoints import build_checkpoint
@@ -65,13 +65,16 @@ def test_wrong_or_partly_right_drafts_keep_the_output(model):
         assert _alone(model, prompt, (wrong[0],) + tuple(want[1:]))[1] == _alone(model, prompt)[1]
 
 
-def test_drafts_are_validated_and_can_be_turned_off(model):
+def test_drafts_are_checked_cut_at_the_vocabulary_and_can_be_turned_off(model):
     prompt = _prompts(model.config.vocab_size)[0]
-    engine = EngineCore(model, EngineConfig(**ENGINE))
-    with pytest.raises(RequestRejectedError) as exc:
-        engine.add_request("r", prompt, SamplingParams(draft_token_ids=(model.config.vocab_size,)))
+    with pytest.raises(SamplingParamsError) as exc:
+        SamplingParams(draft_token_ids=(3, -1))
     assert exc.value.param == "draft_token_ids"
     want, steps = _alone(model, prompt)
+    prefill = steps - (MAX_TOKENS - 1)
+    # A hint is never a reason to refuse: ids past the vocabulary cut it there.
+    assert _alone(model, prompt, tuple(want[:8]) + (model.config.vocab_size,) + tuple(want[8:])) == \
+        (want, prefill + 1 + (MAX_TOKENS - 9))          # 8 tokens drafted and checked, the bonus, then 1 a step
     prefill = steps - (MAX_TOKENS - 1)
     assert _alone(model, prompt, tuple(want), typing_through_tokens=0) == (want, steps)
     # 4 drafts a step: 5 tokens a step after the prefill's one.
@@ -123,6 +126,10 @@ def test_memory_drafts_the_rest_of_a_suggestion_only_while_it_is_typed(tokenizer
     assert memory.draft(hole) == ids
     memory.remember(Hole("fim:x", "short", ""), "text")
     assert memory.draft(Hole("fim:x", "short", "")) == []                       # below the anchor: not kept
+    assert len(memory) == 1                     # the write at t=11 dropped its hole's expired entries
+    clock.now = 200
+    memory.remember(Hole("fim:y", before, ""), "x")                            # and a write drops expired holes
+    assert len(memory) == 1 and len(memory._holes) == 1
 
 
 def test_memory_is_bounded(tokenizer):
