@@ -74,7 +74,7 @@ def test_drafts_are_checked_cut_at_the_vocabulary_and_can_be_turned_off(model):
     prefill = steps - (MAX_TOKENS - 1)
     # A hint is never a reason to refuse: ids past the vocabulary cut it there.
     assert _alone(model, prompt, tuple(want[:8]) + (model.config.vocab_size,) + tuple(want[8:])) == \
-        (want, prefill + 1 + (MAX_TOKENS - 9))          # 8 tokens drafted and checked, the bonus, then 1 a step
+        (want, prefill + 1 + (MAX_TOKENS - 9))   # 7 drafts kept and the bonus in one step, then 1 a step
     prefill = steps - (MAX_TOKENS - 1)
     assert _alone(model, prompt, tuple(want), typing_through_tokens=0) == (want, steps)
     # 4 drafts a step: 5 tokens a step after the prefill's one.
