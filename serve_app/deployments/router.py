@@ -107,13 +107,15 @@ class Router:
         """Serve by a new placement of the same remote experts (`AppConfig.placement`'s layout; an
         expert on several shards is replicated and its rows split between them), with requests in
         flight (parallel/replacement.py). Returns what each shard read and dropped."""
+        return await self._apply(PlacementPlan.from_layout(ModelConfig.from_dir(self.spec.model_dir), layout))
+
+    async def _apply(self, new: PlacementPlan) -> dict:
         if not self.transports:
             raise RuntimeError("re-placement needs expert shards and engine_host 'replica'")
         if not self.replaceable:
             # The other Routers would route by the old placement to experts the shards dropped, and
             # a shard call reaches one of its replicas only.
             raise RuntimeError("re-placement needs one Router replica and one replica of each shard")
-        new = PlacementPlan.from_layout(ModelConfig.from_dir(self.spec.model_dir), layout)
         async with self._placing:
             return await apply_placement(self.transports, new,
                                          prefetch=lambda shard, keys: self.shards[shard].prefetch.remote(keys),
@@ -133,8 +135,7 @@ class Router:
         load = load[layers]
         balanced = balance(load, layers, old.num_shards, spare_slots)
         before = imbalance(Balanced(old.holders(), old.num_shards).shard_load(load, layers)).max().item()
-        new = PlacementPlan.from_holders(balanced.holders, old.num_shards)
-        await self.apply_placement({str(s.index): [list(k) for k in s.experts] for s in new.shards})
+        await self._apply(PlacementPlan.from_holders(balanced.holders, old.num_shards))
         return {"max_imbalance_before": before,
                 "max_imbalance_after": imbalance(balanced.shard_load(load, layers)).max().item()}
 

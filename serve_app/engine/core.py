@@ -24,7 +24,7 @@ from serve_app.engine.runner import ModelRunner
 from serve_app.engine.sampler import logprobs_of, make_generator, sample
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler, SchedulerOutput
-from serve_app.engine.speculative import Draft, Speculator, SpecStats
+from serve_app.engine.speculative import Draft, Speculator, SpecStats, within_vocab
 from serve_app.engine.sequence import (CompletionOutput, EngineOverloadedError, FinishReason, Request,
                                        RequestOutput, RequestRejectedError, RequestTimes, Sequence)
 from serve_app.engine.stats import EngineObserver, StepStats, TokenTiming
@@ -84,10 +84,8 @@ class EngineCore:
             raise RequestRejectedError(f"precision {precision!r} is not served here; available: "
                                        f"{', '.join(self.model.precisions)}", "precision")
         predicted = self._admit_or_raise(len(prompt_token_ids), params.max_tokens)
-        vocab = self.model.config.vocab_size
-        if any(t >= vocab for t in params.draft_token_ids):   # a hint, never a reason to refuse: cut it
-            cut = next(i for i, t in enumerate(params.draft_token_ids) if t >= vocab)
-            params = replace(params, draft_token_ids=params.draft_token_ids[:cut])
+        if (draft := within_vocab(params.draft_token_ids, self.model.config.vocab_size)) != params.draft_token_ids:
+            params = replace(params, draft_token_ids=draft)        # a hint: cut, never refused
         req = Request(request_id, list(prompt_token_ids), params, tag=tag, precision=precision)
         req.times.predicted_s = predicted
         if arrival is not None:

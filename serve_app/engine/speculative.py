@@ -33,7 +33,11 @@ pressure changes the text (never the distribution).
 Typing-through drafts: a request may bring the tokens its output is expected to start with
 (`SamplingParams.draft_token_ids`, the rest of a suggestion the user is typing). While its output
 follows them, the next `hint_k` of them are the row's draft, in any lane, before any other source:
-a proposal, q one-hot, like prompt lookup. Once the output leaves them they are never used again.
+a proposal, q one-hot, like prompt lookup. "Follows" is by text where the engine has a tokenizer:
+the user cut the suggestion anywhere (typing "re" of "return" leaves "turn", which the model may
+spell with other tokens), so while the output's text starts the drafts' text, the rest of that text,
+tokenized, is the draft. Once the output leaves it, never again. Ids past the vocabulary end a
+draft (`within_vocab`): it is a hint, never a reason to refuse a request.
 
 Who speculates: decode rows of full-precision requests (the rows that would cross the shards),
 when the model holds the draft precision. How many: per sequence, adapted from its acceptance
@@ -95,6 +99,11 @@ class LookupIndex:
             if len(tokens) >= n and (end := self.last.get(tuple(tokens[-n:]))) is not None:
                 return tokens[end + 1:end + 1 + k]
         return []
+
+
+def within_vocab(tokens, vocab_size: int) -> tuple[int, ...]:
+    """`tokens` up to the first id the logits have no row for."""
+    return next((tuple(tokens[:i]) for i, t in enumerate(tokens) if t >= vocab_size), tuple(tokens))
 
 
 class Speculator:
@@ -162,9 +171,8 @@ class Speculator:
         made = self.tokenizer.decode(list(out))
         if len(made) >= len(seq.hint_text) or not seq.hint_text.startswith(made):
             return []
-        rest = self.tokenizer.encode_fragment(seq.hint_text[len(made):])
-        vocab = self.runner.model.config.vocab_size
-        return next((rest[:i] for i, t in enumerate(rest) if t >= vocab), rest)     # the logits' width
+        return list(within_vocab(self.tokenizer.encode_fragment(seq.hint_text[len(made):]),
+                                 self.runner.model.config.vocab_size))
 
     def _by_model(self, seq: Sequence) -> bool:
         return seq.request.precision == "full" and self.k > 0

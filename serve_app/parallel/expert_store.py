@@ -21,7 +21,7 @@ import torch
 
 from serve_app.model import load_expert_weights
 from serve_app.model.moe import ExpertKey
-from serve_app.parallel.transport import ShardRequest
+from serve_app.parallel.transport import ShardRequest, run_ffns
 
 
 class ExpertStore:
@@ -37,12 +37,7 @@ class ExpertStore:
 
     def compute(self, req: ShardRequest) -> torch.Tensor:
         """The FFN of each expert on its rows, concatenated in request order → [R, D]."""
-        ffns = self._ffns([(req.layer, e) for e in req.experts])
-        outputs, start = [], 0
-        for ffn, count in zip(ffns, req.counts):
-            outputs.append(ffn(req.x[start:start + count]))
-            start += count
-        return torch.cat(outputs) if outputs else req.x.new_zeros(req.x.shape)
+        return run_ffns(self._ffns([(req.layer, e) for e in req.experts]), req)
 
     def prefetch(self, keys: Iterable[ExpertKey]) -> int:
         """Read the experts of `keys` not held yet; how many were read."""

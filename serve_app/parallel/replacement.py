@@ -27,9 +27,8 @@ ShardCall = Callable[[int, list[ExpertKey]], Awaitable[int]]
 async def apply_placement(transports: Sequence[ShardTransport], new: PlacementPlan, prefetch: ShardCall,
                           release: ShardCall) -> dict:
     """Move to `new` (same remote experts, same shards) under traffic; what each shard read and dropped."""
-    old = transports[0].placement
-    if frozenset(new.holders()) != frozenset(old.holders()) or new.num_shards != old.num_shards:
-        raise ValueError("a new placement must keep the same local experts and the same shards")
+    for transport in transports:
+        transport.check_placement(new)           # before any shard reads a thing
     read = await asyncio.gather(*(prefetch(s.index, list(s.experts)) for s in new.shards))
     for transport in transports:
         transport.set_placement(new)

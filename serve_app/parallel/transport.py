@@ -63,9 +63,14 @@ class DispatchRecord:
 
 def run_shard_request(backend: LocalExpertBackend, req: ShardRequest) -> torch.Tensor:
     """Shard side: the FFN of each expert on its rows, concatenated in request order → [R, D]."""
+    return run_ffns([backend.ffn[f"{req.layer}_{e}"] for e in req.experts], req)
+
+
+def run_ffns(ffns: list[torch.nn.Module], req: ShardRequest) -> torch.Tensor:
+    """`ffns[i]` (expert req.experts[i]'s FFN) on its rows of the request, in order → [R, D]."""
     outputs, start = [], 0
-    for expert, count in zip(req.experts, req.counts):
-        outputs.append(backend.ffn[f"{req.layer}_{expert}"](req.x[start:start + count]))
+    for ffn, count in zip(ffns, req.counts):
+        outputs.append(ffn(req.x[start:start + count]))
         start += count
     return torch.cat(outputs) if outputs else req.x.new_zeros(req.x.shape)
 
@@ -133,9 +138,13 @@ class ShardTransport:
         """Route the next layers by `placement`: the same remote experts, on other shards (the shards
         must hold them by now: parallel/expert_store.py). One assignment, so a layer sees the old
         map or the new one, never a mix."""
+        self.check_placement(placement)
+        self.placement, self.holders = placement, placement.holders()
+
+    def check_placement(self, placement: PlacementPlan) -> None:
+        """Raises unless `placement` keeps this one's remote experts and shards (what can change live)."""
         if frozenset(placement.holders()) != self.holds() or placement.num_shards != self.placement.num_shards:
             raise ValueError("a new placement must keep the same remote experts and the same shards")
-        self.placement, self.holders = placement, placement.holders()
 
     def quiesce(self) -> None:
         """Returns once no layer routed by an earlier placement is still waiting on a shard. Serve
