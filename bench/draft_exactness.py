@@ -39,7 +39,9 @@ def main() -> int:
             ids = tok.build_fim_prompt(text[cut - 1500:cut], text[cut:cut + 400], None).ids
 
             def run(draft):
-                engine = EngineCore(model, EngineConfig(speculative_tokens=0), tok)
+                # The activation dtype the served lane computes in (engine.lanes.Lanes).
+                dtype = None if precision == "full" else model.reduced_dtype
+                engine = EngineCore(model, EngineConfig(speculative_tokens=0), tok, dtype=dtype)
                 params = SamplingParams(max_tokens=16, temperature=0, draft_token_ids=draft, logprobs=0)
                 engine.add_request("r", ids, params, precision=precision)
                 out = engine.run_until_done()["r"].outputs[0]

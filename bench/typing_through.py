@@ -7,10 +7,10 @@ window and suffix); the first request asks at the cursor; then the user types th
 server shows, 1-`--chars` characters a keystroke, each keystroke a new request, until the
 suggestion is typed or `--keystrokes` are sent. Both copies should answer every request with the
 same text (greedy): the drafts change the steps, not the output. That holds exactly where a
-verification pass computes the logits that single-token steps would (float32 full precision: the
-tests); the quantized lanes run one row and many rows through different kernels (engine/
-speculative.py, "Exactness"), so a near-tie can flip there: the bench counts the answers that differ,
-and a session whose answers differ goes on with the typing-through copy's text. Printed: latency
+verification pass computes the logits that single-token steps would (float32 full precision; the
+quantized lanes where their kernels are row-count invariant: engine/speculative.py, "Exactness");
+elsewhere a near-tie can flip: the bench counts the answers that differ, and a session whose
+answers differ goes on with the typing-through copy's text. Printed: latency
 p50/p90 and engine steps per keystroke request, each way, and the share of drafts kept.
 
     python bench/typing_through.py [--sessions 20] [--keystrokes 6] [--chars 3] [--max-tokens 16]

@@ -13,7 +13,7 @@ from serve_app.config import EngineConfig
 from serve_app.engine.block_manager import BlockCopy, BlockManager
 from serve_app.engine.scheduler import SchedulerOutput
 from serve_app.model import AttentionMetadata, MoeForCausalLM, cpu_kernels
-from serve_app.model.kernels import attention_dtype
+from serve_app.model.kernels import PACKED_VERIFY_MAX_ROWS, attention_dtype
 from serve_app.model.precision import RowPrecision
 
 
@@ -59,6 +59,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         precisions: list[str] = []
+        verifies = False
         for item in batch.scheduled:
             end = item.start + item.num_new_tokens
             draft = drafts.get(item.seq.seq_id, ()) if drafts else ()
@@ -69,10 +70,16 @@ class ModelRunner:
             positions.append(list(range(item.start, end + len(draft))))
             tables.append(blocks.block_table(item.seq.seq_id))
             if draft:
+                verifies = True
                 sample_rows.extend(range(first_row + item.num_new_tokens - 1, len(tokens)))
             elif item.samples:
                 sample_rows.append(len(tokens) - 1)
-        return self._forward(tokens, positions, tables, sample_rows, precisions)
+        # Verified rows compute what one-row decode steps would (precision.RowPrecision.packed),
+        # so drafts do not change a quantized lane's greedy output; a step with a long prefill
+        # chunk beside them keeps the faster dense copies (its other rows' numerics vary with the
+        # batch anyway).
+        packed = verifies and len(tokens) <= PACKED_VERIFY_MAX_ROWS
+        return self._forward(tokens, positions, tables, sample_rows, precisions, packed)
 
     @torch.inference_mode()
     def decode_rows(self, seq_ids: list[str], tokens: list[int], positions: list[int], blocks: BlockManager,
@@ -83,9 +90,9 @@ class ModelRunner:
                              list(range(len(tokens))), [precision] * len(tokens))
 
     def _forward(self, tokens: list[int], positions: list[list[int]], tables: list[list[int]],
-                 sample_rows: list[int], precisions: list[str]) -> torch.Tensor:
+                 sample_rows: list[int], precisions: list[str], packed: bool = False) -> torch.Tensor:
         meta = AttentionMetadata.build(positions, tables, self.block_size, self.device, self.attention_dtype)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)               # [T]
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)                # [N]
         return self.model.forward_paged(input_ids, meta, self.kv, rows, self.expert_load,
-                                        RowPrecision.of_rows(precisions, self.device), self.dtype).float()  # [N, V]
+                                        RowPrecision.of_rows(precisions, self.device, packed), self.dtype).float()  # [N, V]

@@ -25,8 +25,10 @@ How it sits in the one engine over the one model:
   holds draft KV, nor KV of a rejected token.
 
 Exactness: greedy output equals the non-speculative output where a (k+1)-position pass computes
-the same logits as k+1 single-token steps — float32 on CPU, which the tests check; in 16-bit
-dtypes a near-tie can flip. A seeded sampled request is reproducible at the same draft lengths,
+the same logits as k+1 single-token steps — float32 on CPU, which the tests check, and the bf16
+fast lanes bit for bit where the quantized matmuls are row-count invariant (the AVX2 build): a
+step that verifies drafts multiplies on the packed kernels at any row count (RowPrecision.packed),
+not on the dense copies that sum in another order. Elsewhere in 16-bit a near-tie can flip. A seeded sampled request is reproducible at the same draft lengths,
 but its generator also draws the drafts and the acceptance uniforms, so a draft cut short by KV
 pressure changes the text (never the distribution).
 

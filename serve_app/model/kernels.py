@@ -136,6 +136,15 @@ _PROBE_BYTES = 8 << 20          # weights cycled per probe: past L2, as a model'
 NO_LIMIT = 1 << 30
 
 
+# A step that verifies drafts multiplies on the packed kernels up to this many rows, above its
+# row limit (precision.RowPrecision.packed: a row then computes what a one-row step computes).
+# What it costs, measured on the AVX2 VM (2026-12-04, int8 768x192 / 8192x192, 1 thread, µs):
+# packed kernel vs dense float32 copy at 17 rows 368 / 282 and 3,811 / 3,196, at 64 rows
+# 1,101 / 649 and 11,633 / 7,858: 1.2-1.7x on the linears of a step that replaces up to 17 decode
+# steps; above 64 rows (a prefill chunk beside the drafts) the dense copies are kept.
+PACKED_VERIFY_MAX_ROWS = 64
+
+
 def quant_path(device_type: str, mode: str, dtype: torch.dtype) -> str:
     """'kernel' or 'dequant' (a cached float copy) for quantized linears of `mode` at `dtype`:
     'kernel' where the packed kernel beats the float matmul at one row (decode)."""

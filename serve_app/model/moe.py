@@ -100,11 +100,13 @@ def combine(plan: DispatchPlan, outputs: dict[int, torch.Tensor], like: torch.Te
     return out
 
 
-def run_and_combine(backend: "ExpertBackend", x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+def run_and_combine(backend: "ExpertBackend", x: torch.Tensor, plan: DispatchPlan,
+                    packed: bool = False) -> torch.Tensor:
     """combine(plan, backend.run_experts(x, plan)) [T, D]; in one call where the backend can
-    (`run_combined`: quantized local experts on the fused CPU kernels, None where they do not apply)."""
+    (`run_combined`: quantized local experts on the fused CPU kernels, None where they do not
+    apply; `packed`: at any rows per expert, see precision.RowPrecision.packed)."""
     fused = getattr(backend, "run_combined", None)
-    out = fused(x, plan) if fused is not None else None
+    out = fused(x, plan, packed) if fused is not None else None
     return out if out is not None else combine(plan, backend.run_experts(x, plan), like=x)
 
 

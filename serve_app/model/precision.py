@@ -31,32 +31,38 @@ class RowPrecision:
     # gathered, so both are empty (no tensor is built for the common single-precision step).
     masks: list[torch.Tensor]
     index: list[torch.Tensor]
+    # Quantized weights multiply with their packed kernels at any row count, never with the dense
+    # copies that calls above `QuantLinear.row_limit` rows take: a step that verifies drafts, whose
+    # rows must compute what one-row decode steps compute (the packed kernels sum a row in the
+    # same order whatever the rows beside it; the dense GEMM sums in another, and in bf16 that
+    # flipped greedy tokens: docs/benchmarks.md 2026-12-04, "row-count-invariant verification").
+    packed: bool = False
 
     @classmethod
-    def of_rows(cls, precisions: list[str], device) -> "RowPrecision | None":
+    def of_rows(cls, precisions: list[str], device, packed: bool = False) -> "RowPrecision | None":
         """None when every row is full precision (no quantized weight is touched at all)."""
         if all(p == "full" for p in precisions):
             return None
         names = sorted(set(precisions))
         if len(names) == 1:
-            return cls.uniform(names[0])
-        return cls._of_codes(names, torch.tensor([names.index(p) for p in precisions], device=device))
+            return cls.uniform(names[0], packed)
+        return cls._of_codes(names, torch.tensor([names.index(p) for p in precisions], device=device), packed)
 
     @classmethod
-    def uniform(cls, precision: str) -> "RowPrecision":
+    def uniform(cls, precision: str, packed: bool = False) -> "RowPrecision":
         """Every row of the step at `precision`."""
-        return cls([precision], None, [], [])
+        return cls([precision], None, [], [], packed)
 
     @classmethod
-    def _of_codes(cls, names: list[str], codes: torch.Tensor) -> "RowPrecision":
+    def _of_codes(cls, names: list[str], codes: torch.Tensor, packed: bool) -> "RowPrecision":
         masks = [codes == i for i in range(len(names))]
-        return cls(names, codes, masks, [m.nonzero().flatten() for m in masks])
+        return cls(names, codes, masks, [m.nonzero().flatten() for m in masks], packed)
 
     def take(self, rows: torch.Tensor) -> "RowPrecision":
         """The precisions of rows [N] of this step (the rows that reach the LM head)."""
         if self.codes is None:
             return self
-        return RowPrecision._of_codes(self.precisions, self.codes.index_select(0, rows))
+        return RowPrecision._of_codes(self.precisions, self.codes.index_select(0, rows), self.packed)
 
     @property
     def single(self) -> str | None:
@@ -93,22 +99,22 @@ class Linear(nn.Linear):
         if rows is None:
             return self._run("full", x)
         if rows.single is not None:
-            return self._run(rows.single, x)
+            return self._run(rows.single, x, rows.packed)
         if shared_copy(self.reduced, rows) is not None:                              # one weight for all rows
-            return self._run(rows.precisions[0], x)
+            return self._run(rows.precisions[0], x, rows.packed)
         out = x.new_empty(*x.shape[:-1], self.out_features)                          # [T, N]
         for precision, index in zip(rows.precisions, rows.index):
-            out.index_copy_(0, index, self._run(precision, x.index_select(0, index)))
+            out.index_copy_(0, index, self._run(precision, x.index_select(0, index), rows.packed))
         return out
 
-    def _run(self, precision: str, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, precision: str, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
         quant = self.reduced.get(precision)
         if quant is None:
             w, b = self.weight, self.bias
             if w.dtype != x.dtype:
                 w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
             return F.linear(x, w, b)                                                  # [..., N]
-        y = quant(x)
+        y = quant(x, packed)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 

@@ -67,22 +67,24 @@ def _check_mode(mode: str, group_size: int) -> None:
 
 # --- quantize / pack ------------------------------------------------------------------------------
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float → (q [N, K] int8 in [-127, 127], scales [N] float32)."""
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float → (q [N, K] int8 in [-127, 127], scales [N] float32, each a value of
+    `scale_dtype`: the codes are rounded against the scales the kernels will multiply with)."""
     w = w.float()
     amax = w.abs().amax(dim=1)                                          # [N]
-    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))   # an all-zero row stays zero
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(scale_dtype).float()  # all-zero rows stay zero
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float → (v [N, Kp] int8 in [-8, 7], scales [N, Q] float32)."""
+def quantize_int4(w: torch.Tensor, group_size: int,
+                  scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float → (v [N, Kp] int8 in [-8, 7], scales [N, Q] float32 values of `scale_dtype`)."""
     n, k = w.shape
     kp = -(-k // group_size) * group_size
     w = F.pad(w.float(), (0, kp - k)).view(n, kp // group_size, group_size)   # [N, Q, G]
     amax = w.abs().amax(dim=-1)                                                # [N, Q]
-    scales = torch.where(amax > 0, amax / INT4_SCALE_DIVISOR, torch.ones_like(amax))
+    scales = torch.where(amax > 0, amax / INT4_SCALE_DIVISOR, torch.ones_like(amax)).to(scale_dtype).float()
     v = torch.round(w / scales[..., None]).clamp(-8, 7).to(torch.int8)        # [N, Q, G]
     return v.view(n, kp), scales
 
@@ -123,6 +125,16 @@ def _int4_shape_ok(device_type: str, n: int) -> bool:
 def _int4_act_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     # The CUDA kernel (tinygemm) takes bf16 only; int4 error (~10%) dwarfs bf16 rounding (~0.4%).
     return torch.bfloat16 if device_type == "cuda" else dtype
+
+
+def scale_dtype(device_type: str, mode: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose values a quantized weight's scales are rounded to: the one the torch kernels
+    and the dense copies hold them in (the lane's; bf16 for CUDA's int4 kernel). The fused CPU
+    kernels take the same values in float32, so a row computes the same whichever path its step's
+    row count picks (a decode step, a verification of drafts, a prefill chunk): with float32
+    scales beside bf16-rounded ones, a 17-row pass and 17 one-row steps differed in 30% of a
+    linear's bf16 outputs (2026-12-04, the bundled model's INT8 and INT4 copies)."""
+    return _int4_act_dtype(device_type, dtype) if mode == "int4" else dtype
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,13 +197,15 @@ class QuantLinear(nn.Module):
                     row_limit: int | None = None) -> "QuantLinear":
         """Quantize a float weight [N, K]; dtype/device default to the weight's own."""
         _check_mode(mode, group_size)
+        dtype = dtype or w.dtype
+        device = torch.device(device if device is not None else w.device)
+        held = scale_dtype(device.type, mode, dtype)
         if mode == "int8":
-            codes, scales = quantize_int8(w)
+            codes, scales = quantize_int8(w, held)
         else:
-            v, scales = quantize_int4(w, group_size)
+            v, scales = quantize_int4(w, group_size, held)
             codes = pack_int4(v)
-        return cls.from_codes(codes, scales, mode, w.shape[1], group_size, dtype or w.dtype,
-                              device if device is not None else w.device, path, row_limit)
+        return cls.from_codes(codes, scales, mode, w.shape[1], group_size, dtype, device, path, row_limit)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, mode: str, in_features: int,
@@ -208,7 +222,9 @@ class QuantLinear(nn.Module):
         if row_limit is None:
             row_limit = kernel_row_limit(device.type, mode, dtype, n, in_features) if path == "kernel" else 0
         layer = cls(mode, in_features, n, group_size if mode == "int4" else None, path, device.type, row_limit)
-        codes, scales = codes.to(device), scales.to(device)
+        # Every path multiplies with the same scale values (a no-op for scales quantize_* made):
+        # the fused kernels take float32 scales, torch's and the dense copies the lane dtype's.
+        codes, scales = codes.to(device), scales.to(device).to(scale_dtype(device.type, mode, dtype)).float()
         if mode == "int8" or path == "dequant":
             layer.register_buffer("qweight", codes)
             layer.register_buffer("scales", scales.to(dtype))
@@ -297,15 +313,18 @@ class QuantLinear(nn.Module):
             return F.linear(x.float(), w).to(x.dtype)
         return F.linear(x, w.to(x.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path == "kernel" and x.numel() > self.row_limit * self.in_features and "dense" in self._buffers:
+    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """x [..., K] → [..., N]. `packed`: the kernel path multiplies with the packed kernel at any
+        row count (precision.RowPrecision.packed), not with the dense copy above row_limit."""
+        if (self.path == "kernel" and not packed and x.numel() > self.row_limit * self.in_features
+                and "dense" in self._buffers):
             return self._dense_linear(x)
         if self.path == "dequant":
             if "dense" in self._buffers:
                 return self._dense_linear(x)
             return F.linear(x, self.dequantize(x.dtype))                                # [R, N]
         if x.dim() != 2:                                  # the kernels take [R, K] only
-            return self.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+            return self.forward(x.reshape(-1, x.shape[-1]), packed).view(*x.shape[:-1], self.out_features)
         if self.mode == "int8":
             packed = self._buffers.get("packed")
             if packed is not None and (fused := cpu_kernels.for_tensor(x)) is not None:

@@ -63,17 +63,18 @@ class QuantizedExpertBackend(KeyedExperts, nn.Module):
         self._fused_cache = None
         return self
 
-    def run_combined(self, x: torch.Tensor, plan) -> torch.Tensor | None:
+    def run_combined(self, x: torch.Tensor, plan, packed: bool = False) -> torch.Tensor | None:
         """moe.combine(plan, run_experts(x, plan)) in one fused kernel call (cpu_kernels
         `moe_quant_experts`), or None where it does not apply (no fused layout, not a 16-bit
-        inference step): the caller then runs the experts one by one."""
+        inference step, more rows than the row limit unless `packed`): the caller then runs the
+        experts one by one."""
         fused = cpu_kernels.for_tensor(x)
         if fused is None or not plan.assignments:
             return None
         if self._fused_cache is None:
             self._fused_cache = self._fused_operands()
         operands, limit, group, width = self._fused_cache
-        if max(a.rows.numel() for a in plan.assignments) > limit:
+        if not packed and max(a.rows.numel() for a in plan.assignments) > limit:
             return None                   # a prefill chunk: the experts' dense copies multiply faster (row_limit)
         lists: list[list[torch.Tensor]] = [[], [], [], []]    # gate_up, its scales, down, its scales
         for a in plan.assignments:

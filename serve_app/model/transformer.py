@@ -119,7 +119,7 @@ class Attention(nn.Module):
         cos, sin = ctx.rope(dh, self.theta, x.dtype)                 # [..., 1, Dh]
         fused = shared_copy(self.qkv_reduced, rows) if rows is not None else None
         if fused is not None and self.q_norm is None:
-            qkv = fused(x)                                           # [..., (H+2G)·Dh]
+            qkv = fused(x, rows.packed)                              # [..., (H+2G)·Dh]
             if self.qkv_bias is not None:
                 qkv = qkv + self.qkv_bias
             qk = qkv[..., :(h + g) * dh].view(*lead, h + g, dh)                       # [..., H+G, Dh]
@@ -195,7 +195,7 @@ class MoeBlock(nn.Module):
         rows = ctx.row_precision
         if rows is None or rows.single is not None:              # one precision: the plan as it is
             backend = experts.full if rows is None else experts.get(rows.single)
-            out = run_and_combine(backend, flat, plan)                # [T, D]
+            out = run_and_combine(backend, flat, plan, rows is not None and rows.packed)  # [T, D]
         else:
             # Rows of different precisions are disjoint, so summing the per-group combines adds
             # exact zeros: a row's result is the same as if its group ran alone.
@@ -203,7 +203,7 @@ class MoeBlock(nn.Module):
             for precision, mask in zip(rows.precisions, rows.masks):
                 sub = restrict_plan(plan, mask)
                 if sub.assignments:
-                    out += run_and_combine(experts.get(precision), flat, sub)
+                    out += run_and_combine(experts.get(precision), flat, sub, rows.packed)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat, rows)) * self.shared_expert(flat, ctx)
         return out.view_as(x)

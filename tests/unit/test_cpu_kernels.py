@@ -236,6 +236,46 @@ def test_fused_experts_equal_the_expert_by_expert_path(ops, mode):
         assert rel(fused, plain) < 1e-2, tokens
 
 
+# Builds whose quantized matmuls sum a row in one order whatever the rows beside it. The
+# AVX512-BF16 and AMX builds do not yet: their chains per row (kSplit) follow the rows of a pass.
+ROW_INVARIANT_ISAS = ("avx2",)
+
+
+@pytest.mark.parametrize("mode,group", [("int8", 0), ("int4", 64), ("int4", 32)])
+def test_a_row_computes_the_same_whatever_the_rows_beside_it(ops, mode, group):
+    """A verification of 16 drafts must compute what 16 one-row decode steps compute, bit for bit,
+    or a draft can change a greedy token (engine/speculative.py, "Exactness"): every row count
+    (1-3 rows a pass, the converted scratch above) sums in int8_block's / int4_block's order."""
+    from serve_app.model.moe import LocalExpertBackend, route
+    from serve_app.model.quant_experts import QuantizedExpertBackend
+    if not ops.int8_linear_supported():
+        pytest.skip("this CPU has neither AVX512-BF16 nor AVX2+FMA: QuantLinear keeps torch's kernels")
+    exact = ops.quant_gemm_isa() in ROW_INVARIANT_ISAS
+    gen = torch.Generator().manual_seed(7)
+    layer = QuantLinear.from_weight(torch.randn(768, 192, generator=gen), mode, group or 64,
+                                    dtype=torch.bfloat16, path="kernel")
+    x = torch.randn(40, 192, generator=gen).bfloat16()
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i:i + 1], packed=True) for i in range(40)])
+        for rows in (2, 3, 4, 7, 17, 40):
+            together = layer(x[:rows], packed=True)
+            if exact:
+                assert torch.equal(together, alone[:rows]), (rows, int((together != alone[:rows]).sum()))
+            else:
+                assert rel(together, alone[:rows]) < 1e-2, rows
+    local = LocalExpertBackend([(0, e) for e in range(8)], 192, 384)
+    for p in local.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    backend = QuantizedExpertBackend.from_backend(local, mode, group or 64, dtype=torch.bfloat16)
+    gate = torch.randn(8, 192, generator=gen)
+    with torch.inference_mode():
+        plan = route(x, gate, 2, True, 0)          # 40 tokens: ~10 rows an expert
+        together = backend.run_combined(x, plan, packed=True)
+        alone = torch.cat([backend.run_combined(x[i:i + 1], route(x[i:i + 1], gate, 2, True, 0), packed=True)
+                           for i in range(40)])
+    assert torch.equal(together, alone) if exact else rel(together, alone) < 1e-2
+
+
 def test_rotary_table_lookup_is_the_rotary_computation():
     """The decode step reads cos/sin from a cached table; it must hold exactly rotary's values,
     also after growing past its first size and for [B, S] (training) positions."""

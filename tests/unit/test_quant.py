@@ -67,6 +67,24 @@ def test_kernel_path_equals_dequant_path(mode, group, k, dtype):
     assert torch.equal(kernel.dequantize(), plain.dequantize())
 
 
+@pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 64)])
+def test_a_row_computes_alike_whatever_the_calls_row_count(mode, group):
+    """A decode step (one row), a verification of drafts and a prefill chunk (many rows: above
+    row_limit the dense copy) multiply with the same scale values, so a row's bf16 output does not
+    depend on how many rows share the call, up to float32 summation order. Before: the fused
+    kernels took float32 scales and the dense copy bf16-rounded ones, and 30% of the outputs were
+    a bf16 step apart (typing-through drafts then changed greedy text in the quantized lanes)."""
+    w, x = _weight_and_input(n=768, k=192, rows=17)
+    layer = QuantLinear.from_weight(w, mode, group, dtype=torch.bfloat16, path="kernel", row_limit=1)
+    layer.materialize()
+    scales = layer.codes()[1]
+    assert torch.equal(scales, scales.bfloat16().float())          # values of the lane's dtype
+    xb = x.bfloat16()
+    many = layer(xb)                                                 # 17 rows: the dense copy
+    one = torch.cat([layer(xb[i:i + 1]) for i in range(17)])         # 1 row each: the packed kernel
+    assert (many != one).float().mean() < 0.005, (many != one).float().mean()
+
+
 def test_int4_codes_pack_two_per_byte_and_round_trip():
     w, _ = _weight_and_input(n=32, k=100)
     v, scales = quantize_int4(w, 32)

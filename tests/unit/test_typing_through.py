@@ -52,6 +52,43 @@ def test_the_right_draft_is_verified_in_one_step_and_changes_nothing(model, prec
         assert fewer == prefill + 2, (steps, fewer)
 
 
+@pytest.fixture(scope="module")
+def served_lanes(tmp_path_factory):
+    """The tiny model with the server's fast lanes: bf16 activations, INT8 and INT4 weights with
+    dense copies for calls above the fixed row limit (8 rows: a 17-row verification is above it)."""
+    from tests.helpers.engines import fixed_kernels
+    m = load_model(build_checkpoint(tmp_path_factory.mktemp("typing-bf16"), "mixtral").path)
+    with fixed_kernels():
+        add_quantized_lanes(m, m.local_experts, ("int8", "int4"), 32, torch.bfloat16)
+    return m
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_verification_in_a_quantized_lane_computes_what_decode_steps_compute(served_lanes, precision):
+    """The fast lanes run bf16, where a row summed in another order is often a rounding step off:
+    the verified rows take the packed kernels at any row count (RowPrecision.packed), which sum a
+    row alike whatever the rows beside it. Before: the dense copies took the 17 rows, and the
+    chosen tokens' logprobs moved by up to 0.2 on the bundled model (bench/draft_exactness.py)."""
+    from serve_app.model import cpu_kernels
+    from tests.unit.test_cpu_kernels import ROW_INVARIANT_ISAS
+    ops = cpu_kernels.ops()
+    if ops is None or not ops.int8_linear_supported() or ops.quant_gemm_isa() not in ROW_INVARIANT_ISAS:
+        pytest.xfail("these quantized matmuls are not row-count invariant on this build (test_cpu_kernels)")
+
+    def run(prompt, draft):
+        engine = EngineCore(served_lanes, EngineConfig(**ENGINE, speculative_tokens=0), dtype=torch.bfloat16)
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, draft_token_ids=draft,
+                                logprobs=0)
+        engine.add_request("r", prompt, params, precision=precision)
+        out = engine.run_until_done()["r"].outputs[0]
+        return out.token_ids, [lp.logprob for lp in out.logprobs], engine.num_steps
+    for prompt in _prompts(served_lanes.config.vocab_size):
+        tokens, logprobs, steps = run(prompt, ())
+        drafted, drafted_logprobs, fewer = run(prompt, tuple(tokens))
+        assert drafted == tokens and drafted_logprobs == logprobs      # bit for bit
+        assert fewer < steps
+
+
 def test_wrong_or_partly_right_drafts_keep_the_output(model):
     rng = random.Random(5)
     vocab = model.config.vocab_size

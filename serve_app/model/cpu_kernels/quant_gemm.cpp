@@ -196,8 +196,13 @@ void int4_block(const c10::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t K
 // the pair (x_k, x_k+1) broadcast to all four lane pairs; each row's two parities are added at the
 // end. x is read as float32 pairs (converted once per call, zero-padded to an even K). Numerics: a
 // bf16 x int8 (or int4) product is exact in float32, summed in float32 — as the AVX512-BF16 path,
-// in another order. Up to 3 rows of x per pass (12 accumulators + 4 weight vectors of 16 ymm);
-// one row keeps two chains per lane group, so 8 FMAs are in flight (Zen 3: 4 cycles x 2 ports).
+// in another order. Up to 3 rows of x per pass (12 accumulators + 4 weight vectors of 16 ymm).
+// Every way a row is computed (1, 2 or 3 rows a pass, the scratch below for more) sums it in the
+// same order, so a row's output does not depend on how many rows share the call: a verification
+// of drafts computes what one-row decode steps compute (engine/speculative.py, "Exactness"). One
+// chain per lane vector: a second chain for odd pairs at one row (8 FMAs in flight instead of 4)
+// was the only difference between the row counts, and cost nothing measurable to drop (int8
+// 768x192 at one row 47 -> 47 us on the AVX2 VM, 2026-12-04; the conversions bound it, not FMAs).
 
 inline __m256 bytes8_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
 
@@ -251,29 +256,18 @@ template <int MB>
 void int8_block(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale,
                 c10::BFloat16* out, int64_t ldo, int64_t valid) {
   const int64_t pairs = (K + 1) / 2;
-  __m256 acc[MB][4], acc2[MB][4];                // acc2: a second chain for odd pairs (MB = 1)
+  __m256 acc[MB][4];
 #pragma GCC unroll 3
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[m][j] = acc2[m][j] = _mm256_setzero_ps();
-  int64_t kp = 0;
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
   __m256 xv[MB];
-  if constexpr (MB == 1) {
-    for (; kp + 2 <= pairs; kp += 2) {
-      xv[0] = pair_ps(x + 2 * kp);
-      int8_pair_group<1>(w + kp * 32, xv, acc);
-      xv[0] = pair_ps(x + 2 * kp + 2);
-      int8_pair_group<1>(w + kp * 32 + 32, xv, acc2);
-    }
-  }
-  for (; kp < pairs; ++kp) {
+  for (int64_t kp = 0; kp < pairs; ++kp) {
 #pragma GCC unroll 3
     for (int m = 0; m < MB; ++m) xv[m] = pair_ps(x + m * ldx + 2 * kp);
     int8_pair_group<MB>(w + kp * 32, xv, acc);
   }
   for (int m = 0; m < MB; ++m) {
-    if constexpr (MB == 1)
-      for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_add_ps(acc[m][j], acc2[m][j]);
     alignas(32) float rows16[16];
     pair_sums(acc[m], rows16);
     store_rows(rows16, scale, out + m * ldo, valid);
@@ -330,49 +324,61 @@ void int4_block(const float* x, int64_t ldx, const uint8_t* w, int64_t K, int64_
 }
 
 // More rows than one pass takes: the block's codes are converted to float32 once, into an
-// L1/L2-resident scratch in the same lane layout ([Kp][4][8], INT4 values times their group's
-// scales), and every 3-row pass is plain loads + FMAs on it. Why: converting a group costs 8 uops
+// L1/L2-resident scratch in the same lane layout ([Kp][4][8], the values unscaled, exactly), and
+// every 3-row pass is plain loads + FMAs on it, in int8_block's / int4_block's order. Why: converting a group costs 8 uops
 // against 4 FMAs a row; re-converting per pass, 64 rows took 1.3-1.5x as long as with the scratch
 // (Zen 3: 768x192 1,101 vs 856 µs, 8192x192 11.2 vs 8.5 ms; equal at 8 rows).
-void dequant_block(const void* packed, int64_t nb, int64_t Kp, int64_t K, int64_t group, const float* scales,
-                   float* dst) {
-  const int64_t Q = group ? (K + group - 1) / group : 0;
+void dequant_block(const void* packed, int64_t nb, int64_t Kp, float* dst, int64_t group) {
   for (int64_t kp = 0; kp < Kp; ++kp) {
     __m256 wv[4];
-    if (group == 0) {
+    if (group == 0)
       int8_group_to_ps(static_cast<const int8_t*>(packed) + (nb * Kp + kp) * 32, wv);
-    } else {
+    else
       int4_group_to_ps(static_cast<const uint8_t*>(packed) + (nb * Kp + kp) * 16, wv);
-      const float* sq = scales + (nb * Q + (2 * kp) / group) * 16;
-      for (int j = 0; j < 4; ++j) wv[j] = _mm256_mul_ps(wv[j], pair_scales(sq + 4 * j));
-    }
     for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + kp * 32 + 8 * j, wv[j]);
   }
 }
 
+// group == 0 (INT8): one chain over all pairs, the rows' scales applied at the end (int8_block);
+// group > 0 (INT4): a chain per group folded into the total by the group's scales (int4_block).
 template <int MB>
-void float_block(const float* x, int64_t ldx, const float* wf, int64_t Kp, const float* scale,
+void float_block(const float* x, int64_t ldx, const float* wf, int64_t Kp, int64_t group, const float* scales,
                  c10::BFloat16* out, int64_t ldo, int64_t valid) {
-  __m256 acc[MB][4];
-#pragma GCC unroll 3
+  const int64_t per_group = group ? group / 2 : Kp;
+  __m256 total[MB][4];
   for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
-  for (int64_t kp = 0; kp < Kp; ++kp) {
-    __m256 xv[MB];
+    for (int j = 0; j < 4; ++j) total[m][j] = _mm256_setzero_ps();
+  for (int64_t q = 0, kp0 = 0; kp0 < Kp; ++q, kp0 += per_group) {
+    const int64_t kp_end = kp0 + per_group < Kp ? kp0 + per_group : Kp;
+    __m256 acc[MB][4];
 #pragma GCC unroll 3
-    for (int m = 0; m < MB; ++m) xv[m] = pair_ps(x + m * ldx + 2 * kp);
+    for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
+    for (int64_t kp = kp0; kp < kp_end; ++kp) {
+      __m256 xv[MB];
+#pragma GCC unroll 3
+      for (int m = 0; m < MB; ++m) xv[m] = pair_ps(x + m * ldx + 2 * kp);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 wv = _mm256_loadu_ps(wf + kp * 32 + 8 * j);
+#pragma GCC unroll 3
+        for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(wv, xv[m], acc[m][j]);
+      }
+    }
     for (int j = 0; j < 4; ++j) {
-      const __m256 wv = _mm256_loadu_ps(wf + kp * 32 + 8 * j);
-#pragma GCC unroll 3
-      for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(wv, xv[m], acc[m][j]);
+      if (group == 0) {
+        for (int m = 0; m < MB; ++m) total[m][j] = acc[m][j];
+        continue;
+      }
+      const __m256 sc = pair_scales(scales + q * 16 + 4 * j);
+      for (int m = 0; m < MB; ++m) total[m][j] = _mm256_fmadd_ps(acc[m][j], sc, total[m][j]);
     }
   }
   for (int m = 0; m < MB; ++m) {
     alignas(32) float rows16[16];
-    pair_sums(acc[m], rows16);
-    store_rows(rows16, scale, out + m * ldo, valid);
+    pair_sums(total[m], rows16);
+    store_rows(rows16, group ? nullptr : scales, out + m * ldo, valid);
   }
 }
 
@@ -419,11 +425,11 @@ void quant_gemm(const c10::BFloat16* xp, int64_t M, int64_t K, QuantWeight w, in
       std::vector<float> wf(Kp * 32);
       for (int64_t nb = begin; nb < end; ++nb) {
         const int64_t valid = N - nb * 16 < 16 ? N - nb * 16 : 16;
-        dequant_block(w.packed, nb, Kp, K, w.group, w.scales, wf.data());
-        const float* sc = w.group == 0 ? w.scales + nb * 16 : nullptr;      // INT4: inside wf
+        dequant_block(w.packed, nb, Kp, wf.data(), w.group);
+        const float* sc = w.scales + nb * (w.group == 0 ? 16 : Q * 16);
         for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
           const int64_t mb = M - m0 < kMaxRows ? M - m0 : kMaxRows;
-          with_rows(mb, [&](auto rows) { float_block<rows>(xs + m0 * ldx, ldx, wf.data(), Kp, sc, op + m0 * N + nb * 16, N, valid); });
+          with_rows(mb, [&](auto rows) { float_block<rows>(xs + m0 * ldx, ldx, wf.data(), Kp, w.group, sc, op + m0 * N + nb * 16, N, valid); });
         }
       }
       return;
