@@ -189,64 +189,82 @@ inline __m256 sum8(const __m256* a) {
 }
 
 // AVX2 + FMA path of attend_one for Dh a multiple of 8 (32, 64, 128), the AVX-512 path on 8
-// lanes: the portable loops below cost ~100 µs a decode layer of the bundled model on a Zen 3
-// class VM (torch.profiler, 2026-12-04: 6 heads x 512 keys), most of it a scalar horizontal sum
-// and a scalar exp per key. Keys go 8 at a time, the last few padded with zero products, so that
-// every key is reduced in the same order: a row's result depends on its own query and keys only.
+// lanes: the portable loops below cost ~70 µs a decode layer of the bundled model on an AVX2-only
+// VM (2026-12-04: 6 heads x 512 keys), most of it a scalar horizontal sum and a scalar exp per key.
+// The query heads of one kv head go in pairs (RN = 2), so each key's K and V are converted from
+// bf16 once for both. Scores: KN = 8 / RN keys a chunk, lane r * KN + t = (row r, key t), reduced
+// by sum8, the last chunk padded with zero products: every (row, key) is summed in the same order,
+// whichever rows share its chunk, so a row's result depends on its own query and keys only.
+template <typename QT, typename KT, int64_t kDh, int RN>
+void attend_rows_avx2(const QT* q, const KT* kg, const KT* vg, const int64_t* table, int64_t len, int64_t S,
+                      int64_t row, float scale, QT* out, float* sr) {
+  constexpr int64_t V = kDh / 8, KN = 8 / RN;   // vectors per head; keys per chunk
+  __m256 qv[RN][V];
+  for (int r = 0; r < RN; ++r) {
+    alignas(32) float qf[kDh];
+    for (int64_t d = 0; d < kDh; ++d) qf[d] = to_f(q[r * kDh + d]) * scale;
+    for (int64_t i = 0; i < V; ++i) qv[r][i] = _mm256_load_ps(qf + 8 * i);
+  }
+  int64_t blk = 0, off = 0;                      // key j lies at (table[blk], off): no division per key
+  for (int64_t j = 0; j < len; j += KN) {
+    const int64_t n = len - j < KN ? len - j : KN;
+    __m256 acc[8];
+    for (int64_t t = 0; t < KN; ++t) {
+      if (t >= n) {
+        for (int r = 0; r < RN; ++r) acc[r * KN + t] = _mm256_setzero_ps();
+        continue;
+      }
+      const KT* k = kg + (table[blk] * S + off) * row;
+      if (++off == S) { off = 0; ++blk; }
+      __m256 kv = load8(k);
+      for (int r = 0; r < RN; ++r) acc[r * KN + t] = _mm256_mul_ps(qv[r][0], kv);
+      for (int64_t i = 1; i < V; ++i) {
+        kv = load8(k + 8 * i);
+        for (int r = 0; r < RN; ++r) acc[r * KN + t] = _mm256_fmadd_ps(qv[r][i], kv, acc[r * KN + t]);
+      }
+    }
+    alignas(32) float s8[8];
+    _mm256_store_ps(s8, sum8(acc));
+    for (int r = 0; r < RN; ++r)
+      for (int64_t t = 0; t < n; ++t) sr[r * len + j + t] = s8[r * KN + t];
+  }
+  __m256 inv[RN], a[RN][V];
+  for (int r = 0; r < RN; ++r) {
+    const float m = max8(sr + r * len, len);
+    inv[r] = _mm256_set1_ps(1.f / exp_sum8(sr + r * len, len, m));
+    for (int64_t i = 0; i < V; ++i) a[r][i] = _mm256_setzero_ps();
+  }
+  for (int64_t base = 0, b = 0; base < len; ++b, base += S) {
+    const int64_t n = len - base < S ? len - base : S;
+    const KT* vb = vg + table[b] * S * row;
+    for (int64_t o = 0; o < n; ++o) {
+      __m256 p[RN];
+      for (int r = 0; r < RN; ++r) p[r] = _mm256_set1_ps(sr[r * len + base + o]);
+      for (int64_t i = 0; i < V; ++i) {
+        const __m256 v = load8(vb + o * row + 8 * i);
+        for (int r = 0; r < RN; ++r) a[r][i] = _mm256_fmadd_ps(p[r], v, a[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < RN; ++r) {
+    alignas(32) float res[kDh];
+    for (int64_t i = 0; i < V; ++i) _mm256_store_ps(res + 8 * i, _mm256_mul_ps(a[r][i], inv[r]));
+    for (int64_t d = 0; d < kDh; ++d) out[r * kDh + d] = from_f<QT>(res[d]);
+  }
+}
+
 template <typename QT, typename KT, int64_t kDh>
 void attend_one_avx2(const QT* q, const KT* kc, const KT* vc, const int64_t* table, int64_t len, int64_t S,
                      int64_t G, int64_t g, int64_t R, float scale, QT* out, std::vector<float>& scores) {
-  constexpr int64_t V = kDh / 8;                 // vectors per head
-  scores.resize(R * len + 8);
+  scores.resize(2 * len);
   const int64_t row = G * kDh;
-  for (int64_t r = 0; r < R; ++r) {
-    __m256 qv[V];
-    alignas(32) float qf[kDh];
-    for (int64_t d = 0; d < kDh; ++d) qf[d] = to_f(q[r * kDh + d]) * scale;
-    for (int64_t i = 0; i < V; ++i) qv[i] = _mm256_load_ps(qf + 8 * i);
-    float* sr = scores.data() + r * len;
-    int64_t blk = 0, off = 0;                    // key j lies at (table[blk], off): no division per key
-    for (int64_t j = 0; j < len; j += 8) {
-      const int64_t n = len - j < 8 ? len - j : 8;
-      __m256 acc[8];
-      for (int64_t t = 0; t < 8; ++t) {
-        if (t >= n) {
-          acc[t] = _mm256_setzero_ps();
-          continue;
-        }
-        const KT* k = kc + (table[blk] * S + off) * row + g * kDh;
-        if (++off == S) { off = 0; ++blk; }
-        acc[t] = _mm256_mul_ps(qv[0], load8(k));
-        for (int64_t i = 1; i < V; ++i) acc[t] = _mm256_fmadd_ps(qv[i], load8(k + 8 * i), acc[t]);
-      }
-      alignas(32) float s8[8];
-      _mm256_store_ps(s8, sum8(acc));
-      for (int64_t t = 0; t < n; ++t) sr[j + t] = s8[t];
-    }
-    const float m = max8(sr, len);
-    const __m256 inv = _mm256_set1_ps(1.f / exp_sum8(sr, len, m));
-    __m256 a0[V], a1[V];                         // two chains: even and odd keys
-    for (int64_t i = 0; i < V; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
-    for (int64_t base = 0, b = 0; base < len; ++b, base += S) {
-      const int64_t n = len - base < S ? len - base : S;
-      const KT* vb = vc + table[b] * S * row + g * kDh;
-      int64_t o = 0;
-      for (; o + 1 < n; o += 2) {
-        const __m256 p0 = _mm256_set1_ps(sr[base + o]), p1 = _mm256_set1_ps(sr[base + o + 1]);
-        for (int64_t i = 0; i < V; ++i) {
-          a0[i] = _mm256_fmadd_ps(p0, load8(vb + o * row + 8 * i), a0[i]);
-          a1[i] = _mm256_fmadd_ps(p1, load8(vb + (o + 1) * row + 8 * i), a1[i]);
-        }
-      }
-      if (o < n) {
-        const __m256 p0 = _mm256_set1_ps(sr[base + o]);
-        for (int64_t i = 0; i < V; ++i) a0[i] = _mm256_fmadd_ps(p0, load8(vb + o * row + 8 * i), a0[i]);
-      }
-    }
-    alignas(32) float res[kDh];
-    for (int64_t i = 0; i < V; ++i) _mm256_store_ps(res + 8 * i, _mm256_mul_ps(_mm256_add_ps(a0[i], a1[i]), inv));
-    for (int64_t d = 0; d < kDh; ++d) out[r * kDh + d] = from_f<QT>(res[d]);
-  }
+  int64_t r = 0;
+  for (; r + 2 <= R; r += 2)
+    attend_rows_avx2<QT, KT, kDh, 2>(q + r * kDh, kc + g * kDh, vc + g * kDh, table, len, S, row, scale,
+                                     out + r * kDh, scores.data());
+  if (r < R)
+    attend_rows_avx2<QT, KT, kDh, 1>(q + r * kDh, kc + g * kDh, vc + g * kDh, table, len, S, row, scale,
+                                     out + r * kDh, scores.data());
 }
 #endif
 
