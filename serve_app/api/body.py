@@ -46,12 +46,11 @@ async def read_json_object(request: Request, max_bytes: int, timeout_s: float | 
         if not declared.isdigit():
             raise bad_request(f"invalid Content-Length header {declared[:40]!r}", code="invalid_header")
         if int(declared) > max_bytes:
-            raise _too_large(int(declared), max_bytes)
+            raise too_large(int(declared), max_bytes)
     try:
         raw = await asyncio.wait_for(_read_limited(request, max_bytes), timeout_s)
     except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", type="timeout_error",
-                       code="request_timeout") from None
+        raise body_timeout(timeout_s) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -116,14 +115,19 @@ async def _read_limited(request: Request, max_bytes: int) -> bytes:
         async for chunk in request.stream():
             buf += chunk
             if len(buf) > max_bytes:
-                raise _too_large(len(buf), max_bytes, at_least=True)
+                raise too_large(len(buf), max_bytes, at_least=True)
     except ClientDisconnect as exc:
         # Nobody will read this answer; it only ends the request cleanly.
         raise bad_request("the client disconnected while sending the body", code="client_disconnected") from exc
     return bytes(buf)
 
 
-def _too_large(size: int, limit: int, at_least: bool = False) -> ApiError:
+def body_timeout(timeout_s: float) -> ApiError:
+    return ApiError(408, f"the request body did not arrive within {timeout_s:g} s", type="timeout_error",
+                    code="request_timeout")
+
+
+def too_large(size: int, limit: int, at_least: bool = False) -> ApiError:
     size_text = f"at least {size}" if at_least else str(size)
     return ApiError(413, f"the request body is {size_text} bytes; the limit is {limit} bytes",
                     code="request_too_large")
