@@ -1,9 +1,13 @@
 """`moe-serve`: start (or join) a local Ray cluster, deploy the app, serve until Ctrl-C.
 
-Serve's direct ingress is on: the Ingress replica itself listens on --port (~1.2 ms per request on
-the 2-core machine, against ~9 ms through Serve's HTTP proxy). Direct ingress picks replica ports
-from a range; pinning the range to exactly --port makes the printed URL the one users reach.
-These variables are read when Ray's modules are imported, so they are set before any import.
+Serve's direct ingress is on: each Ingress replica listens on a port of its own (~1.2 ms per
+request on the 2-core machine, against ~9 ms through Serve's HTTP proxy). By default the public
+--port belongs to the front (serve_app/front), a relay in this process that outlives every replica:
+it sends each request to an Ingress replica on port+1 .. port+N and answers 503 with Retry-After
+while none is up, instead of the refused connections a restarting replica leaves on its port.
+`--no-front` lets the one Ingress replica listen on --port itself. Direct ingress picks replica
+ports from a range; these variables are read when Ray's modules are imported, so they are set
+before any import.
 """
 from __future__ import annotations
 
@@ -20,11 +24,14 @@ import urllib.request
 APP_NAME = "moe-serve"
 
 
-def direct_ingress_env(port: int) -> dict[str, str]:
+def direct_ingress_env(ports: int | tuple[int, ...]) -> dict[str, str]:
+    """Pin direct ingress to `ports` (consecutive; one int = that port alone): Serve gives each
+    Ingress replica a free port of [MIN, MAX)."""
+    ports = (ports,) if isinstance(ports, int) else tuple(ports)
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ports[0]),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ports[-1] + 1),
         # No external load balancer locally: nothing to wait for when draining on shutdown.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
         # Nor HAProxy workers still routing to a released port: a restarted Ingress replica takes
@@ -64,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", "auto"),
                    help="'auto' joins a Ray cluster running on this machine or starts one; 'local' always "
                         "starts a private one (its direct-ingress settings then apply for sure); or an address")
+    p.add_argument("--no-front", action="store_true",
+                   help="no relay on --port: the one Ingress replica listens there itself (AppConfig.front)")
     p.add_argument("--embedded", action="store_true",
                    help="no Ray: engine and HTTP in this process, all experts local (serve_app/embedded.py)")
     return p.parse_args(argv)
@@ -90,6 +99,8 @@ def app_config_from_args(args: argparse.Namespace):
     fields["host"] = args.host or os.environ.get("MOE_SERVE_HOST") or fields.get("host", "127.0.0.1")
     fields["port"] = args.port or int(os.environ.get("MOE_SERVE_PORT") or fields.get("port", 8000))
     fields["api_keys"] = (*fields.get("api_keys", ()), *(k.strip() for k in keys))
+    if getattr(args, "no_front", False):
+        fields["front"] = False
     for name, value in (("model", args.model), ("expert_shards", args.expert_shards),
                         ("num_routers", args.num_routers), ("dtype", args.dtype)):
         if value is not None:
@@ -124,18 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         serve_embedded(config)
         return 0
     ingress = config.autoscaling.get("ingress")
-    if ingress is not None and ingress.max_replicas > 1:
-        # Direct ingress here serves the public port from the Ingress replica itself, one replica
-        # at a time (direct_ingress_env pins the port range to it); the chart's Serve proxies scale.
-        print("moe-serve: autoscaling.ingress.max_replicas > 1 needs a proxy in front of the replicas "
-              "(the Helm chart); moe-serve serves one port from one Ingress replica", file=sys.stderr)
+    if not config.front and ingress is not None and ingress.max_replicas > 1:
+        # Without the front the public port is the one Ingress replica's own (direct_ingress_env
+        # pins the range to it): a second replica would have no port to take.
+        print("moe-serve: autoscaling.ingress.max_replicas > 1 needs the front (drop --no-front / "
+              "front: false); without it one Ingress replica serves the one port", file=sys.stderr)
         return 2
-    os.environ.update(direct_ingress_env(config.port))
+    os.environ.update(direct_ingress_env(config.ingress_ports()))
 
     import ray
     from ray import serve
 
     from serve_app.deployments.app import build_app
+    from serve_app.front.server import FrontConfig, FrontServer
 
     joined = False
     if args.ray_address == "local":
@@ -152,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    front = None
     try:
-        start_serve(config.host)
+        # Behind the front the replicas listen on loopback only: the front is the public address.
+        start_serve("127.0.0.1" if config.front else config.host)
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        if config.front:
+            front = FrontServer(FrontConfig.from_app(config)).start()
         url = f"http://{config.host}:{config.port}"
         wait_healthy(url)
         print(f"moe-serve: serving {config.model_name} at {url}/v1 (Ctrl-C to stop)", flush=True)
@@ -162,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
     finally:
         print("moe-serve: shutting down", flush=True)
+        if front is not None:
+            front.stop()
         if joined:
             serve.delete(APP_NAME)      # a cluster we joined keeps its Serve and its other apps
         else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.cli import app_config_from_args, parse_args
+from serve_app.cli import app_config_from_args, direct_ingress_env, main, parse_args
 
 
 def test_config_file_fields_reach_the_app_config_and_flags_override_them(tmp_path, monkeypatch):
@@ -18,6 +18,22 @@ def test_config_file_fields_reach_the_app_config_and_flags_override_them(tmp_pat
     assert config.port == 9200 and config.expert_shards == 1
     monkeypatch.setenv("MOE_SERVE_PORT", "9300")
     assert app_config_from_args(parse_args(["--config", str(path)])).port == 9300
+
+
+def test_the_front_takes_the_public_port_and_the_ingress_replicas_the_ones_above(tmp_path, capsys):
+    config = app_config_from_args(parse_args(["--port", "9400"]))
+    assert config.front and config.ingress_ports() == (9401,)
+    env = direct_ingress_env(config.ingress_ports())
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("9401", "9402")
+    config = app_config_from_args(parse_args(["--port", "9400", "--no-front"]))
+    assert not config.front and direct_ingress_env(config.ingress_ports())["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "9400"
+    # Several Ingress replicas need the front: without it they would share one port. Refused before Ray starts.
+    path = tmp_path / "app.yaml"
+    path.write_text("autoscaling:\n  ingress: {min_replicas: 1, max_replicas: 2}\n")
+    assert main(["--config", str(path), "--no-front"]) == 2
+    assert "needs the front" in capsys.readouterr().err
+    scaled = app_config_from_args(parse_args(["--config", str(path), "--port", "9400"]))
+    assert direct_ingress_env(scaled.ingress_ports())["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "9403"
 
 
 def test_a_config_file_with_an_unknown_field_is_refused(tmp_path):
