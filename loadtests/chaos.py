@@ -2,8 +2,8 @@
 
     python loadtests/chaos.py --users 8 --run-time 180 --out /tmp/chaos
 
-Starts a private local Ray cluster, deploys the app on --port (direct ingress, as `moe-serve`
-does), runs headless Locust (loadtests/locustfile.py; MOE_LT_FULL_PRECISION_SHARE of the editor
+Starts a private local Ray cluster, deploys the app as `moe-serve` does (the front on --port, the
+Ingress replica on the port above it, direct ingress; `--no-front`: the Ingress on --port), runs headless Locust (loadtests/locustfile.py; MOE_LT_FULL_PRECISION_SHARE of the editor
 requests ask for full precision, so some cross the expert shards), and at evenly spaced times
 kills one replica of each deployment in --faults (default: an ExpertShard, the Router, the
 Ingress), by actor id through Ray's API (`ray.kill`: no graceful shutdown, as a crashed process
@@ -12,7 +12,8 @@ or a lost node). Serve restarts each. Then it judges every request Locust logged
 
 - answered: 200; 429 or 503 with Retry-After; or a stream whose 200 was already sent and that
   reports its failure in-band (an error event, then [DONE]);
-- violations: any other status, a 503 without Retry-After, a transport error (no HTTP answer),
+- violations: any other status, a 503 without Retry-After, a transport error (no HTTP answer: what
+  a killed Ingress replica leaves its clients without the front),
   a request that took longer than the request timeout, a request still open at the end that
   had been open longer than that;
 - per fault: the requests it failed and the time to recover (from the kill to the end of the last
@@ -127,32 +128,15 @@ def outcome(r: dict, timeout_s: float) -> str:
     return "transport" if status == "0" else f"http-{status}"
 
 
-ANSWERED = ("ok", "refused", "in-band", "cut", "ingress-down")
-
-
-def _outages(rows: list[dict], faults: list[Fault], timeout_s: float) -> list[tuple[float, float]]:
-    """(kill, first success after it) of each Ingress fault: while no Ingress process exists, a
-    request in flight at the kill loses its connection with the process, and a new one is refused
-    at once (the port has no listener). Nothing is left to answer those; the soak counts them
-    apart ("ingress-down") within this window, which is measured from the successes, not from them."""
-    windows = []
-    for f in faults:
-        if f.deployment == "Ingress":
-            back = min((r["start"] for r in rows if r["start"] >= f.at and outcome(r, timeout_s) == "ok"),
-                       default=math.inf)
-            windows.append((f.at, back))
-    return windows
+ANSWERED = ("ok", "refused", "in-band", "cut")
 
 
 def judge(rows: list[dict], faults: list[Fault], timeout_s: float) -> Verdict:
     rows = [r for r in rows if r["name"] != wl.TTFT_FIM_STREAM]       # a statistic, not a request
-    outages = _outages(rows, faults, timeout_s)
     outcomes: dict[str, int] = {}
     violations = []
     for r in rows:
         kind = outcome(r, timeout_s)
-        if kind == "transport" and any(r["end"] >= kill and r["start"] < back for kill, back in outages):
-            kind = "ingress-down"
         outcomes[kind] = outcomes.get(kind, 0) + 1
         if kind not in ANSWERED:
             violations.append(f"{kind}: {r['name']} at {r['start']:.1f} ({r['ms']:.0f} ms, status {r['status']}, "
@@ -232,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--faults", default=",".join(DEPLOYMENTS), help="deployments to kill, in order")
     p.add_argument("--request-timeout-s", type=float, default=30.0, help="the server's; the client's is 10 s more")
     p.add_argument("--full-precision-share", type=float, default=0.3)
+    p.add_argument("--no-front", action="store_true", help="the Ingress replica listens on --port itself")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -239,29 +224,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from serve_app.cli import direct_ingress_env, start_serve, wait_healthy
+    from serve_app.config import AppConfig
 
-    os.environ.update(direct_ingress_env(args.port))      # before Ray is imported
+    fields = {"expert_shards": args.expert_shards, "request_timeout_s": args.request_timeout_s, "port": args.port,
+              "front": not args.no_front}
+    config = AppConfig(**fields, **({"model": args.model} if args.model else {}))
+    os.environ.update(direct_ingress_env(config.ingress_ports()))      # before Ray is imported
     import ray
     from ray import serve
 
-    from serve_app.config import AppConfig
     from serve_app.deployments.app import build_app
+    from serve_app.front.server import FrontConfig, FrontServer
 
-    fields = {"expert_shards": args.expert_shards, "request_timeout_s": args.request_timeout_s, "port": args.port}
-    config = AppConfig(**fields, **({"model": args.model} if args.model else {}))
     workload = wl.WorkloadConfig(full_precision_share=args.full_precision_share,
                                  timeout_s=args.request_timeout_s + 10)
     url = f"http://127.0.0.1:{args.port}"
     ray.init(log_to_driver=False)
+    front = None
     try:
         start_serve("127.0.0.1")
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        if config.front:
+            front = FrontServer(FrontConfig.from_app(config)).start()
         wait_healthy(url)
         verdict = run_soak(url, args.out, args.users, args.run_time, tuple(args.faults.split(",")), workload)
     except (RuntimeError, TimeoutError) as exc:
         print(f"chaos: could not run: {exc}", file=sys.stderr)
         return 2
     finally:
+        if front is not None:
+            front.stop()
         serve.shutdown()
         ray.shutdown()
     print(report(verdict))

@@ -2,19 +2,22 @@
 
 The short soak runs the editor workload (4 Locust users, a tiny model, half the requests full
 precision so they cross the shards) for 45 s and kills an ExpertShard, the Router and the
-Ingress replica in turn; every request must be answered (200; 429/503 with Retry-After; a
-stream's in-band error; a cut connection only while no Ingress process exists), every fault must
-recover, Serve must have replaced each killed replica, and the KV cache must drain when idle.
+Ingress replica in turn, through the front (serve_app/front) as `moe-serve` serves; every request
+must be answered (200; 429/503 with Retry-After; a stream's in-band error; no connection lost, not
+even while no Ingress process exists), every fault must recover, Serve must have replaced each killed replica, and the KV cache must drain when idle.
 The longer run on the bundled model is in docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
 
+from serve_app.cli import free_port
 from serve_app.config import AppConfig
+from serve_app.front.server import FrontConfig, FrontServer
 from tests.helpers.engines import build_model_dir
 from tests.integration.conftest import wait_for_health
 
@@ -41,7 +44,7 @@ def test_judge_accepts_answers_and_names_every_other_outcome():
             _row(102, 30, "200", "0", error="backend unavailable", name=wl.FIM_STREAM),   # in-band
             _row(104, 50, "200"),                                        # Router back
             _row(199.9, 200, "0", "0"),                                  # cut with the Ingress process
-            _row(201, 1, "0", "0"),                                      # refused while it restarts
+            _row(201, 1, "0", "0"),                                      # no listener while it restarts
             _row(205, 40, "200"),                                        # Ingress back
             _row(206, 1, "0", "0"),                                      # refused after it was back
             _row(207, 10, "503", "0"),                                   # no Retry-After
@@ -52,10 +55,11 @@ def test_judge_accepts_answers_and_names_every_other_outcome():
             _row(250, 5_000, "open", "0"),                               # cut by the end of the run
             _row(212, 5, "200", name=wl.TTFT_FIM_STREAM)]                # a statistic: not judged
     verdict = chaos.judge(rows, faults, TIMEOUT_S)
-    assert verdict.outcomes == {"ok": 3, "refused": 2, "in-band": 1, "ingress-down": 2, "transport": 2,
+    # A connection lost with the Ingress is a violation: the front answers 503 + Retry-After instead.
+    assert verdict.outcomes == {"ok": 3, "refused": 2, "in-band": 1, "transport": 4,
                                 "no-retry-after": 1, "http-500": 1, "slow": 1, "hang": 1, "cut": 1}
     kinds = sorted(v.split(":")[0] for v in verdict.violations)
-    assert kinds == ["hang", "http-500", "no-retry-after", "slow", "transport", "transport"]
+    assert kinds == ["hang", "http-500", "no-retry-after", "slow"] + ["transport"] * 4
     router, ingress = verdict.faults
     assert (router.failed, router.recovered) == (3, True) and router.recover_s == pytest.approx(2.03, abs=0.01)
     assert ingress.recovered is False          # nothing after its last failure (the 500 at 208) got a 200
@@ -83,7 +87,13 @@ def app(ray_cluster, base_url, tmp_path_factory):
     config = AppConfig(model=str(model_dir), expert_shards=2, engine=engine, request_timeout_s=TIMEOUT_S - 10)
     serve.run(build_app(config), name=chaos.APP_NAME, route_prefix="/")
     wait_for_health(base_url)
-    yield base_url
+    # The session's Ingress listens on base_url's port (the shared cluster's direct-ingress range);
+    # the front takes a public port of its own in front of it, as `moe-serve` does.
+    relay = FrontConfig.from_app(config).relay
+    relay = dataclasses.replace(relay, upstream_ports=(int(base_url.rsplit(":", 1)[1]),))
+    with FrontServer(FrontConfig("127.0.0.1", free_port(), relay)) as front:
+        wait_for_health(front.url)
+        yield front.url
     serve.delete(chaos.APP_NAME)
 
 
