@@ -41,6 +41,17 @@ NOT_INVENTED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 SSE_ERROR_TAIL_V1 = b"data: [DONE]\n\n"
 
 
+class _ClientGone(Exception):
+    """A write to the client failed: it closed its connection (not an upstream failure)."""
+
+
+async def _send(resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        await resp.write(data)
+    except ConnectionResetError as exc:
+        raise _ClientGone from exc
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     """What a relay needs to know of the app (built from AppConfig by server.FrontConfig)."""
@@ -179,21 +190,31 @@ class Relay:
         try:
             async for chunk in upstream.content.iter_any():
                 if not events:
-                    await resp.write(chunk)
+                    await _send(resp, chunk)
                     continue
                 pending += chunk
                 cut = pending.rfind(b"\n\n") + 2
                 if cut >= 2:
-                    await resp.write(pending[:cut])
+                    await _send(resp, pending[:cut])
                     pending = pending[cut:]
-        except (aiohttp.ClientError, OSError) as exc:
+        except _ClientGone:
+            # The client left: leaving this handler closes the upstream connection, which the
+            # Ingress reads as a disconnect (the request is aborted); aiohttp notes the reset.
+            return resp
+        except (aiohttp.ClientError, OSError):
             if not events:
-                raise ConnectionResetError("the Ingress replica stopped mid-response") from exc
-            await resp.write(self._stream_error(request.path))
-        else:
+                # A body cut mid-way: cut the client's connection too, so that it cannot take
+                # half a body for the whole (its framing is then incomplete, as the Ingress's was).
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            pending = self._stream_error(request.path)
+        try:
             if pending:
                 await resp.write(pending)
-        await resp.write_eof()
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass                        # the client left at the end: nothing more to tell it
         return resp
 
     def _stream_error(self, path: str) -> bytes:
