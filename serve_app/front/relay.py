@@ -5,7 +5,9 @@ Failure policy (nginx's `proxy_next_upstream error` for requests that are not id
   nothing: it is put last for `down_s` and the next port is tried, for any method.
 - A replica that went away after the request was sent and before its response head may have begun
   generating: a POST is not replayed (the Router may still finish the first copy), the client gets
-  503 with Retry-After, which every OpenAI client retries. GET and HEAD are retried once.
+  503 with Retry-After, which every OpenAI client retries. GET, HEAD and OPTIONS are sent once
+  more by aiohttp's client itself (to the same port, on a kept-alive connection that turned out
+  dead), then to the next port.
 - Once the response began, a stream (`text/event-stream`) gets the error event the Ingress itself
   sends for a failure mid-stream, then `data: [DONE]` on the OpenAI routes (llama.cpp's `/completion`
   and `/infill` streams end without one). Only whole events are relayed, so that error event never
@@ -14,7 +16,9 @@ Failure policy (nginx's `proxy_next_upstream error` for requests that are not id
 The client leaving cancels the handler (`handler_cancellation`), which closes the upstream
 connection; the Ingress sees the disconnect and aborts the engine request, as without the front.
 Bodies are read whole first (limit and deadline as the Ingress applies them, so a slow client holds
-a coroutine here, not an Ingress replica's task); `Expect: 100-continue` is answered by aiohttp.
+a coroutine here, not an Ingress replica's task); `Expect: 100-continue` is answered here (a declared
+body over the limit gets its 413 before it is sent) and not passed on. The client's Host goes to
+the replica, so what it builds from it (FastAPI's trailing-slash redirects) names the public address.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -33,7 +38,8 @@ from serve_app.api.errors import ApiError, retry_after_header
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the framing fields each side sets for itself.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-                        "te", "trailer", "transfer-encoding", "upgrade", "content-length", "host"})
+                        "te", "trailer", "transfer-encoding", "upgrade", "content-length",
+                        "expect"})     # the body is read here first: nothing for the replica to continue
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 # What aiohttp's client would add on its own; a header the client did not send is not invented
 # (no Content-Type on a body: the Ingress accepts that as JSON, application/octet-stream it refuses).
@@ -118,7 +124,22 @@ class Relay:
         return ApiError(503, f"the server is restarting, retry later: {why}", type="server_error",
                         code="ingress_unavailable", headers=retry_after_header(self.cfg.retry_after_s))
 
+    async def expect(self, request: web.Request) -> web.Response | None:
+        """aiohttp's Expect handler: refuse a declared body over the limit before the client sends
+        it; else answer 100 Continue as aiohttp would."""
+        if request.content_length is not None and request.content_length > self.cfg.max_body_bytes:
+            return error_response(too_large(request.content_length, self.cfg.max_body_bytes))
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error_response(ApiError(417, f"unknown Expect: {request.headers.get('Expect')!r}",
+                                           code="expectation_failed"))
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0       # the response proper has not begun (as aiohttp's own)
+        return None
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not request.raw_path.startswith("/"):      # absolute-form or `*`: nothing to relay
+            return error_response(ApiError(400, f"unsupported request target {request.raw_path[:100]!r}",
+                                           code="invalid_request_target"))
         try:
             body = await self._read_body(request)
             upstream = await self._open(request, body)
@@ -140,10 +161,12 @@ class Relay:
                         raise too_large(len(buf), limit, at_least=True)
         except TimeoutError:
             raise body_timeout(self.cfg.body_timeout_s) from None
+        except RequestPayloadError as exc:    # malformed chunked framing
+            raise ApiError(400, f"malformed request body: {exc}", code="invalid_body") from None
         return bytes(buf)
 
     def _headers(self, request: web.Request) -> CIMultiDict:
-        named = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
+        named = {h.strip().lower() for line in request.headers.getall("Connection", ()) for h in line.split(",")}
         headers = CIMultiDict((k, v) for k, v in request.headers.items()
                               if k.lower() not in HOP_BY_HOP and k.lower() not in named)
         peer = request.remote or ""
@@ -154,23 +177,23 @@ class Relay:
     async def _open(self, request: web.Request, body: bytes) -> aiohttp.ClientResponse:
         """The first replica's response head, or an ApiError for the client."""
         assert self.session is not None, "Relay.start() first"
-        headers, retried = self._headers(request), False
+        headers = self._headers(request)
         for port in self.upstreams.order():
             url = URL(f"http://{self.cfg.upstream_host}:{port}{request.raw_path}", encoded=True)
             try:
                 async with asyncio.timeout(self.cfg.head_timeout_s):
                     upstream = await self.session.request(request.method, url, headers=headers,
                                                           data=body or None, allow_redirects=False)
-            except aiohttp.ClientConnectorError:
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                # Refused, or not accepted within sock_connect (a full listen backlog): not sent.
                 self.upstreams.mark_down(port)
                 continue
             except TimeoutError:
                 raise ApiError(504, f"no answer from the Ingress within {self.cfg.head_timeout_s:g} s",
                                type="timeout_error", code="upstream_timeout") from None
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
-                if request.method in IDEMPOTENT and not retried:
-                    retried = True
-                    continue
+                if request.method in IDEMPOTENT:
+                    continue            # aiohttp already sent it again on this port: the next one
                 raise self.unavailable(f"the Ingress replica stopped before answering ({type(exc).__name__})") \
                     from None
             self.upstreams.mark_up(port)

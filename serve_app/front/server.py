@@ -8,6 +8,7 @@ Ray's own HTTP servers use) runs beside it without sharing a loop with Ray's cli
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from serve_app.front.relay import Relay, RelayConfig
 
 # No Ingress replica's own keep-alive is shorter; the front's client connections idle out like uvicorn's.
 CLIENT_KEEPALIVE_S = 90.0
+SHUTDOWN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,12 @@ class FrontServer:
             raise RuntimeError(f"the front cannot listen on {self.url}: {self._error}") from self._error
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = SHUTDOWN_S + 5) -> None:
         if self._loop is not None and self._stopping is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            print(f"moe-serve: the front on {self.url} did not stop within {timeout_s:g} s", file=sys.stderr)
 
     def __enter__(self) -> "FrontServer":
         return self.start()
@@ -92,11 +96,12 @@ class FrontServer:
         relay = Relay(self.cfg.relay)
         await relay.start()
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", relay.handle)
+        app.router.add_route("*", "/{tail:.*}", relay.handle, expect_handler=relay.expect)
         # handler_cancellation: a client that leaves cancels its handler, which closes the
         # upstream connection, which the Ingress reads as a disconnect and aborts the request.
+        # shutdown_timeout: open requests get this long to finish on stop(), inside its join.
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                               keepalive_timeout=CLIENT_KEEPALIVE_S)
+                               keepalive_timeout=CLIENT_KEEPALIVE_S, shutdown_timeout=SHUTDOWN_S)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True).start()

@@ -56,11 +56,3 @@ def test_build_app_gives_each_deployment_its_autoscaling(tmp_path):
     assert plain._deployment_config.autoscaling_config is None
     assert plain._deployment_config.num_replicas == 1
 
-
-def test_moe_serve_refuses_several_ingress_replicas_on_its_one_port(tmp_path, capsys):
-    from serve_app.cli import main
-
-    path = tmp_path / "c.json"
-    path.write_text('{"autoscaling": {"ingress": {"min_replicas": 1, "max_replicas": 2}}}')
-    assert main(["--config", str(path)]) == 2
-    assert "needs a proxy" in capsys.readouterr().err

@@ -118,6 +118,8 @@ def test_requests_and_answers_pass_through_on_one_kept_alive_connection():
             assert resp.status == 200 and resp.getheader("Content-Type") == "application/json"
             assert (seen["method"], seen["path"], seen["query"], seen["body"]) == ("POST", "/echo", f"x={i}", '{"a": 1}')
             assert seen["headers"]["x-custom"] == "y" and seen["headers"]["x-forwarded-for"] == "127.0.0.1"
+            # The client's Host goes on (redirects the Ingress builds name the public port).
+            assert seen["headers"]["host"] == f"127.0.0.1:{front.cfg.port}"
             # Nothing invented: no Content-Type (the Ingress reads that as JSON), no client User-Agent.
             assert "content-type" not in seen["headers"] and "user-agent" not in seen["headers"]
             assert "keep-alive" not in seen["headers"].get("connection", "")     # hop-by-hop, not relayed
@@ -259,7 +261,16 @@ def test_expect_100_continue_and_malformed_requests():
         client.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
         assert client.recv(4096).startswith(b"HTTP/1.1 100 Continue")
         client.sendall(b"{}")
-        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        answer = client.recv(4096)
+        while b'"headers"' not in answer:                             # the echo's body, after its head
+            answer += client.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200") and b'"expect"' not in answer.lower()   # not passed on
+        big = socket.create_connection(("127.0.0.1", front.cfg.port), timeout=5)
+        big.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\nExpect: 100-continue\r\n\r\n")
+        assert big.recv(4096)[9:12] == b"413"                        # refused before the body is sent
+        odd = socket.create_connection(("127.0.0.1", front.cfg.port), timeout=5)
+        odd.sendall(b"GET http://elsewhere/v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert odd.recv(4096)[9:12] == b"400"                        # absolute-form target: not relayed
         bad = socket.create_connection(("127.0.0.1", front.cfg.port), timeout=5)
         bad.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}")
         assert bad.recv(4096)[9:12] == b"400"                         # both framings: refused, not guessed
