@@ -47,13 +47,6 @@ class EngineConfig:
     # finish within the budget. Applies only while the engine has work (an idle engine admits).
     # None = off.
     max_predicted_latency_s: float | None = None
-    # The budget is a latency objective on a quantile (the SLO's p80): the prediction is scaled by
-    # this quantile of actual ÷ predicted over the last `latency_calibration_window` admitted
-    # requests, so that an admitted request finishes within the budget that often. A mean ratio
-    # admitted requests whose p80 sat over the budget (540 ms against 0.5 s at 5× the editor load,
-    # docs/benchmarks.md 2026-12-04 evening).
-    latency_quantile: float = 0.8
-    latency_calibration_window: int = 32
     # What a rejected client is told to wait before retrying.
     retry_after_s: float = 1.0
     # Speculative decoding of full-precision rows (engine/speculative.py): draft up to this many
@@ -90,9 +83,6 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"EngineConfig.{name} must be > 0 or None, got {value}")
-        if not 0 < self.latency_quantile <= 1 or self.latency_calibration_window < 1:
-            raise ValueError(f"EngineConfig.latency_quantile must be in (0, 1] and latency_calibration_window >= 1, "
-                             f"got {self.latency_quantile}, {self.latency_calibration_window}")
         if self.scheduling not in ("continuous", "static"):
             raise ValueError(f"EngineConfig.scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
 

@@ -12,9 +12,7 @@ prompt from the prefix cache.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import deque
 from dataclasses import replace
 from typing import Iterable
 
@@ -65,12 +63,10 @@ class EngineCore:
         # Exponentially weighted step time (seconds; weight 0.2: about the last five steps), for
         # admission by predicted latency. None until the first step.
         self.step_time_s: float | None = None
-        # Calibration of that prediction: a quantile (cfg.latency_quantile) of what the last admitted
-        # requests really took ÷ what was predicted for them. It absorbs what the step-time model
-        # leaves out (the batch growing with later admissions, early stops before max_tokens, the
-        # host's other work); 1.0 until a request has finished.
+        # Calibration of that prediction: the weighted ratio of what admitted requests really took
+        # to what was predicted for them. It absorbs what the step-time model leaves out (the
+        # batch growing with later admissions, early stops before max_tokens, the host's other work).
         self.latency_ratio = 1.0
-        self._ratios: deque[float] = deque(maxlen=cfg.latency_calibration_window)
         self.last_step: SchedulerOutput | None = None
         self._structural: torch.Tensor | None = None   # [V] bool, see _structural_for
         if tokenizer is not None:       # decoded once here, not on the engine thread mid-traffic
@@ -318,11 +314,10 @@ class EngineCore:
 
     def _calibrate(self, times: RequestTimes) -> None:
         if times.predicted_s:
-            self._ratios.append((times.finished - times.arrival) / times.predicted_s)
-            ranked = sorted(self._ratios)
-            ratio = ranked[max(0, math.ceil(self.cfg.latency_quantile * len(ranked)) - 1)]    # nearest rank
-            # Bounded so that a window of outliers cannot close or open admission by itself.
-            self.latency_ratio = min(4.0, max(0.25, ratio))
+            ratio = (times.finished - times.arrival) / times.predicted_s
+            # Weight 0.1 (about the last ten requests); bounded so one outlier cannot close or
+            # open admission by itself.
+            self.latency_ratio = min(4.0, max(0.25, 0.9 * self.latency_ratio + 0.1 * ratio))
 
     def _fork(self, child: Sequence) -> None:
         req = child.request

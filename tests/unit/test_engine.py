@@ -197,24 +197,6 @@ def test_predicted_latency_budget_sheds_requests_that_would_not_finish_in_time(m
         create_engine(model_dir, max_predicted_latency_s=0)
 
 
-def test_the_calibration_is_a_quantile_of_the_last_admitted_requests_ratios(model_dir):
-    from serve_app.engine.sequence import RequestTimes
-
-    engine = create_engine(model_dir, max_predicted_latency_s=1.0, latency_quantile=0.8, latency_calibration_window=10)
-    for took in (1, 1, 1, 1, 1, 1, 1, 3, 3, 3):          # predicted 1 s each: 7 on time, 3 three times over
-        engine._calibrate(RequestTimes(arrival=0.0, finished=float(took), predicted_s=1.0))
-    # A mean (1.6) would admit requests of which 30% overrun it threefold; the p80 admits what
-    # finished in time 80% of the time.
-    assert engine.latency_ratio == 3.0
-    for _ in range(10):                                  # the slow ones leave the window
-        engine._calibrate(RequestTimes(arrival=0.0, finished=0.5, predicted_s=1.0))
-    assert engine.latency_ratio == 0.5
-    engine._calibrate(RequestTimes(arrival=0.0, finished=100.0, predicted_s=1.0))
-    assert engine.latency_ratio == 0.5                   # one outlier in ten does not close admission
-    with pytest.raises(ValueError, match="latency_quantile"):
-        create_engine(model_dir, latency_quantile=0)
-
-
 def test_queue_delay_limit_sheds_new_requests_while_the_queue_head_is_stale(model_dir):
     import time
 
