@@ -41,6 +41,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-a
                         "te", "trailer", "transfer-encoding", "upgrade", "content-length",
                         "expect"})     # the body is read here first: nothing for the replica to continue
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+# Headers a client reads as one value. Serve's RequestIdMiddleware appends its own X-Request-ID
+# after the app's (the completion's id, which our logs and the body name): the app's is kept.
+ONCE = frozenset({"x-request-id"})
 # What aiohttp's client would add on its own; a header the client did not send is not invented
 # (no Content-Type on a body: the Ingress accepts that as JSON, application/octet-stream it refuses).
 NOT_INVENTED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -203,8 +206,9 @@ class Relay:
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for k, v in upstream.headers.items():
-            if k.lower() not in HOP_BY_HOP:
-                resp.headers.add(k, v)
+            if k.lower() in HOP_BY_HOP or (k.lower() in ONCE and k in resp.headers):
+                continue
+            resp.headers.add(k, v)
         if upstream.content_length is not None:
             resp.content_length = upstream.content_length
         events = upstream.content_type == "text/event-stream"

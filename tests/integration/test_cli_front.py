@@ -43,10 +43,10 @@ def _free_run(n: int) -> int:
     raise RuntimeError(f"no run of {n} free ports")
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
+def _post(url: str, body: dict) -> tuple[int, dict, list[str]]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
-        return resp.status, json.loads(resp.read())
+        return resp.status, json.loads(resp.read()), resp.headers.get_all("X-Request-ID")
 
 
 @pytest.mark.integration
@@ -68,9 +68,10 @@ def test_moe_serve_serves_through_the_front_with_two_ingress_replicas(tmp_path):
         for replica_port in (port + 1, port + 2):         # each Ingress replica on its own port
             wait_healthy(f"http://127.0.0.1:{replica_port}", timeout_s=60)
         for _ in range(4):                                 # round robin over both, through the front
-            status, body = _post(f"http://127.0.0.1:{port}/v1/completions",
-                                 {"prompt": "def f(x):", "max_tokens": 3, "temperature": 0})
+            status, body, ids = _post(f"http://127.0.0.1:{port}/v1/completions",
+                                      {"prompt": "def f(x):", "max_tokens": 3, "temperature": 0})
             assert status == 200 and body["usage"]["completion_tokens"] >= 1
+            assert ids == [body["id"]]                     # the app's id once (Serve appends its own)
         assert "moe-serve: serving" in log.read_text()
     finally:
         process.send_signal(signal.SIGINT)

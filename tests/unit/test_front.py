@@ -27,6 +27,13 @@ async def _echo(request):
                          "body": body.decode(), "headers": dict(request.headers)})
 
 
+async def _two_ids(request):
+    from starlette.responses import Response
+    resp = Response(b"{}", media_type="application/json", headers={"X-Request-ID": "cmpl-1"})
+    resp.raw_headers += [(b"x-request-id", b"serve-uuid"), (b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")]
+    return resp
+
+
 async def _events(request):
     async def gen():
         for i in range(3):
@@ -41,7 +48,8 @@ class Uvicorn:
     def __init__(self) -> None:
         self.port = free_port()
         app = Starlette(routes=[Route("/echo", _echo, methods=["GET", "POST", "HEAD"]),
-                                Route("/v1/events", _events, methods=["POST"])])
+                                Route("/v1/events", _events, methods=["POST"]),
+                                Route("/two-ids", _two_ids, methods=["GET"])])
         self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -232,6 +240,16 @@ def test_a_client_that_leaves_closes_the_replicas_connection():
             assert up.peer_closed.wait(5)
     finally:
         up.close()
+
+
+def test_one_request_id_reaches_the_client_and_repeated_headers_stay_repeated():
+    with Uvicorn() as up, _front(up.port) as front:
+        conn = http.client.HTTPConnection("127.0.0.1", front.cfg.port, timeout=10)
+        conn.request("GET", "/two-ids")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200 and resp.headers.get_all("X-Request-ID") == ["cmpl-1"]   # the app's, once
+        assert resp.headers.get_all("Set-Cookie") == ["a=1", "b=2"]
 
 
 def test_bodies_over_the_limit_get_413_declared_or_chunked():
