@@ -6,8 +6,7 @@ Failure policy (nginx's `proxy_next_upstream error` for requests that are not id
 - A replica that went away after the request was sent and before its response head may have begun
   generating: a POST is not replayed (the Router may still finish the first copy), the client gets
   503 with Retry-After, which every OpenAI client retries. GET, HEAD and OPTIONS are sent once
-  more by aiohttp's client itself (to the same port, on a kept-alive connection that turned out
-  dead), then to the next port.
+  more by aiohttp's client itself (to the same port), then to the next port.
 - Once the response began, a stream (`text/event-stream`) gets the error event the Ingress itself
   sends for a failure mid-stream, then `data: [DONE]` on the OpenAI routes (llama.cpp's `/completion`
   and `/infill` streams end without one). Only whole events are relayed, so that error event never

@@ -66,8 +66,8 @@ class Uvicorn:
 
 
 class RawUpstream:
-    """A listener that reads one request head per connection, then does `act(conn, head)`; records
-    what it saw and when each connection ended from the other side."""
+    """A listener that reads one request head per connection, then does `act(conn, self)`; records
+    the heads it saw (`heads`) and, where `act` sets it, that the front closed its end (`peer_closed`)."""
 
     def __init__(self, act) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -96,6 +96,17 @@ class RawUpstream:
 
     def close(self) -> None:
         self.sock.close()
+
+    def __enter__(self) -> "RawUpstream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _hang_up(conn: socket.socket, up: RawUpstream) -> None:
+    """A replica that dies after reading the request head, before any answer."""
+    conn.close()
 
 
 def _front(*ports: int, max_body: int = 1000, body_timeout_s: float = 5.0) -> FrontServer:
@@ -165,31 +176,19 @@ def test_upstream_order_is_round_robin_with_refusing_ports_last():
 
 
 def test_a_replica_that_dies_before_answering_a_post_gets_503_and_no_replay():
-    def die(conn, up):
-        conn.close()
-    up = RawUpstream(die)
-    try:
-        with _front(up.port) as front:
-            resp, data = _post(front, "/v1/completions", b'{"prompt": "x"}')
-            _is_retry_later(resp, data)
-            assert len(up.heads) == 1           # a POST that reached a replica is not sent again
-    finally:
-        up.close()
+    with RawUpstream(_hang_up) as up, _front(up.port) as front:
+        resp, data = _post(front, "/v1/completions", b'{"prompt": "x"}')
+        _is_retry_later(resp, data)
+        assert len(up.heads) == 1           # a POST that reached a replica is not sent again
 
 
 def test_a_get_is_retried_once_when_the_replica_dies_before_answering():
-    def die(conn, up):
-        conn.close()
-    up = RawUpstream(die)
-    try:
-        with _front(up.port) as front:
-            conn = http.client.HTTPConnection("127.0.0.1", front.cfg.port, timeout=10)
-            conn.request("GET", "/v1/models")
-            resp = conn.getresponse()
-            _is_retry_later(resp, resp.read())
-            assert len(up.heads) == 2 and all(h.startswith("GET /v1/models ") for h in up.heads)
-    finally:
-        up.close()
+    with RawUpstream(_hang_up) as up, _front(up.port) as front:
+        conn = http.client.HTTPConnection("127.0.0.1", front.cfg.port, timeout=10)
+        conn.request("GET", "/v1/models")
+        resp = conn.getresponse()
+        _is_retry_later(resp, resp.read())
+        assert len(up.heads) == 2 and all(h.startswith("GET /v1/models ") for h in up.heads)
 
 
 def _die_mid_event(conn, up):
@@ -202,18 +201,14 @@ def _die_mid_event(conn, up):
 
 @pytest.mark.parametrize("path, done", [("/v1/completions", True), ("/infill", False)])
 def test_a_stream_cut_by_a_dying_replica_ends_with_an_error_event(path, done):
-    up = RawUpstream(_die_mid_event)
-    try:
-        with _front(up.port) as front:
-            resp, data = _post(front, path)
-            assert resp.status == 200
-            events = data.decode().split("\n\n")
-            assert events[0] == 'data: {"choices": []}'                         # the whole event relayed
-            error = json.loads(events[1].removeprefix("data: "))["error"]        # the half one dropped
-            assert error["code"] == "ingress_unavailable"
-            assert events[2:] == (["data: [DONE]", ""] if done else [""])     # llama.cpp streams: no [DONE]
-    finally:
-        up.close()
+    with RawUpstream(_die_mid_event) as up, _front(up.port) as front:
+        resp, data = _post(front, path)
+        assert resp.status == 200
+        events = data.decode().split("\n\n")
+        assert events[0] == 'data: {"choices": []}'                         # the whole event relayed
+        error = json.loads(events[1].removeprefix("data: "))["error"]        # the half one dropped
+        assert error["code"] == "ingress_unavailable"
+        assert events[2:] == (["data: [DONE]", ""] if done else [""])     # llama.cpp streams: no [DONE]
 
 
 def test_a_client_that_leaves_closes_the_replicas_connection():
@@ -226,20 +221,16 @@ def test_a_client_that_leaves_closes_the_replicas_connection():
                 up.peer_closed.set()           # the front closed it: the Ingress would abort the request
         except OSError:
             up.peer_closed.set()
-    up = RawUpstream(hold)
-    try:
-        with _front(up.port) as front:
-            client = socket.create_connection(("127.0.0.1", front.cfg.port))
-            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-            seen = b""
-            while b"data: 0" not in seen:                  # the head and the event may come apart
-                chunk = client.recv(4096)
-                assert chunk, seen
-                seen += chunk
-            client.close()
-            assert up.peer_closed.wait(5)
-    finally:
-        up.close()
+    with RawUpstream(hold) as up, _front(up.port) as front:
+        client = socket.create_connection(("127.0.0.1", front.cfg.port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        seen = b""
+        while b"data: 0" not in seen:                  # the head and the event may come apart
+            chunk = client.recv(4096)
+            assert chunk, seen
+            seen += chunk
+        client.close()
+        assert up.peer_closed.wait(5)
 
 
 def test_one_request_id_reaches_the_client_and_repeated_headers_stay_repeated():
